@@ -1,0 +1,150 @@
+//! Names of buckets, keys and subjects, and the one rule every device and resource name obeys.
+//!
+//! Names end up inside NATS subjects and permission templates, so a name is a single literal
+//! subject token: `[a-z0-9-]`, starting and ending with a letter or digit, at most 63 bytes.
+//! A device called `*` or `a.b` would otherwise widen a permission to other devices' keys.
+
+/// KV bucket of desired state, written by the operator only.
+pub const DESIRED_BUCKET: &str = "fleet-desired";
+/// KV bucket of reported state, each key written by its device only.
+pub const REPORTED_BUCKET: &str = "fleet-reported";
+/// KV bucket of resource documents, written by the operator's API only.
+pub const RESOURCES_BUCKET: &str = "fleet-resources";
+
+/// The key suffix of a device's heartbeat in the reported bucket (`<device>._info`).
+/// It starts with `_`, which no deployment name can, so it never collides with one.
+pub const INFO_KEY: &str = "_info";
+
+/// Longest allowed name, the DNS label limit.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Checks that `name` can be used as a device or resource name; the error says why not.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "must be at most {MAX_NAME_LEN} characters, got {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '-'))
+    {
+        return Err(format!(
+            "must contain only lower-case letters, digits and '-', found {c:?}"
+        ));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err("must start and end with a letter or digit".into());
+    }
+    Ok(())
+}
+
+/// The JetStream stream behind a KV bucket.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The subject a KV key is stored under.
+pub fn kv_subject(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
+/// Key of one deployment on one device, in the desired and reported buckets.
+pub fn deployment_key(device: &str, deployment: &str) -> String {
+    format!("{device}.{deployment}")
+}
+
+/// Key of a device's heartbeat in the reported bucket.
+pub fn info_key(device: &str) -> String {
+    format!("{device}.{INFO_KEY}")
+}
+
+/// Subject filter covering every key of one device in a bucket.
+pub fn device_filter(bucket: &str, device: &str) -> String {
+    format!("$KV.{bucket}.{device}.>")
+}
+
+/// Key of a resource document in the resources bucket.
+pub fn resource_key(kind: &str, name: &str) -> String {
+    format!("{}.{name}", kind.to_ascii_lowercase())
+}
+
+/// What a key of the desired or reported bucket refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceKey<'a> {
+    Deployment {
+        device: &'a str,
+        deployment: &'a str,
+    },
+    Info {
+        device: &'a str,
+    },
+}
+
+/// Splits a desired or reported key; `None` for a key no Fleet component writes.
+pub fn parse_device_key(key: &str) -> Option<DeviceKey<'_>> {
+    let (device, rest) = key.split_once('.')?;
+    check_name(device).ok()?;
+    if rest == INFO_KEY {
+        return Some(DeviceKey::Info { device });
+    }
+    check_name(rest).ok()?;
+    Some(DeviceKey::Deployment {
+        device,
+        deployment: rest,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "pi-01", "web", "0", &"x".repeat(63)] {
+            assert_eq!(check_name(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "must not be empty"),
+            ("*", "found '*'"),
+            (">", "found '>'"),
+            ("a.b", "found '.'"),
+            ("Pi", "found 'P'"),
+            ("a b", "found ' '"),
+            ("-a", "start and end"),
+            ("a-", "start and end"),
+            (&"x".repeat(64), "at most 63"),
+        ] {
+            let err = check_name(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn keys() {
+        assert_eq!(deployment_key("pi-01", "web"), "pi-01.web");
+        assert_eq!(
+            parse_device_key("pi-01.web"),
+            Some(DeviceKey::Deployment {
+                device: "pi-01",
+                deployment: "web"
+            })
+        );
+        assert_eq!(
+            parse_device_key("pi-01._info"),
+            Some(DeviceKey::Info { device: "pi-01" })
+        );
+        assert_eq!(parse_device_key("pi-01"), None);
+        assert_eq!(parse_device_key("pi-01.a.b"), None);
+        assert_eq!(parse_device_key("*.web"), None);
+        assert_eq!(
+            device_filter(DESIRED_BUCKET, "pi-01"),
+            "$KV.fleet-desired.pi-01.>"
+        );
+        assert_eq!(resource_key("Deployment", "web"), "deployment.web");
+    }
+}

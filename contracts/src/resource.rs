@@ -1,0 +1,639 @@
+//! Resource documents in Kubernetes shape (`apiVersion`, `kind`, `metadata`, `spec`, `status`)
+//! and their strict validation.
+//!
+//! Reading a stored document is lenient (unknown fields ignored, so a newer operator's
+//! additions do not break an older reader). Accepting a document from a person is strict:
+//! [`Resource::from_user`] rejects unknown fields and invalid values with errors that name the
+//! field (`spec.template.containers[0].image: must not be empty`). Status is never taken from
+//! the user; the operator computes it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{API_VERSION, FieldError, names::check_name};
+
+/// Labels on a resource, and the labels a selector requires.
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    /// Bumped by the operator whenever the spec changes; ignored on input.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A workload to run on every device whose labels match the selector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deployment {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: DeploymentSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<DeploymentStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentSpec {
+    pub selector: LabelSelector,
+    pub template: PodTemplate,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: Labels,
+}
+
+impl LabelSelector {
+    /// True when every required label is present with the required value.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+/// What runs on each device: the part of a Deployment that is sent to devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplate {
+    pub containers: Vec<Container>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    pub name: String,
+    pub image: String,
+    /// Replaces the image's entrypoint when set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Replaces the image's default arguments when set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<Port>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVar {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Port {
+    pub container_port: u16,
+    /// The port on the device; defaults to `containerPort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+impl Port {
+    pub fn effective_host_port(&self) -> u16 {
+        self.host_port.unwrap_or(self.container_port)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// A mount: a named volume kept on the device's data partition across upgrades, or a host path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeMount {
+    pub name: String,
+    pub mount_path: String,
+    /// Bind-mount this absolute host path instead of a named volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    /// Keep the container running: restart it whenever it stops.
+    #[default]
+    Always,
+    /// Restart only after a non-zero exit.
+    OnFailure,
+    /// Run once.
+    Never,
+}
+
+/// A device of the fleet; its labels decide which Deployments it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Device {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    #[serde(default)]
+    pub spec: DeviceSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<DeviceStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceSpec {}
+
+/// Computed by the operator from the devices' reports; never stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentStatus {
+    /// The aggregate phase: `Running` only when every matching device runs the current
+    /// generation.
+    pub phase: RolloutPhase,
+    pub desired_devices: usize,
+    pub running_devices: usize,
+    pub failed_devices: usize,
+    pub devices: Vec<DeviceDeploymentStatus>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RolloutPhase {
+    /// No device matches the selector.
+    NoDevices,
+    /// Some devices have not reported the current generation running yet.
+    #[default]
+    Progressing,
+    /// Every matching device runs the current generation.
+    Running,
+    /// At least one device reports the current generation failed.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceDeploymentStatus {
+    pub device: String,
+    /// `None` until the device has reported on this Deployment.
+    pub reported: Option<crate::state::ReportedDeployment>,
+    pub device_health: crate::state::Health,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceStatus {
+    pub health: crate::state::Health,
+    pub heartbeat: Option<crate::state::Heartbeat>,
+    /// Milliseconds since the last heartbeat arrived, by the operator's clock.
+    pub heartbeat_age_ms: Option<u64>,
+    pub deployments: Vec<String>,
+}
+
+/// Any resource a person can apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    Deployment(Deployment),
+    Device(Device),
+}
+
+impl Resource {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Resource::Deployment(_) => "Deployment",
+            Resource::Device(_) => "Device",
+        }
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        match self {
+            Resource::Deployment(d) => &d.metadata,
+            Resource::Device(d) => &d.metadata,
+        }
+    }
+
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        match self {
+            Resource::Deployment(d) => &mut d.metadata,
+            Resource::Device(d) => &mut d.metadata,
+        }
+    }
+
+    /// Parses and validates a document a person wrote: unknown fields and invalid values are
+    /// errors naming the field. Any `status` and `metadata.generation` given are dropped.
+    pub fn from_user(mut doc: serde_json::Value) -> Result<Resource, Vec<FieldError>> {
+        let Some(obj) = doc.as_object_mut() else {
+            return Err(vec![FieldError::new("", "a resource must be a mapping")]);
+        };
+        obj.remove("status");
+        if let Some(meta) = obj.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            meta.remove("generation");
+        }
+        let kind = match obj.get("kind") {
+            Some(serde_json::Value::String(k)) => k.clone(),
+            Some(_) => return Err(vec![FieldError::new("kind", "must be a string")]),
+            None => {
+                return Err(vec![FieldError::new(
+                    "kind",
+                    "missing; one of Deployment, Device",
+                )]);
+            }
+        };
+        let resource = match kind.as_str() {
+            "Deployment" => Resource::Deployment(strict(doc)?),
+            "Device" => Resource::Device(strict(doc)?),
+            other => {
+                return Err(vec![FieldError::new(
+                    "kind",
+                    format!("unknown kind {other:?}; one of Deployment, Device"),
+                )]);
+            }
+        };
+        let errors = resource.validate();
+        if errors.is_empty() {
+            Ok(resource)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Every problem with the document's values, in document order.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut v = Validator::default();
+        match self {
+            Resource::Deployment(d) => {
+                v.header(&d.api_version, &d.kind, "Deployment", &d.metadata);
+                v.deployment_spec(&d.spec);
+            }
+            Resource::Device(d) => v.header(&d.api_version, &d.kind, "Device", &d.metadata),
+        }
+        v.errors
+    }
+}
+
+/// Deserializes `doc`, failing with the paths of unknown fields and of type errors.
+fn strict<T: serde::de::DeserializeOwned>(doc: serde_json::Value) -> Result<T, Vec<FieldError>> {
+    let mut unknown = Vec::new();
+    let parsed = serde_ignored::deserialize(doc, |path| unknown.push(path_string(&path)));
+    match parsed {
+        Ok(value) if unknown.is_empty() => Ok(value),
+        Ok(_) => Err(unknown
+            .into_iter()
+            .map(|p| FieldError::new(p, "unknown field"))
+            .collect()),
+        // serde_json's messages for a Value name the problem but not the place; they are
+        // still specific ("missing field `image`", "invalid type: string, expected u16").
+        Err(e) => Err(vec![FieldError::new("", e.to_string())]),
+    }
+}
+
+fn path_string(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", path_string(parent)),
+        Path::Map { parent, key } => {
+            let p = path_string(parent);
+            if p.is_empty() {
+                key.clone()
+            } else {
+                format!("{p}.{key}")
+            }
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => path_string(parent),
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<FieldError>,
+}
+
+impl Validator {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError::new(path, message));
+    }
+
+    fn header(&mut self, api_version: &str, kind: &str, want_kind: &str, meta: &Metadata) {
+        if api_version != API_VERSION {
+            self.err(
+                "apiVersion",
+                format!("must be {API_VERSION:?}, got {api_version:?}"),
+            );
+        }
+        if kind != want_kind {
+            self.err("kind", format!("must be {want_kind:?}"));
+        }
+        if let Err(e) = check_name(&meta.name) {
+            self.err("metadata.name", e);
+        }
+        self.labels("metadata.labels", &meta.labels);
+    }
+
+    fn labels(&mut self, path: &str, labels: &Labels) {
+        for (k, v) in labels {
+            let key_ok = !k.is_empty()
+                && k.len() <= 63
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+            if !key_ok {
+                self.err(
+                    format!("{path}.{k}"),
+                    "label keys are 1-63 characters of letters, digits, '-', '_', '.', '/'",
+                );
+            }
+            let value_ok = v.len() <= 63
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !value_ok {
+                self.err(
+                    format!("{path}.{k}"),
+                    "label values are at most 63 characters of letters, digits, '-', '_', '.'",
+                );
+            }
+        }
+    }
+
+    fn deployment_spec(&mut self, spec: &DeploymentSpec) {
+        if spec.selector.match_labels.is_empty() {
+            self.err(
+                "spec.selector.matchLabels",
+                "must name at least one label (to target every device, give them all a label)",
+            );
+        }
+        self.labels("spec.selector.matchLabels", &spec.selector.match_labels);
+        match spec.template.containers.len() {
+            1 => {}
+            0 => self.err("spec.template.containers", "must hold one container"),
+            n => self.err(
+                "spec.template.containers",
+                format!("must hold exactly one container (one per Deployment per device), got {n}"),
+            ),
+        }
+        for (i, c) in spec.template.containers.iter().enumerate() {
+            self.container(&format!("spec.template.containers[{i}]"), c);
+        }
+    }
+
+    fn container(&mut self, path: &str, c: &Container) {
+        if let Err(e) = check_name(&c.name) {
+            self.err(format!("{path}.name"), e);
+        }
+        if c.image.trim().is_empty() {
+            self.err(format!("{path}.image"), "must not be empty");
+        } else if c.image.chars().any(char::is_whitespace) {
+            self.err(format!("{path}.image"), "must not contain whitespace");
+        }
+        let mut env_names = BTreeSet::new();
+        for (i, e) in c.env.iter().enumerate() {
+            let ok = e
+                .name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && e.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                self.err(
+                    format!("{path}.env[{i}].name"),
+                    "must be letters, digits and '_', not starting with a digit",
+                );
+            }
+            if !env_names.insert(&e.name) {
+                self.err(
+                    format!("{path}.env[{i}].name"),
+                    format!("duplicate {:?}", e.name),
+                );
+            }
+        }
+        let mut host_ports = BTreeMap::new();
+        for (i, p) in c.ports.iter().enumerate() {
+            if p.container_port == 0 {
+                self.err(
+                    format!("{path}.ports[{i}].containerPort"),
+                    "must be 1-65535",
+                );
+            }
+            if p.host_port == Some(0) {
+                self.err(format!("{path}.ports[{i}].hostPort"), "must be 1-65535");
+            }
+            let key = (p.effective_host_port(), p.protocol);
+            if let Some(first) = host_ports.insert(key, i) {
+                self.err(
+                    format!("{path}.ports[{i}].hostPort"),
+                    format!(
+                        "duplicate host port {}/{} (also in ports[{first}])",
+                        key.0,
+                        p.protocol.as_str()
+                    ),
+                );
+            }
+        }
+        let mut mounts = BTreeSet::new();
+        for (i, m) in c.volumes.iter().enumerate() {
+            if let Err(e) = check_name(&m.name) {
+                self.err(format!("{path}.volumes[{i}].name"), e);
+            }
+            if !m.mount_path.starts_with('/') {
+                self.err(
+                    format!("{path}.volumes[{i}].mountPath"),
+                    "must be an absolute path",
+                );
+            } else if !mounts.insert(&m.mount_path) {
+                self.err(
+                    format!("{path}.volumes[{i}].mountPath"),
+                    "duplicate mount path",
+                );
+            }
+            if let Some(h) = &m.host_path {
+                if !h.starts_with('/') {
+                    self.err(
+                        format!("{path}.volumes[{i}].hostPath"),
+                        "must be an absolute path",
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn deployment() -> serde_json::Value {
+        json!({
+            "apiVersion": "fleet.dev/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web", "labels": {"app": "web"}},
+            "spec": {
+                "selector": {"matchLabels": {"role": "edge"}},
+                "template": {"containers": [{
+                    "name": "web",
+                    "image": "localhost/http:1",
+                    "env": [{"name": "GREETING", "value": "hi"}],
+                    "ports": [{"containerPort": 8080, "hostPort": 18080}],
+                    "volumes": [{"name": "data", "mountPath": "/data"}]
+                }]}
+            }
+        })
+    }
+
+    /// Applies `edit` to a valid Deployment and checks the errors it produces.
+    fn check(edit: impl FnOnce(&mut serde_json::Value), expected: &[&str]) {
+        let mut doc = deployment();
+        edit(&mut doc);
+        let got: Vec<String> = match Resource::from_user(doc) {
+            Ok(_) => vec![],
+            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        };
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn valid_deployment_parses_with_defaults() {
+        let Resource::Deployment(d) = Resource::from_user(deployment()).unwrap() else {
+            panic!("not a deployment")
+        };
+        assert_eq!(d.spec.template.restart_policy, RestartPolicy::Always);
+        assert_eq!(
+            d.spec.template.containers[0].ports[0].protocol,
+            Protocol::Tcp
+        );
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        check(|_| {}, &[]);
+        check(
+            |d| d["spec"]["template"]["containers"][0]["image"] = json!(""),
+            &["spec.template.containers[0].image: must not be empty"],
+        );
+        check(
+            |d| d["spec"]["template"]["containers"][0]["imagee"] = json!("x"),
+            &["spec.template.containers[0].imagee: unknown field"],
+        );
+        check(|d| d["spex"] = json!({}), &["spex: unknown field"]);
+        check(
+            |d| {
+                d["spec"]["template"]["containers"][0]["ports"] =
+                    json!([{"containerPort": 80, "hostPort": 8080}, {"containerPort": 8080}])
+            },
+            &[
+                "spec.template.containers[0].ports[1].hostPort: duplicate host port 8080/tcp (also in ports[0])",
+            ],
+        );
+        check(
+            |d| {
+                d["spec"]["template"]["containers"][0]["ports"] =
+                    json!([{"containerPort": 53, "protocol": "UDP"}, {"containerPort": 53}])
+            },
+            &[],
+        );
+        check(
+            |d| d["metadata"]["name"] = json!("Web"),
+            &["metadata.name: must contain only lower-case letters, digits and '-', found 'W'"],
+        );
+        check(
+            |d| d["spec"]["selector"]["matchLabels"] = json!({}),
+            &[
+                "spec.selector.matchLabels: must name at least one label (to target every device, give them all a label)",
+            ],
+        );
+        check(
+            |d| d["spec"]["template"]["containers"] = json!([]),
+            &["spec.template.containers: must hold one container"],
+        );
+        check(
+            |d| d["spec"]["template"]["containers"][0]["env"] = json!([{"name": "A", "value": "1"}, {"name": "A", "value": "2"}, {"name": "1X", "value": ""}]),
+            &[
+                "spec.template.containers[0].env[1].name: duplicate \"A\"",
+                "spec.template.containers[0].env[2].name: must be letters, digits and '_', not starting with a digit",
+            ],
+        );
+        check(
+            |d| {
+                d["spec"]["template"]["containers"][0]["volumes"] =
+                    json!([{"name": "data", "mountPath": "data", "hostPath": "rel"}])
+            },
+            &[
+                "spec.template.containers[0].volumes[0].mountPath: must be an absolute path",
+                "spec.template.containers[0].volumes[0].hostPath: must be an absolute path",
+            ],
+        );
+        check(
+            |d| d["apiVersion"] = json!("v1"),
+            &["apiVersion: must be \"fleet.dev/v1\", got \"v1\""],
+        );
+        check(
+            |d| d["kind"] = json!("Pod"),
+            &["kind: unknown kind \"Pod\"; one of Deployment, Device"],
+        );
+        check(
+            |d| d["spec"]["template"]["containers"][0]["ports"][0]["containerPort"] = json!(70000),
+            &["invalid value: integer `70000`, expected u16"],
+        );
+    }
+
+    #[test]
+    fn user_status_and_generation_are_dropped() {
+        let mut doc = deployment();
+        doc["status"] = json!({"anything": true});
+        doc["metadata"]["generation"] = json!(99);
+        let r = Resource::from_user(doc).unwrap();
+        assert_eq!(r.metadata().generation, 0);
+    }
+
+    #[test]
+    fn stored_documents_tolerate_unknown_fields() {
+        let mut doc = deployment();
+        doc["spec"]["template"]["containers"][0]["fromTheFuture"] = json!(1);
+        let d: Deployment = serde_json::from_value(doc).unwrap();
+        assert_eq!(d.metadata.name, "web");
+    }
+
+    #[test]
+    fn selector() {
+        let sel = LabelSelector {
+            match_labels: [("role".into(), "edge".into())].into(),
+        };
+        assert!(sel.matches(&[("role".into(), "edge".into()), ("x".into(), "y".into())].into()));
+        assert!(!sel.matches(&[("role".into(), "core".into())].into()));
+        assert!(!sel.matches(&Labels::new()));
+    }
+}

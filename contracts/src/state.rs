@@ -1,0 +1,156 @@
+//! Values stored in the desired and reported KV buckets.
+//!
+//! Every value carries `schema` ([`crate::SCHEMA_VERSION`]); readers ignore unknown fields.
+//! Timestamps are milliseconds since the Unix epoch, taken by the writer's clock.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{SCHEMA_VERSION, resource::PodTemplate};
+
+/// `fleet-desired` `<device>.<deployment>`: what one device must run for one Deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredDeployment {
+    pub schema: u32,
+    pub deployment: String,
+    /// The Deployment's `metadata.generation` this spec belongs to.
+    pub generation: u64,
+    pub spec: PodTemplate,
+}
+
+impl DesiredDeployment {
+    pub fn new(deployment: &str, generation: u64, spec: PodTemplate) -> Self {
+        Self {
+            schema: SCHEMA_VERSION,
+            deployment: deployment.to_owned(),
+            generation,
+            spec,
+        }
+    }
+}
+
+/// `fleet-reported` `<device>.<deployment>`: how one Deployment fares on one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedDeployment {
+    pub schema: u32,
+    pub deployment: String,
+    /// The generation the phase refers to.
+    pub observed_generation: u64,
+    pub phase: Phase,
+    /// Why the deployment is in this phase, in words a person can act on.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// When the deployment entered this phase.
+    pub since_ms: u64,
+}
+
+/// The phase of one Deployment on one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Desired state received, nothing done yet.
+    Pending,
+    /// The container is being created (image lookup, create, start).
+    Creating,
+    /// The container runs.
+    Running,
+    /// The container ran to completion with exit code 0 and is not restarted (`Never`,
+    /// `OnFailure`).
+    Completed,
+    /// The container cannot be created or started, or exited with a failure it is not
+    /// restarted from; the message says why.
+    Failed,
+    /// A phase this reader does not know (written by a newer agent).
+    #[serde(other)]
+    Unknown,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// `fleet-reported` `<device>._info`: the device's heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub schema: u32,
+    pub device: String,
+    pub agent_version: String,
+    /// `PRETTY_NAME` of the device's os-release.
+    pub os: String,
+    pub uptime_secs: u64,
+    pub sent_at_ms: u64,
+    /// How often the agent sends a heartbeat, so the operator can judge staleness.
+    pub interval_ms: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health_flags: Vec<HealthFlag>,
+    /// Number of deployments the agent currently manages.
+    pub deployments: u32,
+}
+
+/// Something wrong on a device that does not stop it from working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HealthFlag {
+    /// podman did not answer: containers cannot be managed.
+    PodmanUnavailable { message: String },
+    /// The desired state cannot be saved to disk: a reboot without network would lose it.
+    CacheWriteFailed { message: String },
+    /// A flag this reader does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// A device's health as the operator judges it from the age of its last heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    /// A heartbeat arrived recently.
+    Healthy,
+    /// Heartbeats are late.
+    Stale,
+    /// No heartbeat for long enough that the device is considered gone.
+    Offline,
+    /// No heartbeat was ever seen.
+    #[default]
+    Unknown,
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_tolerate_newer_values() {
+        let v = r#"{"schema":1,"deployment":"web","observed_generation":3,"phase":"Hibernating",
+                    "since_ms":5,"new_field":{"x":1}}"#;
+        let r: ReportedDeployment = serde_json::from_str(v).unwrap();
+        assert_eq!(r.phase, Phase::Unknown);
+        assert_eq!(r.observed_generation, 3);
+    }
+
+    #[test]
+    fn heartbeat_round_trips() {
+        let hb = Heartbeat {
+            schema: SCHEMA_VERSION,
+            device: "pi-01".into(),
+            agent_version: "0.1.0".into(),
+            os: "Debian GNU/Linux 13 (trixie)".into(),
+            uptime_secs: 7,
+            sent_at_ms: 1,
+            interval_ms: 10_000,
+            health_flags: vec![HealthFlag::PodmanUnavailable {
+                message: "x".into(),
+            }],
+            deployments: 2,
+        };
+        let json = serde_json::to_string(&hb).unwrap();
+        assert_eq!(serde_json::from_str::<Heartbeat>(&json).unwrap(), hb);
+    }
+}

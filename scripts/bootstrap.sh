@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Installs everything a bare Debian 12 (bookworm) machine lacks to build, run and test Fleet.
+# Idempotent: every step checks whether it is already done. Caches live outside the clone,
+# under $FLEET_CACHE (default /var/cache/fleet), so a second run takes seconds.
+set -euo pipefail
+
+FLEET_CACHE=${FLEET_CACHE:-/var/cache/fleet}
+TOOLS="$FLEET_CACHE/tools"
+NATS_VERSION_WANT="2.10"
+mkdir -p "$TOOLS/bin"
+
+log() { printf '\033[1mbootstrap:\033[0m %s\n' "$*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "bootstrap: run as root (it installs Debian packages)" >&2
+    exit 1
+  fi
+}
+
+apt_updated=0
+apt_install() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ $apt_updated -eq 0 ]; then
+    log "apt-get update"
+    apt-get update -qq
+    apt_updated=1
+  fi
+  log "installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+need_root
+
+# --- Debian packages -------------------------------------------------------------------------
+# podman with runc (crun fails on these hosts: "cgroups in hybrid mode not supported"),
+# busybox-static for the locally built test images, the aarch64 C cross compiler for crates
+# with C code (ring) in the static aarch64 agent, jq/curl for the scripts.
+apt_install podman runc uidmap slirp4netns busybox-static gcc-aarch64-linux-gnu curl jq ca-certificates
+
+# podman's default ulimits fail here ("setrlimit RLIMIT_NOFILE: Operation not permitted").
+if [ ! -f /etc/containers/containers.conf ] || ! grep -q '^default_ulimits = \[\]' /etc/containers/containers.conf; then
+  log "writing /etc/containers/containers.conf (runc, no default ulimits)"
+  mkdir -p /etc/containers
+  cat > /etc/containers/containers.conf <<'CONF'
+# Written by Fleet's scripts/bootstrap.sh.
+[containers]
+default_ulimits = []
+
+[engine]
+runtime = "runc"
+CONF
+fi
+
+# --- nats-server 2.10 from Debian trixie, unpacked (bookworm's 2.9 lacks 2.10 features) ------
+if ! "$TOOLS/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_VERSION_WANT"; then
+  if [ ! -f /etc/apt/sources.list.d/fleet-trixie.sources ]; then
+    log "adding the trixie apt source pinned at priority 50 (used only to download nats-server)"
+    cat > /etc/apt/sources.list.d/fleet-trixie.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    cat > /etc/apt/preferences.d/fleet-trixie <<'PIN'
+Package: *
+Pin: release n=trixie
+Pin-Priority: 50
+PIN
+    apt_updated=0
+  fi
+  if [ $apt_updated -eq 0 ]; then apt-get update -qq; apt_updated=1; fi
+  mkdir -p "$FLEET_CACHE/debs"
+  ( cd "$FLEET_CACHE/debs" && ls nats-server_*.deb >/dev/null 2>&1 || apt-get download -qq -o APT::Sandbox::User=root nats-server/trixie )
+  rm -rf "$TOOLS/nats-unpacked"
+  dpkg-deb -x "$(ls "$FLEET_CACHE"/debs/nats-server_*.deb | head -n1)" "$TOOLS/nats-unpacked"
+  ln -sf "$TOOLS/nats-unpacked/usr/sbin/nats-server" "$TOOLS/bin/nats-server"
+  "$TOOLS/bin/nats-server" --version | grep -q "v$NATS_VERSION_WANT" || { echo "bootstrap: unpacked nats-server is not $NATS_VERSION_WANT" >&2; exit 1; }
+  log "nats-server: $("$TOOLS/bin/nats-server" --version)"
+fi
+
+# --- Rust targets ----------------------------------------------------------------------------
+if command -v rustup >/dev/null; then
+  installed=$(rustup target list --installed)
+  for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+    grep -qx "$t" <<<"$installed" || { log "rustup target add $t"; rustup target add "$t"; }
+  done
+else
+  echo "bootstrap: rustup not found; install Rust with rustup first (https://rustup.rs)" >&2
+  exit 1
+fi
+command -v cargo-nextest >/dev/null || { log "installing cargo-nextest"; cargo install --locked cargo-nextest; }
+
+log "ready (tools in $TOOLS/bin)"

@@ -1,1 +1,177 @@
-//! placeholder
+//! `fleet-agent`: runs on each device and converges it to the state declared for it in NATS
+//! JetStream KV, driving podman.
+//!
+//! The flow: [`sync`] replays and follows this device's desired keys and hands events to the
+//! [`reconcile::Reconciler`], which runs the pure [`plan`] against [`podman`] and reports each
+//! deployment's phase back through the [`sync::Outbox`]; a heartbeat goes out on a timer. The
+//! desired state is cached on disk ([`cache`]) so a reboot without network still brings the
+//! workloads back.
+//!
+//! The agent never writes desired state and never reads another device's keys.
+
+pub mod cache;
+pub mod config;
+pub mod plan;
+pub mod podman;
+pub mod reconcile;
+pub mod runner;
+pub mod sync;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleet_contracts::{
+    SCHEMA_VERSION, names,
+    state::{HealthFlag, Heartbeat},
+};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::Config, podman::Podman, reconcile::Reconciler, runner::TokioRunner, sync::Outbox,
+};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot set up the NATS client for {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let started = tokio::time::Instant::now();
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| RunError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+
+    let podman = Podman::new(TokioRunner, &config.podman);
+    let mut reconciler = Reconciler::new(config.device_id.clone(), podman, config.stop_grace_secs);
+    let mut cache_error = None;
+    match cache::load(&config.state_dir, &config.device_id) {
+        Ok(Some(cached)) => {
+            info!(
+                deployments = cached.len(),
+                "starting from the cached desired state"
+            );
+            reconciler.load_cached(cached);
+        }
+        Ok(None) => info!("no cached desired state; waiting for NATS before touching containers"),
+        Err(e) => {
+            error!(error = %e, "the desired-state cache is unusable");
+            cache_error = Some(e.to_string());
+        }
+    }
+
+    let client = sync::connect(&config.nats_url, &config.device_id)
+        .await
+        .map_err(|source| RunError::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut outbox: Outbox = sync::outbox(js.clone());
+    let (desired_tx, mut desired_rx) = mpsc::channel(64);
+    tokio::spawn(sync::follow_desired(
+        js,
+        config.device_id.clone(),
+        desired_tx,
+    ));
+
+    let mut resync = tokio::time::interval(config.resync_interval());
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval(config.heartbeat_interval());
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let os = os_name();
+
+    info!(device = %config.device_id, version = VERSION, nats = %config.nats_url, "agent started");
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(event) = desired_rx.recv() => {
+                let mut changed = reconciler.apply(event);
+                // Take every queued change before acting, so a burst costs one pass.
+                while let Ok(event) = desired_rx.try_recv() {
+                    changed |= reconciler.apply(event);
+                }
+                if changed {
+                    if let Some(desired) = reconciler.desired_for_cache() {
+                        cache_error = cache::save(&config.state_dir, &config.device_id, &desired)
+                            .map_err(|e| { error!(error = %e, "cannot cache the desired state"); e.to_string() })
+                            .err();
+                    }
+                }
+                reconciler.pass(&mut outbox, now_ms()).await;
+            }
+            _ = resync.tick() => reconciler.pass(&mut outbox, now_ms()).await,
+            _ = heartbeat.tick() => {
+                let mut health_flags = Vec::new();
+                if let Some(message) = &reconciler.podman_error {
+                    health_flags.push(HealthFlag::PodmanUnavailable { message: message.clone() });
+                }
+                if let Some(message) = &cache_error {
+                    health_flags.push(HealthFlag::CacheWriteFailed { message: message.clone() });
+                }
+                let hb = Heartbeat {
+                    schema: SCHEMA_VERSION,
+                    device: config.device_id.clone(),
+                    agent_version: VERSION.to_owned(),
+                    os: os.clone(),
+                    uptime_secs: started.elapsed().as_secs(),
+                    sent_at_ms: now_ms(),
+                    interval_ms: config.heartbeat_interval().as_millis() as u64,
+                    health_flags,
+                    deployments: reconciler.deployment_count() as u32,
+                };
+                outbox.put(names::info_key(&config.device_id), serde_json::to_vec(&hb).expect("a heartbeat serializes"));
+            }
+        }
+    }
+    info!("shutting down; containers keep running");
+    // Give queued reports a moment to leave, without hanging on a dead connection.
+    if tokio::time::timeout(Duration::from_secs(2), client.flush())
+        .await
+        .is_err()
+    {
+        warn!("NATS flush timed out at shutdown");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `PRETTY_NAME` from os-release, or "unknown".
+fn os_name() -> String {
+    std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

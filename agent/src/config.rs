@@ -1,0 +1,198 @@
+//! The agent's configuration file (TOML), validated before the agent touches anything.
+//!
+//! Unknown keys are errors: a typo in a device's config must not silently fall back to a
+//! default.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use fleet_contracts::names::check_name;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This device's id: its keys in NATS KV and the `fleet.device` label of its containers.
+    pub device_id: String,
+    /// NATS server URL(s), comma-separated: `nats://host:4222`.
+    pub nats_url: String,
+    /// Where the agent keeps its state (the desired-state cache). On a device this is on the
+    /// data LV, outside the root snapshot.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_secs: u64,
+    /// How often the agent compares podman with the desired state even without a change.
+    #[serde(default = "default_resync")]
+    pub resync_interval_secs: u64,
+    /// Grace period before SIGKILL when a container is stopped.
+    #[serde(default = "default_grace")]
+    pub stop_grace_secs: u32,
+    #[serde(default)]
+    pub podman: PodmanConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodmanConfig {
+    #[serde(default = "default_podman")]
+    pub program: String,
+    /// podman `--root`: container storage (so several agents can share a host in tests).
+    pub root: Option<PathBuf>,
+    /// podman `--runroot`.
+    pub runroot: Option<PathBuf>,
+    /// podman `--runtime`, e.g. `runc`.
+    pub runtime: Option<String>,
+}
+
+impl Default for PodmanConfig {
+    fn default() -> Self {
+        Self {
+            program: default_podman(),
+            root: None,
+            runroot: None,
+            runtime: None,
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/fleet".into()
+}
+fn default_heartbeat() -> u64 {
+    10
+}
+fn default_resync() -> u64 {
+    5
+}
+fn default_grace() -> u32 {
+    10
+}
+fn default_podman() -> String {
+    "podman".into()
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        check_name(&self.device_id).map_err(|m| invalid("device_id", m))?;
+        for url in self.nats_url.split(',') {
+            let url = url.trim();
+            if !(url.starts_with("nats://") || url.starts_with("tls://")) {
+                return Err(invalid(
+                    "nats_url",
+                    format!("{url:?} must start with nats:// or tls://"),
+                ));
+            }
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path".into()));
+        }
+        if self.heartbeat_interval_secs == 0 {
+            return Err(invalid(
+                "heartbeat_interval_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.resync_interval_secs == 0 {
+            return Err(invalid("resync_interval_secs", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_interval_secs)
+    }
+
+    pub fn resync_interval(&self) -> Duration {
+        Duration::from_secs(self.resync_interval_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str, expected: Result<(), &str>) {
+        let got = Config::parse(text, Path::new("agent.toml"))
+            .map(drop)
+            .map_err(|e| e.to_string());
+        match (got, expected) {
+            (Ok(()), Ok(())) => {}
+            (Err(got), Err(want)) => assert!(got.contains(want), "{got}"),
+            (got, want) => panic!("got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let ok = "device_id = \"pi-01\"\nnats_url = \"nats://127.0.0.1:4222\"\n";
+        check(ok, Ok(()));
+        check(
+            &format!("{ok}[podman]\nroot = \"/x\"\nruntime = \"runc\"\n"),
+            Ok(()),
+        );
+        check("device_id = \"pi-01\"\n", Err("missing field `nats_url`"));
+        check(
+            &format!("{ok}heartbeat = 3\n"),
+            Err("unknown field `heartbeat`"),
+        );
+        check(
+            "device_id = \"*\"\nnats_url = \"nats://x\"\n",
+            Err("agent.toml: device_id: must contain only lower-case letters"),
+        );
+        check(
+            "device_id = \"a\"\nnats_url = \"http://x\"\n",
+            Err("nats_url: \"http://x\" must start with nats://"),
+        );
+        check(
+            &format!("{ok}state_dir = \"rel\"\n"),
+            Err("state_dir: must be an absolute path"),
+        );
+        check(
+            &format!("{ok}heartbeat_interval_secs = 0\n"),
+            Err("heartbeat_interval_secs: must be at least 1"),
+        );
+        check("device_id = [", Err("agent.toml is not valid"));
+    }
+}

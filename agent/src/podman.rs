@@ -1,0 +1,405 @@
+//! A typed wrapper over the podman CLI: the executor's only way to touch containers.
+//!
+//! It builds argument lists and parses podman's JSON output into typed structs; it makes no
+//! decisions (that is [`crate::plan`]). Every call goes through the [`CommandRunner`] seam.
+
+use std::collections::BTreeMap;
+
+use fleet_contracts::resource::{Container, RestartPolicy};
+use serde::Deserialize;
+
+use crate::{
+    config::PodmanConfig,
+    runner::{CmdOutput, CommandRunner},
+};
+
+/// Labels the agent puts on every container it creates; adoption after a restart reads them.
+pub mod labels {
+    pub const DEVICE: &str = "fleet.device";
+    pub const DEPLOYMENT: &str = "fleet.deployment";
+    pub const GENERATION: &str = "fleet.generation";
+    pub const SPEC_HASH: &str = "fleet.spec-hash";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodmanError {
+    #[error("cannot run {program:?}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("podman {subcommand} failed: {message}")]
+    Failed {
+        subcommand: &'static str,
+        message: String,
+    },
+    #[error("cannot parse the output of podman {subcommand}: {source}")]
+    Parse {
+        subcommand: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+/// One line of `podman ps --format json`, the fields the agent reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PsEntry {
+    pub id: String,
+    #[serde(default)]
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub image: String,
+    pub state: String,
+    #[serde(default)]
+    pub exit_code: i32,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// A container the agent created, as podman reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub id: String,
+    pub name: String,
+    pub deployment: String,
+    pub generation: u64,
+    pub spec_hash: String,
+    pub state: ContainerState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerState {
+    Running,
+    Exited {
+        code: i32,
+    },
+    /// Created but never started (a crash between create and start).
+    Created,
+    /// paused, stopping, removing, unknown...
+    Other(String),
+}
+
+impl Observed {
+    /// Reads a ps entry; `None` for a container without Fleet's labels.
+    pub fn from_ps(entry: PsEntry) -> Option<Observed> {
+        let labels = entry.labels?;
+        let state = match entry.state.as_str() {
+            "running" => ContainerState::Running,
+            "exited" | "stopped" => ContainerState::Exited {
+                code: entry.exit_code,
+            },
+            "created" | "configured" => ContainerState::Created,
+            other => ContainerState::Other(other.to_owned()),
+        };
+        Some(Observed {
+            name: entry.names.into_iter().next().unwrap_or_default(),
+            deployment: labels.get(labels::DEPLOYMENT)?.clone(),
+            generation: labels
+                .get(labels::GENERATION)
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0),
+            spec_hash: labels.get(labels::SPEC_HASH)?.clone(),
+            id: entry.id,
+            state,
+        })
+    }
+}
+
+/// The container name of a deployment: deterministic, so a restarted agent finds it again.
+pub fn container_name(deployment: &str) -> String {
+    format!("fleet-{deployment}")
+}
+
+/// The podman volume behind a named volume mount of a deployment.
+pub fn volume_name(deployment: &str, volume: &str) -> String {
+    format!("fleet-{deployment}-{volume}")
+}
+
+/// What to create: one deployment's container.
+#[derive(Debug, Clone)]
+pub struct CreateSpec<'a> {
+    pub device: &'a str,
+    pub deployment: &'a str,
+    pub generation: u64,
+    pub spec_hash: &'a str,
+    pub container: &'a Container,
+    pub restart: RestartPolicy,
+}
+
+#[derive(Debug)]
+pub struct Podman<R> {
+    runner: R,
+    program: String,
+    global: Vec<String>,
+}
+
+impl<R: CommandRunner> Podman<R> {
+    pub fn new(runner: R, config: &PodmanConfig) -> Self {
+        let mut global = Vec::new();
+        if let Some(root) = &config.root {
+            global.extend(["--root".to_owned(), root.display().to_string()]);
+        }
+        if let Some(runroot) = &config.runroot {
+            global.extend(["--runroot".to_owned(), runroot.display().to_string()]);
+        }
+        if let Some(runtime) = &config.runtime {
+            global.extend(["--runtime".to_owned(), runtime.clone()]);
+        }
+        Podman {
+            runner,
+            program: config.program.clone(),
+            global,
+        }
+    }
+
+    /// The runner behind this wrapper (tests inspect a recording one).
+    pub fn runner(&self) -> &R {
+        &self.runner
+    }
+
+    async fn call(
+        &self,
+        subcommand: &'static str,
+        args: Vec<String>,
+    ) -> Result<CmdOutput, PodmanError> {
+        let mut all = self.global.clone();
+        all.push(subcommand.to_owned());
+        all.extend(args);
+        let out = self
+            .runner
+            .run(&self.program, &all)
+            .await
+            .map_err(|source| PodmanError::Spawn {
+                program: self.program.clone(),
+                source,
+            })?;
+        if out.success() {
+            Ok(out)
+        } else {
+            Err(PodmanError::Failed {
+                subcommand,
+                message: out.error_line(),
+            })
+        }
+    }
+
+    /// Every container this device's agent created, running or not.
+    pub async fn list(&self, device: &str) -> Result<Vec<Observed>, PodmanError> {
+        let out = self
+            .call(
+                "ps",
+                vec![
+                    "--all".into(),
+                    "--filter".into(),
+                    format!("label={}={device}", labels::DEVICE),
+                    "--format".into(),
+                    "json".into(),
+                ],
+            )
+            .await?;
+        parse_ps(&out.stdout)
+    }
+
+    /// Creates (pulling the image if missing) and returns the container id; does not start it.
+    pub async fn create(&self, spec: &CreateSpec<'_>) -> Result<String, PodmanError> {
+        let out = self.call("create", create_args(spec)).await?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    pub async fn start(&self, id: &str) -> Result<(), PodmanError> {
+        self.call("start", vec![id.to_owned()]).await.map(drop)
+    }
+
+    /// Stops (signal, then SIGKILL after `grace_secs`) and removes a container.
+    pub async fn remove(&self, id: &str, grace_secs: u32) -> Result<(), PodmanError> {
+        self.call(
+            "rm",
+            vec![
+                "--force".into(),
+                "--time".into(),
+                grace_secs.to_string(),
+                id.to_owned(),
+            ],
+        )
+        .await
+        .map(drop)
+    }
+}
+
+pub fn parse_ps(stdout: &[u8]) -> Result<Vec<Observed>, PodmanError> {
+    // podman 4 prints `[]` for no containers; older versions printed nothing.
+    if stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let entries: Vec<PsEntry> =
+        serde_json::from_slice(stdout).map_err(|source| PodmanError::Parse {
+            subcommand: "ps",
+            source,
+        })?;
+    Ok(entries.into_iter().filter_map(Observed::from_ps).collect())
+}
+
+fn create_args(s: &CreateSpec<'_>) -> Vec<String> {
+    let c = s.container;
+    let mut a: Vec<String> = vec!["--name".into(), container_name(s.deployment)];
+    for (k, v) in [
+        (labels::DEVICE, s.device.to_owned()),
+        (labels::DEPLOYMENT, s.deployment.to_owned()),
+        (labels::GENERATION, s.generation.to_string()),
+        (labels::SPEC_HASH, s.spec_hash.to_owned()),
+    ] {
+        a.extend(["--label".into(), format!("{k}={v}")]);
+    }
+    let restart = match s.restart {
+        RestartPolicy::Always => "always",
+        RestartPolicy::OnFailure => "on-failure",
+        RestartPolicy::Never => "no",
+    };
+    a.push(format!("--restart={restart}"));
+    for e in &c.env {
+        a.extend(["--env".into(), format!("{}={}", e.name, e.value)]);
+    }
+    for p in &c.ports {
+        a.extend([
+            "--publish".into(),
+            format!(
+                "{}:{}/{}",
+                p.effective_host_port(),
+                p.container_port,
+                p.protocol.as_str()
+            ),
+        ]);
+    }
+    for v in &c.volumes {
+        let source = v
+            .host_path
+            .clone()
+            .unwrap_or_else(|| volume_name(s.deployment, &v.name));
+        let mode = if v.read_only { ":ro" } else { "" };
+        a.extend([
+            "--volume".into(),
+            format!("{source}:{}{mode}", v.mount_path),
+        ]);
+    }
+    if !c.command.is_empty() {
+        // The JSON form keeps arguments with spaces intact; like Kubernetes' `command`, it
+        // replaces the image's entrypoint and drops the image's default arguments.
+        a.push(format!(
+            "--entrypoint={}",
+            serde_json::to_string(&c.command).unwrap_or_default()
+        ));
+    }
+    a.push(c.image.clone());
+    a.extend(c.args.iter().cloned());
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runner::RecordingRunner;
+    use fleet_contracts::resource::{EnvVar, Port, Protocol, VolumeMount};
+
+    #[test]
+    fn parses_real_podman_4_3_ps_output() {
+        let golden = include_bytes!("../tests/golden/podman-4.3-ps.json");
+        let got = parse_ps(golden).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].name, "fleet-web");
+        assert_eq!(got[0].deployment, "web");
+        assert_eq!(got[0].generation, 3);
+        assert_eq!(got[0].spec_hash, "abc123");
+        assert_eq!(got[0].state, ContainerState::Running);
+        assert_eq!(got[1].deployment, "job");
+        assert_eq!(got[1].state, ContainerState::Exited { code: 3 });
+    }
+
+    #[test]
+    fn empty_ps_output() {
+        assert_eq!(parse_ps(b"[]\n").unwrap(), vec![]);
+        assert_eq!(parse_ps(b"").unwrap(), vec![]);
+        assert!(parse_ps(b"{oops").is_err());
+    }
+
+    #[test]
+    fn unlabelled_containers_are_not_ours() {
+        let ps = br#"[{"Id":"x","Names":["db"],"State":"running","Labels":null}]"#;
+        assert_eq!(parse_ps(ps).unwrap(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn create_builds_the_full_command_line() {
+        let config = PodmanConfig {
+            program: "podman".into(),
+            root: Some("/r".into()),
+            runroot: None,
+            runtime: Some("runc".into()),
+        };
+        let runner = RecordingRunner::default();
+        runner.answer(0, "abc\n", "");
+        let podman = Podman::new(runner, &config);
+        let container = Container {
+            name: "web".into(),
+            image: "localhost/http:1".into(),
+            command: vec!["/bin/sh".into(), "-c".into()],
+            args: vec!["echo hi there".into()],
+            env: vec![EnvVar {
+                name: "A".into(),
+                value: "b c".into(),
+            }],
+            ports: vec![Port {
+                container_port: 80,
+                host_port: Some(8080),
+                protocol: Protocol::Udp,
+            }],
+            volumes: vec![
+                VolumeMount {
+                    name: "data".into(),
+                    mount_path: "/data".into(),
+                    host_path: None,
+                    read_only: false,
+                },
+                VolumeMount {
+                    name: "dev".into(),
+                    mount_path: "/d".into(),
+                    host_path: Some("/dev/x".into()),
+                    read_only: true,
+                },
+            ],
+        };
+        let id = podman
+            .create(&CreateSpec {
+                device: "pi-01",
+                deployment: "web",
+                generation: 2,
+                spec_hash: "h",
+                container: &container,
+                restart: RestartPolicy::OnFailure,
+            })
+            .await
+            .unwrap();
+        assert_eq!(id, "abc");
+        assert_eq!(
+            podman.runner().calls(),
+            vec![
+                "podman --root /r --runtime runc create --name fleet-web \
+                 --label fleet.device=pi-01 --label fleet.deployment=web \
+                 --label fleet.generation=2 --label fleet.spec-hash=h --restart=on-failure \
+                 --env A=b c --publish 8080:80/udp --volume fleet-web-data:/data \
+                 --volume /dev/x:/d:ro --entrypoint=[\"/bin/sh\",\"-c\"] localhost/http:1 echo hi there"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_carry_podmans_message() {
+        let runner = RecordingRunner::default();
+        runner.answer(125, "", "time=... level=warning msg=retrying\nError: initializing source docker://nope:1: connection refused\n");
+        let podman = Podman::new(runner, &PodmanConfig::default());
+        let err = podman.start("x").await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "podman start failed: Error: initializing source docker://nope:1: connection refused"
+        );
+    }
+}

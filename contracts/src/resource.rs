@@ -270,9 +270,9 @@ impl Resource {
                 )]);
             }
         };
-        let resource = match kind.as_str() {
-            "Deployment" => Resource::Deployment(strict(doc)?),
-            "Device" => Resource::Device(strict(doc)?),
+        let (resource, mut errors) = match kind.as_str() {
+            "Deployment" => strict(doc).map(|(d, e)| (Resource::Deployment(d), e))?,
+            "Device" => strict(doc).map(|(d, e)| (Resource::Device(d), e))?,
             other => {
                 return Err(vec![FieldError::new(
                     "kind",
@@ -280,7 +280,7 @@ impl Resource {
                 )]);
             }
         };
-        let errors = resource.validate();
+        errors.extend(resource.validate());
         if errors.is_empty() {
             Ok(resource)
         } else {
@@ -302,16 +302,17 @@ impl Resource {
     }
 }
 
-/// Deserializes `doc`, failing with the paths of unknown fields and of type errors.
-fn strict<T: serde::de::DeserializeOwned>(doc: serde_json::Value) -> Result<T, Vec<FieldError>> {
+/// Deserializes `doc`; unknown fields come back as errors beside the value, so they are
+/// reported together with invalid values. A type error fails outright.
+fn strict<T: serde::de::DeserializeOwned>(
+    doc: serde_json::Value,
+) -> Result<(T, Vec<FieldError>), Vec<FieldError>> {
     let mut unknown = Vec::new();
-    let parsed = serde_ignored::deserialize(doc, |path| unknown.push(path_string(&path)));
+    let parsed = serde_ignored::deserialize(doc, |path| {
+        unknown.push(FieldError::new(path_string(&path), "unknown field"))
+    });
     match parsed {
-        Ok(value) if unknown.is_empty() => Ok(value),
-        Ok(_) => Err(unknown
-            .into_iter()
-            .map(|p| FieldError::new(p, "unknown field"))
-            .collect()),
+        Ok(value) => Ok((value, unknown)),
         // serde_json's messages for a Value name the problem but not the place; they are
         // still specific ("missing field `image`", "invalid type: string, expected u16").
         Err(e) => Err(vec![FieldError::new("", e.to_string())]),
@@ -547,6 +548,16 @@ mod tests {
         check(
             |d| d["spec"]["template"]["containers"][0]["imagee"] = json!("x"),
             &["spec.template.containers[0].imagee: unknown field"],
+        );
+        check(
+            |d| {
+                d["spec"]["template"]["containers"][0]["imagee"] = json!("x");
+                d["spec"]["template"]["containers"][0]["image"] = json!("");
+            },
+            &[
+                "spec.template.containers[0].imagee: unknown field",
+                "spec.template.containers[0].image: must not be empty",
+            ],
         );
         check(|d| d["spex"] = json!({}), &["spex: unknown field"]);
         check(

@@ -1,1 +1,96 @@
-//! placeholder
+//! `fleet-operator`: the Fleet control plane, and the library behind `fleetctl`.
+//!
+//! The operator keeps no database: it rebuilds its whole view from NATS KV at start
+//! ([`controller`]), fans each Deployment out to the desired keys of the devices its selector
+//! matches, aggregates what devices report ([`fleet`]), and serves the HTTP API, a status page
+//! and Prometheus metrics ([`api`]). `fleetctl` ([`ctl`]) talks to that API only.
+//!
+//! The operator writes resources and desired state; it never writes a device's reported keys.
+
+pub mod api;
+pub mod controller;
+pub mod ctl;
+pub mod fleet;
+
+use std::{net::SocketAddr, time::Duration};
+
+use tracing::info;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats_url: String,
+    pub listen: SocketAddr,
+    /// How often fan-out re-checks the desired bucket even without a change.
+    pub resync: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error(transparent)]
+    Setup(#[from] controller::SetupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the operator until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let client = async_nats::ConnectOptions::new()
+        .name("fleet-operator")
+        .custom_inbox_prefix("_INBOX.ctl")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(|event| async move { tracing::warn!(event = %event, "NATS event") })
+        .connect(&config.nats_url)
+        .await
+        .map_err(|source| RunError::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
+    let js = async_nats::jetstream::new(client);
+    let buckets = controller::open_buckets(&js).await?;
+    let shared = controller::Shared::new(buckets);
+    controller::spawn(shared.clone(), config.resync);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    info!(%addr, nats = %config.nats_url, "operator listening: status page at http://{addr}/");
+    axum::serve(listener, api::router(shared))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(RunError::Serve)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+/// One level variable, `FLEET_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -1,1 +1,379 @@
-fn main() {}
+//! `fleetctl`: the command line for the Fleet operator's HTTP API.
+//!
+//! Exit codes: 0 on success, 1 when an operation failed (an invalid resource, a failed or
+//! timed-out rollout, an unreachable operator), 2 for a usage error.
+#![allow(clippy::print_stdout)] // A CLI prints its results.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fleet_contracts::resource::{Deployment, Device};
+use fleet_operator::ctl::{self, Client, CtlError, age, table};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Declare workloads for a Fleet of devices and watch them converge"
+)]
+struct Args {
+    /// The operator's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEET_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or update resources from a file or a folder of YAML/JSON files.
+    Apply {
+        /// A file (several documents separated by `---` are fine) or a folder.
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Wait until each applied Deployment runs on every matching device, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// List resources, or show one.
+    Get {
+        kind: Kind,
+        name: Option<String>,
+        /// Print the full JSON instead of a table.
+        #[arg(short, long)]
+        json: bool,
+    },
+    /// Show one resource in detail, with its status on every device.
+    Describe { kind: Kind, name: String },
+    /// Delete a resource. Deleting a Deployment removes its containers from every device.
+    Delete { kind: Kind, name: String },
+    /// Show whether the operator has finished reading the fleet's state.
+    Status,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Kind {
+    #[value(alias = "deployment", alias = "deploy")]
+    Deployments,
+    #[value(alias = "device", alias = "dev")]
+    Devices,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let client = Client::new(&args.server);
+    match run(&client, args.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            if let CtlError::Api { fields, .. } = &e {
+                for f in fields {
+                    eprintln!("  {f}");
+                }
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
+    match command {
+        Command::Apply {
+            file,
+            wait,
+            timeout,
+        } => apply(client, &file, wait, Duration::from_secs(timeout)),
+        Command::Get {
+            kind: Kind::Deployments,
+            name,
+            json,
+        } => {
+            let list = match name {
+                Some(n) => vec![client.deployment(&n)?],
+                None => client.deployments()?,
+            };
+            if json {
+                print_json(&list);
+            } else {
+                println!("{}", deployments_table(&list));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get {
+            kind: Kind::Devices,
+            name,
+            json,
+        } => {
+            let list = match name {
+                Some(n) => vec![client.device(&n)?],
+                None => client.devices()?,
+            };
+            if json {
+                print_json(&list);
+            } else {
+                println!("{}", devices_table(&list));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Describe {
+            kind: Kind::Deployments,
+            name,
+        } => {
+            println!("{}", describe_deployment(&client.deployment(&name)?));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Describe {
+            kind: Kind::Devices,
+            name,
+        } => {
+            println!("{}", describe_device(&client.device(&name)?));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete { kind, name } => {
+            let (path, label) = match kind {
+                Kind::Deployments => ("deployments", "deployment"),
+                Kind::Devices => ("devices", "device"),
+            };
+            client.delete(path, &name)?;
+            println!("{label}/{name} deleted");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            let s = client.status()?;
+            println!("operator {}: {:?}", s.version, s.state);
+            for p in &s.pending {
+                println!("  {p}");
+            }
+            println!("{} deployments, {} devices", s.deployments, s.devices);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn apply(
+    client: &Client,
+    path: &std::path::Path,
+    wait: bool,
+    timeout: Duration,
+) -> Result<ExitCode, CtlError> {
+    let docs = ctl::load_documents(path)?;
+    let mut failed = false;
+    let mut deployments = Vec::new();
+    for doc in &docs {
+        match client.apply(&doc.value) {
+            Ok(r) => {
+                println!(
+                    "{}/{} {} (generation {})",
+                    r.kind.to_lowercase(),
+                    r.name,
+                    r.outcome,
+                    r.generation
+                );
+                for w in &r.warnings {
+                    println!("  warning: {w}");
+                }
+                if r.kind == "Deployment" {
+                    deployments.push(r.name);
+                }
+            }
+            Err(CtlError::Api {
+                message, fields, ..
+            }) => {
+                failed = true;
+                eprintln!("error: {}: {message}", doc.source);
+                for f in fields {
+                    eprintln!("  {f}");
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if wait && !failed {
+        for name in deployments {
+            match client.wait_running(&name, timeout, |line| println!("  {line}")) {
+                Ok(_) => println!("deployment/{name} is running on every matching device"),
+                Err(e) => {
+                    eprintln!("error: deployment/{name} {e}");
+                    failed = true;
+                }
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn deployments_table(list: &[Deployment]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|d| {
+            let s = d.status.clone().unwrap_or_default();
+            let image = d
+                .spec
+                .template
+                .containers
+                .first()
+                .map_or("-".to_owned(), |c| c.image.clone());
+            vec![
+                d.metadata.name.clone(),
+                d.metadata.generation.to_string(),
+                format!("{:?}", s.phase),
+                format!("{}/{}", s.running_devices, s.desired_devices),
+                image,
+            ]
+        })
+        .collect();
+    table(&["NAME", "GEN", "PHASE", "RUNNING", "IMAGE"], &rows)
+}
+
+fn devices_table(list: &[Device]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|d| {
+            let s = d.status.clone().unwrap_or_default();
+            let labels = d
+                .metadata
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                d.metadata.name.clone(),
+                s.health.to_string(),
+                s.heartbeat_age_ms.map_or("never".into(), age),
+                s.heartbeat
+                    .as_ref()
+                    .map_or("-".into(), |h| h.agent_version.clone()),
+                s.deployments.len().to_string(),
+                labels,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "HEALTH",
+            "HEARTBEAT",
+            "AGENT",
+            "DEPLOYMENTS",
+            "LABELS",
+        ],
+        &rows,
+    )
+}
+
+fn describe_deployment(d: &Deployment) -> String {
+    let s = d.status.clone().unwrap_or_default();
+    let mut out = format!(
+        "Name:        {}\nGeneration:  {}\nPhase:       {:?} ({}/{} running, {} failed)\nSelector:    {}\n",
+        d.metadata.name,
+        d.metadata.generation,
+        s.phase,
+        s.running_devices,
+        s.desired_devices,
+        s.failed_devices,
+        d.spec
+            .selector
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    for c in &d.spec.template.containers {
+        out.push_str(&format!("Container:   {} ({})\n", c.name, c.image));
+        for p in &c.ports {
+            out.push_str(&format!(
+                "  port       {}:{}/{}\n",
+                p.effective_host_port(),
+                p.container_port,
+                p.protocol.as_str()
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "Restart:     {:?}\n\nDevices:\n",
+        d.spec.template.restart_policy
+    ));
+    let rows: Vec<Vec<String>> = s
+        .devices
+        .iter()
+        .map(|dev| match &dev.reported {
+            Some(r) => vec![
+                dev.device.clone(),
+                dev.device_health.to_string(),
+                r.phase.to_string(),
+                r.observed_generation.to_string(),
+                r.container_id
+                    .as_deref()
+                    .map_or("-".into(), |id| id.chars().take(12).collect()),
+                r.message.clone(),
+            ],
+            None => vec![
+                dev.device.clone(),
+                dev.device_health.to_string(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "not reported yet".into(),
+            ],
+        })
+        .collect();
+    out.push_str(&table(
+        &["DEVICE", "HEALTH", "PHASE", "GEN", "CONTAINER", "MESSAGE"],
+        &rows,
+    ));
+    out
+}
+
+fn describe_device(d: &Device) -> String {
+    let s = d.status.clone().unwrap_or_default();
+    let mut out = format!(
+        "Name:        {}\nHealth:      {}\nHeartbeat:   {}\nLabels:      {}\n",
+        d.metadata.name,
+        s.health,
+        s.heartbeat_age_ms
+            .map_or("never".into(), |ms| format!("{} ago", age(ms))),
+        d.metadata
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    if let Some(hb) = &s.heartbeat {
+        out.push_str(&format!(
+            "Agent:       {}\nOS:          {}\nUptime:      {}\n",
+            hb.agent_version,
+            hb.os,
+            age(hb.uptime_secs * 1000)
+        ));
+        for f in &hb.health_flags {
+            out.push_str(&format!("Flag:        {f:?}\n"));
+        }
+    }
+    out.push_str(&format!(
+        "Deployments: {}\n",
+        if s.deployments.is_empty() {
+            "-".into()
+        } else {
+            s.deployments.join(", ")
+        }
+    ));
+    out
+}

@@ -1,0 +1,521 @@
+//! The operator's HTTP surface: the JSON API `fleetctl` uses, the status page and `/metrics`.
+//!
+//! Writes go to the resources bucket only (compare-and-set on the revision, so two concurrent
+//! applies cannot silently overwrite each other); the controller does the fan-out. Reads come
+//! from the in-memory view, and say `recovering` until it has read every bucket.
+
+use std::{fmt::Write as _, sync::Arc, sync::atomic::Ordering};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path, State},
+    http::{StatusCode, header},
+    response::{Html, IntoResponse, Response},
+    routing::{get, post},
+};
+use fleet_contracts::{
+    api::{ApplyOutcome, ApplyResult, ErrorBody, OperatorStatus, RecoveryState},
+    names,
+    resource::{Deployment, Device, Resource},
+    state::Health,
+};
+use tracing::info;
+
+use crate::controller::{Shared, now_ms};
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/apply", post(apply))
+        .route("/api/v1/deployments", get(list_deployments))
+        .route(
+            "/api/v1/deployments/{name}",
+            get(get_deployment).delete(delete_deployment),
+        )
+        .route("/api/v1/devices", get(list_devices))
+        .route(
+            "/api/v1/devices/{name}",
+            get(get_device).delete(delete_device),
+        )
+        .with_state(shared)
+}
+
+/// An API error: status code plus the JSON body `fleetctl` prints.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, ErrorBody);
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        ApiError(
+            status,
+            ErrorBody {
+                error: error.into(),
+                fields: vec![],
+            },
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn status_body(shared: &Shared) -> OperatorStatus {
+    let fleet = shared.fleet.read().unwrap();
+    let converged = shared.converged();
+    OperatorStatus {
+        state: if converged {
+            RecoveryState::Converged
+        } else {
+            RecoveryState::Recovering
+        },
+        pending: shared.pending(),
+        deployments: fleet.deployments.len(),
+        devices: fleet.devices.len(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Json<OperatorStatus> {
+    Json(status_body(&shared))
+}
+
+/// Reads must not answer from a half-read view: "not found" could be a lie.
+fn require_converged(shared: &Shared) -> Result<(), ApiError> {
+    if shared.converged() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "operator is recovering ({}); retry in a moment",
+                shared.pending().join(", ")
+            ),
+        ))
+    }
+}
+
+async fn apply(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResult<ApplyResult> {
+    let doc: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    let mut resource = Resource::from_user(doc).map_err(|fields| {
+        let error = match fields.as_slice() {
+            [only] if only.path.is_empty() => format!("invalid resource: {}", only.message),
+            _ => format!("invalid resource ({} problems)", fields.len()),
+        };
+        let fields = fields.into_iter().filter(|f| !f.path.is_empty()).collect();
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorBody { error, fields },
+        )
+    })?;
+    require_converged(&shared)?;
+    let key = names::resource_key(resource.kind(), &resource.metadata().name);
+    let store = &shared.buckets.resources;
+    let existing = store.entry(&key).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read {key} from NATS: {e}"),
+        )
+    })?;
+    let existing =
+        existing.filter(|e| matches!(e.operation, async_nats::jetstream::kv::Operation::Put));
+    let previous = match &existing {
+        Some(entry) => Some(stored_resource(resource.kind(), &entry.value).map_err(|e| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                format!("the stored {key} cannot be read ({e}); delete it first"),
+            )
+        })?),
+        None => None,
+    };
+    let (generation, outcome) = match &previous {
+        None => (1, ApplyOutcome::Created),
+        Some(prev)
+            if same_spec(prev, &resource)
+                && prev.metadata().labels == resource.metadata().labels =>
+        {
+            (prev.metadata().generation, ApplyOutcome::Unchanged)
+        }
+        Some(prev) if same_spec(prev, &resource) => {
+            (prev.metadata().generation, ApplyOutcome::Configured)
+        }
+        Some(prev) => (prev.metadata().generation + 1, ApplyOutcome::Configured),
+    };
+    resource.metadata_mut().generation = generation;
+    let result = ApplyResult {
+        kind: resource.kind().to_owned(),
+        name: resource.metadata().name.clone(),
+        generation,
+        outcome,
+        warnings: warnings(&shared, &resource),
+    };
+    if outcome == ApplyOutcome::Unchanged {
+        return Ok(Json(result));
+    }
+    let bytes = resource_bytes(&resource);
+    let write = match &existing {
+        Some(entry) => store
+            .update(&key, bytes.into(), entry.revision)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        None => store
+            .create(&key, bytes.into())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
+    };
+    write.map_err(|e| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{key} changed while applying ({e}); apply again"),
+        )
+    })?;
+    info!(kind = resource.kind(), name = %result.name, generation, %outcome, "applied");
+    Ok(Json(result))
+}
+
+fn stored_resource(kind: &str, bytes: &[u8]) -> Result<Resource, serde_json::Error> {
+    Ok(match kind {
+        "Deployment" => Resource::Deployment(serde_json::from_slice(bytes)?),
+        _ => Resource::Device(serde_json::from_slice(bytes)?),
+    })
+}
+
+fn same_spec(a: &Resource, b: &Resource) -> bool {
+    match (a, b) {
+        (Resource::Deployment(a), Resource::Deployment(b)) => a.spec == b.spec,
+        (Resource::Device(a), Resource::Device(b)) => a.spec == b.spec,
+        _ => false,
+    }
+}
+
+fn resource_bytes(resource: &Resource) -> Vec<u8> {
+    match resource {
+        Resource::Deployment(d) => serde_json::to_vec(d),
+        Resource::Device(d) => serde_json::to_vec(d),
+    }
+    .expect("resources serialize")
+}
+
+/// Advice that does not block the apply.
+fn warnings(shared: &Shared, resource: &Resource) -> Vec<String> {
+    let fleet = shared.fleet.read().unwrap();
+    let mut out = Vec::new();
+    if let Resource::Deployment(d) = resource {
+        if fleet.matching_devices(d).next().is_none() {
+            out.push(format!(
+                "no device matches the selector {:?} yet; the Deployment waits for one",
+                d.spec.selector.match_labels
+            ));
+        }
+        // Host ports of another Deployment on the same devices would make one of them fail.
+        let ports = |d: &Deployment| -> Vec<u16> {
+            d.spec
+                .template
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().map(|p| p.effective_host_port()))
+                .collect()
+        };
+        let mine = ports(d);
+        for other in fleet
+            .deployments
+            .values()
+            .filter(|o| o.metadata.name != d.metadata.name)
+        {
+            let clash: Vec<u16> = ports(other)
+                .into_iter()
+                .filter(|p| mine.contains(p))
+                .collect();
+            let shared_device = fleet
+                .matching_devices(d)
+                .any(|dev| other.spec.selector.matches(&dev.metadata.labels));
+            if !clash.is_empty() && shared_device {
+                out.push(format!(
+                    "host port(s) {clash:?} are also used by Deployment {} on the same devices",
+                    other.metadata.name
+                ));
+            }
+        }
+    }
+    out
+}
+
+async fn list_deployments(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<Deployment>> {
+    require_converged(&shared)?;
+    let fleet = shared.fleet.read().unwrap();
+    let now = now_ms();
+    Ok(Json(
+        fleet
+            .deployments
+            .values()
+            .map(|d| Deployment {
+                status: Some(fleet.deployment_status(d, now)),
+                ..d.clone()
+            })
+            .collect(),
+    ))
+}
+
+async fn get_deployment(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> ApiResult<Deployment> {
+    require_converged(&shared)?;
+    let fleet = shared.fleet.read().unwrap();
+    let d = fleet
+        .deployments
+        .get(&name)
+        .ok_or_else(|| not_found("Deployment", &name))?;
+    Ok(Json(Deployment {
+        status: Some(fleet.deployment_status(d, now_ms())),
+        ..d.clone()
+    }))
+}
+
+async fn list_devices(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<Device>> {
+    require_converged(&shared)?;
+    let fleet = shared.fleet.read().unwrap();
+    let now = now_ms();
+    Ok(Json(
+        fleet
+            .devices
+            .values()
+            .map(|d| Device {
+                status: Some(fleet.device_status(d, now)),
+                ..d.clone()
+            })
+            .collect(),
+    ))
+}
+
+async fn get_device(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> ApiResult<Device> {
+    require_converged(&shared)?;
+    let fleet = shared.fleet.read().unwrap();
+    let d = fleet
+        .devices
+        .get(&name)
+        .ok_or_else(|| not_found("Device", &name))?;
+    Ok(Json(Device {
+        status: Some(fleet.device_status(d, now_ms())),
+        ..d.clone()
+    }))
+}
+
+fn not_found(kind: &str, name: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("{kind} {name:?} not found"))
+}
+
+async fn delete_deployment(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    delete(&shared, "Deployment", &name).await
+}
+
+async fn delete_device(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    delete(&shared, "Device", &name).await
+}
+
+async fn delete(shared: &Shared, kind: &str, name: &str) -> Result<StatusCode, ApiError> {
+    require_converged(shared)?;
+    let exists = {
+        let fleet = shared.fleet.read().unwrap();
+        match kind {
+            "Deployment" => fleet.deployments.contains_key(name),
+            _ => fleet.devices.contains_key(name),
+        }
+    };
+    if !exists {
+        return Err(not_found(kind, name));
+    }
+    let key = names::resource_key(kind, name);
+    shared.buckets.resources.delete(&key).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot delete {key} in NATS: {e}"),
+        )
+    })?;
+    info!(kind, name, "deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let mut out = String::new();
+    let m = &shared.metrics;
+    let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        );
+    };
+    counter(
+        &mut out,
+        "fleet_operator_desired_puts_total",
+        "Desired keys written.",
+        m.desired_puts.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "fleet_operator_desired_deletes_total",
+        "Desired keys deleted.",
+        m.desired_deletes.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "fleet_operator_fan_out_errors_total",
+        "Failed desired writes.",
+        m.fan_out_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "fleet_operator_unreadable_values_total",
+        "KV values skipped as unreadable.",
+        m.unreadable_values.load(Ordering::Relaxed),
+    );
+    let fleet = shared.fleet.read().unwrap();
+    let now = now_ms();
+    let _ = write!(
+        out,
+        "# HELP fleet_operator_converged 1 once every KV bucket has been read.\n# TYPE fleet_operator_converged gauge\nfleet_operator_converged {}\n",
+        u8::from(shared.converged())
+    );
+    out.push_str(
+        "# HELP fleet_operator_devices Devices by health.\n# TYPE fleet_operator_devices gauge\n",
+    );
+    for health in [
+        Health::Healthy,
+        Health::Stale,
+        Health::Offline,
+        Health::Unknown,
+    ] {
+        let n = fleet
+            .devices
+            .keys()
+            .filter(|d| fleet.health(d, now).0 == health)
+            .count();
+        let _ = writeln!(out, "fleet_operator_devices{{health=\"{health}\"}} {n}");
+    }
+    out.push_str("# HELP fleet_operator_deployment_devices Matching devices per Deployment by state.\n# TYPE fleet_operator_deployment_devices gauge\n");
+    for d in fleet.deployments.values() {
+        let s = fleet.deployment_status(d, now);
+        let name = &d.metadata.name;
+        for (state, n) in [
+            ("desired", s.desired_devices),
+            ("running", s.running_devices),
+            ("failed", s.failed_devices),
+        ] {
+            let _ = writeln!(
+                out,
+                "fleet_operator_deployment_devices{{deployment=\"{name}\",state=\"{state}\"}} {n}"
+            );
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// The status page: server-rendered, refreshes itself every few seconds, no JavaScript.
+async fn page(State(shared): State<Arc<Shared>>) -> Html<String> {
+    let status = status_body(&shared);
+    let fleet = shared.fleet.read().unwrap();
+    let now = now_ms();
+    let mut h = String::from(
+        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=3>\
+         <title>Fleet</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
+         td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.banner{padding:.5em;margin-bottom:1em}\
+         .recovering{background:#fec}.converged{background:#dfd}.Failed,.Offline{color:#b00}.Stale{color:#a60}\
+         .Running,.Healthy{color:#070}</style></head><body><h1>Fleet</h1>",
+    );
+    match status.state {
+        RecoveryState::Converged => {
+            h.push_str("<div class='banner converged' id=state>converged</div>")
+        }
+        RecoveryState::Recovering => {
+            let _ = write!(
+                h,
+                "<div class='banner recovering' id=state>recovering: {}</div>",
+                esc(&status.pending.join(", "))
+            );
+        }
+    }
+    h.push_str("<h2>Deployments</h2><table><tr><th>name</th><th>generation</th><th>phase</th><th>running</th><th>devices</th></tr>");
+    for d in fleet.deployments.values() {
+        let s = fleet.deployment_status(d, now);
+        let phase = format!("{:?}", s.phase);
+        let devices = s
+            .devices
+            .iter()
+            .map(|x| {
+                let phase = x.reported.as_ref().map_or("-".to_owned(), |r| {
+                    format!("{} (gen {})", r.phase, r.observed_generation)
+                });
+                format!("{}: {}", esc(&x.device), esc(&phase))
+            })
+            .collect::<Vec<_>>()
+            .join("<br>");
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td class={phase}>{phase}</td><td>{}/{}</td><td>{devices}</td></tr>",
+            esc(&d.metadata.name),
+            d.metadata.generation,
+            s.running_devices,
+            s.desired_devices
+        );
+    }
+    h.push_str("</table><h2>Devices</h2><table><tr><th>name</th><th>health</th><th>last heartbeat</th><th>agent</th><th>os</th><th>labels</th></tr>");
+    for dev in fleet.devices.values() {
+        let s = fleet.device_status(dev, now);
+        let age = s.heartbeat_age_ms.map_or("never".to_owned(), |ms| {
+            format!("{:.1} s ago", ms as f64 / 1000.0)
+        });
+        let (agent, os) = s.heartbeat.as_ref().map_or(("-".into(), "-".into()), |hb| {
+            (hb.agent_version.clone(), hb.os.clone())
+        });
+        let labels = dev
+            .metadata
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td class={}>{}</td><td>{age}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&dev.metadata.name),
+            s.health,
+            s.health,
+            esc(&agent),
+            esc(&os),
+            esc(&labels)
+        );
+    }
+    h.push_str("</table></body></html>");
+    Html(h)
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&#39;")
+        .replace('"', "&quot;")
+}

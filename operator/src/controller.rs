@@ -1,0 +1,350 @@
+//! The operator's control loop: keeps the in-memory [`Fleet`] in step with NATS KV through
+//! three watches (resources, reported, desired) and writes the desired bucket to match the
+//! resources (fan-out).
+//!
+//! Fan-out runs only once every watch has caught up with its bucket (`converged`): acting on a
+//! partial view would delete the desired keys of resources not read yet.
+
+use std::{
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use async_nats::jetstream::{
+    self,
+    kv::{self, Operation},
+};
+use fleet_contracts::{
+    names::{DESIRED_BUCKET, REPORTED_BUCKET, RESOURCES_BUCKET},
+    resource::{Deployment, Device},
+};
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::fleet::Fleet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot create or open KV bucket {bucket}: {source}")]
+    Bucket {
+        bucket: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// The three buckets the operator works on.
+#[derive(Debug, Clone)]
+pub struct Buckets {
+    pub resources: kv::Store,
+    pub desired: kv::Store,
+    pub reported: kv::Store,
+}
+
+/// Creates the buckets if missing (idempotent) and opens them.
+pub async fn open_buckets(js: &jetstream::Context) -> Result<Buckets, SetupError> {
+    let open = |bucket: &'static str, history: i64| {
+        let js = js.clone();
+        async move {
+            js.create_or_update_key_value(kv::Config {
+                bucket: bucket.to_owned(),
+                history,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| SetupError::Bucket {
+                bucket,
+                source: Box::new(e),
+            })
+        }
+    };
+    Ok(Buckets {
+        resources: open(RESOURCES_BUCKET, 5).await?,
+        desired: open(DESIRED_BUCKET, 5).await?,
+        reported: open(REPORTED_BUCKET, 1).await?,
+    })
+}
+
+/// What every part of the operator shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub fleet: RwLock<Fleet>,
+    pub buckets: Buckets,
+    /// Woken whenever fan-out may have work.
+    pub changed: Notify,
+    watches_current: [AtomicBool; 3],
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub desired_puts: AtomicU64,
+    pub desired_deletes: AtomicU64,
+    pub fan_out_errors: AtomicU64,
+    pub unreadable_values: AtomicU64,
+}
+
+const WATCH_NAMES: [&str; 3] = ["resources", "reported state", "desired state"];
+
+impl Shared {
+    pub fn new(buckets: Buckets) -> Arc<Shared> {
+        Arc::new(Shared {
+            fleet: RwLock::new(Fleet::default()),
+            buckets,
+            changed: Notify::new(),
+            watches_current: Default::default(),
+            metrics: Metrics::default(),
+        })
+    }
+
+    /// True once every watch has read its whole bucket.
+    pub fn converged(&self) -> bool {
+        self.watches_current
+            .iter()
+            .all(|w| w.load(Ordering::Acquire))
+    }
+
+    /// What is still being read, for the recovery status.
+    pub fn pending(&self) -> Vec<String> {
+        WATCH_NAMES
+            .iter()
+            .zip(&self.watches_current)
+            .filter(|(_, done)| !done.load(Ordering::Acquire))
+            .map(|(name, _)| format!("reading {name} from NATS KV"))
+            .collect()
+    }
+
+    fn set_current(&self, watch: usize, current: bool) {
+        let was = self.watches_current[watch].swap(current, Ordering::AcqRel);
+        if current && !was {
+            info!(watch = WATCH_NAMES[watch], "caught up");
+            if self.converged() {
+                info!("converged: every bucket has been read");
+                self.changed.notify_one();
+            }
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Starts the watches and the fan-out loop.
+pub fn spawn(shared: Arc<Shared>, resync: Duration) {
+    let s = shared.clone();
+    tokio::spawn(async move {
+        watch_forever(s, 0, |s| s.buckets.resources.clone(), apply_resource).await
+    });
+    let s = shared.clone();
+    tokio::spawn(async move {
+        watch_forever(s, 1, |s| s.buckets.reported.clone(), apply_reported).await
+    });
+    let s = shared.clone();
+    tokio::spawn(
+        async move { watch_forever(s, 2, |s| s.buckets.desired.clone(), apply_desired).await },
+    );
+    tokio::spawn(fan_out_loop(shared, resync));
+}
+
+type Apply = fn(&Shared, &kv::Entry) -> Result<bool, String>;
+
+/// Follows one bucket from its start, forever; a failed watch is rebuilt from scratch (the
+/// bucket's current contents replace what was known).
+async fn watch_forever(
+    shared: Arc<Shared>,
+    index: usize,
+    store: fn(&Shared) -> kv::Store,
+    apply: Apply,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match watch_once(&shared, index, store(&shared), apply).await {
+            Ok(()) => warn!(watch = WATCH_NAMES[index], "watch ended; restarting it"),
+            Err(e) => {
+                warn!(watch = WATCH_NAMES[index], error = %e, retry_in = ?backoff, "watch failed")
+            }
+        }
+        shared.set_current(index, false);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn watch_once(
+    shared: &Shared,
+    index: usize,
+    store: kv::Store,
+    apply: Apply,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let empty = store.status().await?.values() == 0;
+    let mut watch = store.watch_with_history(">").await?;
+    // A rebuilt watch replays everything: start from a clean slate for this bucket.
+    clear(shared, index);
+    if empty {
+        shared.set_current(index, true);
+    }
+    while let Some(entry) = watch.next().await {
+        let entry = entry?;
+        match apply(shared, &entry) {
+            Ok(true) => shared.changed.notify_one(),
+            Ok(false) => {}
+            Err(e) => {
+                // A value this operator cannot read (newer schema, corruption): report and skip,
+                // never crash the loop or delete anything because of it.
+                shared
+                    .metrics
+                    .unreadable_values
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(bucket = %entry.bucket, key = %entry.key, error = %e, "skipping an unreadable value");
+            }
+        }
+        if entry.delta == 0 {
+            shared.set_current(index, true);
+        }
+    }
+    Ok(())
+}
+
+fn clear(shared: &Shared, index: usize) {
+    let mut fleet = shared.fleet.write().unwrap();
+    match index {
+        0 => {
+            fleet.deployments.clear();
+            fleet.devices.clear();
+        }
+        1 => {
+            fleet.reported.clear();
+            fleet.heartbeats.clear();
+        }
+        _ => fleet.desired.clear(),
+    }
+}
+
+fn value(entry: &kv::Entry) -> Option<&[u8]> {
+    matches!(entry.operation, Operation::Put).then_some(entry.value.as_ref())
+}
+
+fn apply_resource(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
+    let mut fleet = shared.fleet.write().unwrap();
+    let Some((kind, name)) = entry.key.split_once('.') else {
+        return Err("not a <kind>.<name> key".into());
+    };
+    match (kind, value(entry)) {
+        ("deployment", None) => fleet.deployments.remove(name).is_some(),
+        ("device", None) => fleet.devices.remove(name).is_some(),
+        ("deployment", Some(bytes)) => {
+            let d: Deployment = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            fleet.deployments.insert(name.to_owned(), d);
+            true
+        }
+        ("device", Some(bytes)) => {
+            let d: Device = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            fleet.devices.insert(name.to_owned(), d);
+            true
+        }
+        (other, _) => return Err(format!("unknown resource kind {other:?}")),
+    };
+    Ok(true)
+}
+
+fn apply_reported(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
+    let stored_at_ms = (entry.created.unix_timestamp_nanos() / 1_000_000) as u64;
+    shared
+        .fleet
+        .write()
+        .unwrap()
+        .apply_reported(&entry.key, value(entry), stored_at_ms)?;
+    Ok(false)
+}
+
+fn apply_desired(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
+    let mut fleet = shared.fleet.write().unwrap();
+    match value(entry) {
+        Some(bytes) => fleet.desired.insert(entry.key.clone(), bytes.to_vec()),
+        None => fleet.desired.remove(&entry.key),
+    };
+    Ok(true)
+}
+
+/// Writes the desired bucket whenever the resources or the bucket change, and on a timer.
+async fn fan_out_loop(shared: Arc<Shared>, resync: Duration) {
+    loop {
+        tokio::select! {
+            _ = shared.changed.notified() => {}
+            _ = tokio::time::sleep(resync) => {}
+        }
+        if !shared.converged() {
+            continue;
+        }
+        let work = shared.fleet.read().unwrap().fan_out();
+        if work.put.is_empty() && work.delete.is_empty() {
+            continue;
+        }
+        debug!(
+            puts = work.put.len(),
+            deletes = work.delete.len(),
+            "fan-out"
+        );
+        let desired = &shared.buckets.desired;
+        // Pipelined: every publish goes out before the first ack is awaited.
+        let puts = work.put.iter().map(|(key, bytes)| async move {
+            (
+                key,
+                desired
+                    .put(key, bytes.clone().into())
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+            )
+        });
+        let deletes = work
+            .delete
+            .iter()
+            .map(|key| async move { (key, desired.delete(key).await.map_err(|e| e.to_string())) });
+        let puts: Vec<_> = futures::future::join_all(puts).await;
+        let deletes: Vec<_> = futures::future::join_all(deletes).await;
+        let mut fleet = shared.fleet.write().unwrap();
+        for ((key, result), (_, bytes)) in puts.into_iter().zip(&work.put) {
+            match result {
+                Ok(()) => {
+                    shared.metrics.desired_puts.fetch_add(1, Ordering::Relaxed);
+                    // Record what was written now, so the next pass does not write it again
+                    // before the watch echoes it back.
+                    fleet.desired.insert(key.clone(), bytes.clone());
+                }
+                Err(e) => {
+                    shared
+                        .metrics
+                        .fan_out_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(%key, error = %e, "desired write failed; the next pass retries");
+                }
+            }
+        }
+        for (key, result) in deletes {
+            match result {
+                Ok(()) => {
+                    shared
+                        .metrics
+                        .desired_deletes
+                        .fetch_add(1, Ordering::Relaxed);
+                    fleet.desired.remove(key);
+                }
+                Err(e) => {
+                    shared
+                        .metrics
+                        .fan_out_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(%key, error = %e, "desired delete failed; the next pass retries");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! The library behind `fleetctl`: reading resource files (YAML or JSON, one or many documents,
+//! a file or a folder), talking to the operator's HTTP API, and printing results for people.
+//!
+//! It never talks to NATS: the operator's API is the only way in, so its validation and
+//! authorization apply to the CLI too.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use fleet_contracts::{
+    api::{ApplyResult, ErrorBody, OperatorStatus},
+    resource::{Deployment, Device, RolloutPhase},
+    state::Phase,
+};
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path} holds no .yaml, .yml or .json files")]
+    EmptyDir { path: PathBuf },
+    #[error(
+        "cannot reach the operator at {url}: {message}\n  is it running? (set --server or FLEET_SERVER)"
+    )]
+    Unreachable { url: String, message: String },
+    #[error("{message}")]
+    Api {
+        status: u16,
+        message: String,
+        fields: Vec<String>,
+    },
+    #[error("unexpected answer from the operator: {0}")]
+    Protocol(String),
+}
+
+/// One resource document read from a file.
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// `file` or `file#n` for the n-th document of a multi-document file.
+    pub source: String,
+    pub value: serde_json::Value,
+}
+
+/// Reads every document in a file, or in every `.yaml`/`.yml`/`.json` file of a folder
+/// (sorted by name, not recursive).
+pub fn load_documents(path: &Path) -> Result<Vec<Document>, CtlError> {
+    let meta = std::fs::metadata(path).map_err(|source| CtlError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return load_file(path);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|source| CtlError::Read {
+            path: path.to_owned(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(CtlError::EmptyDir {
+            path: path.to_owned(),
+        });
+    }
+    let mut docs = Vec::new();
+    for f in files {
+        docs.extend(load_file(&f)?);
+    }
+    Ok(docs)
+}
+
+fn load_file(path: &Path) -> Result<Vec<Document>, CtlError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CtlError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_documents(&text, path)
+}
+
+/// Parses YAML (JSON is YAML too); every error carries the file and the line.
+pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, CtlError> {
+    use serde::Deserialize;
+    let mut docs = Vec::new();
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value = serde_json::Value::deserialize(de).map_err(|e| CtlError::Parse {
+            path: path.to_owned(),
+            message: format!("not valid YAML: {e}"),
+        })?;
+        if value.is_null() {
+            continue; // An empty document, e.g. a trailing `---`.
+        }
+        docs.push(Document {
+            source: format!("{}#{}", path.display(), i + 1),
+            value,
+        });
+    }
+    if docs.is_empty() {
+        return Err(CtlError::Parse {
+            path: path.to_owned(),
+            message: "holds no resource".into(),
+        });
+    }
+    Ok(docs)
+}
+
+/// A client of the operator's HTTP API.
+#[derive(Debug)]
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        Client {
+            base: base.trim_end_matches('/').to_owned(),
+            agent,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn answer<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, CtlError> {
+        let mut response = result.map_err(|e| CtlError::Unreachable {
+            url: url.to_owned(),
+            message: e.to_string(),
+        })?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| CtlError::Protocol(e.to_string()))?;
+        if status >= 400 {
+            return Err(match serde_json::from_str::<ErrorBody>(&text) {
+                Ok(body) => CtlError::Api {
+                    status,
+                    message: body.error,
+                    fields: body.fields.iter().map(ToString::to_string).collect(),
+                },
+                Err(_) => CtlError::Api {
+                    status,
+                    message: format!("HTTP {status}: {text}"),
+                    fields: vec![],
+                },
+            });
+        }
+        if text.is_empty() {
+            // DELETE answers 204 with no body.
+            return serde_json::from_str("null").map_err(|e| CtlError::Protocol(e.to_string()));
+        }
+        serde_json::from_str(&text).map_err(|e| CtlError::Protocol(format!("{e}: {text}")))
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CtlError> {
+        let url = self.url(path);
+        self.answer(&url, self.agent.get(&url).call())
+    }
+
+    pub fn apply(&self, doc: &serde_json::Value) -> Result<ApplyResult, CtlError> {
+        let url = self.url("/api/v1/apply");
+        self.answer(&url, self.agent.post(&url).send_json(doc))
+    }
+
+    pub fn status(&self) -> Result<OperatorStatus, CtlError> {
+        self.get("/api/v1/status")
+    }
+
+    pub fn deployments(&self) -> Result<Vec<Deployment>, CtlError> {
+        self.get("/api/v1/deployments")
+    }
+
+    pub fn deployment(&self, name: &str) -> Result<Deployment, CtlError> {
+        self.get(&format!("/api/v1/deployments/{name}"))
+    }
+
+    pub fn devices(&self) -> Result<Vec<Device>, CtlError> {
+        self.get("/api/v1/devices")
+    }
+
+    pub fn device(&self, name: &str) -> Result<Device, CtlError> {
+        self.get(&format!("/api/v1/devices/{name}"))
+    }
+
+    /// Deletes `kind` (`deployments` or `devices`) `name`.
+    pub fn delete(&self, kind: &str, name: &str) -> Result<(), CtlError> {
+        let url = self.url(&format!("/api/v1/{kind}/{name}"));
+        self.answer::<()>(&url, self.agent.delete(&url).call())
+    }
+
+    /// Waits until the Deployment runs its current generation on every matching device, calling
+    /// `progress` with a line whenever the picture changes. Fails with the devices' reasons.
+    pub fn wait_running(
+        &self,
+        name: &str,
+        timeout: Duration,
+        mut progress: impl FnMut(&str),
+    ) -> Result<Deployment, WaitError> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            // While the operator recovers it answers 503; keep waiting through that.
+            match self.deployment(name) {
+                Ok(d) => {
+                    let line = progress_line(&d);
+                    if line != last {
+                        progress(&line);
+                        last = line;
+                    }
+                    let status = d.status.clone().unwrap_or_default();
+                    match status.phase {
+                        RolloutPhase::Running => return Ok(d),
+                        RolloutPhase::Failed => return Err(WaitError::Failed(failure_reasons(&d))),
+                        _ => {}
+                    }
+                }
+                Err(CtlError::Api { status: 503, .. }) => {}
+                Err(e) => return Err(WaitError::Ctl(e)),
+            }
+            if Instant::now() >= deadline {
+                return Err(WaitError::TimedOut {
+                    after: timeout,
+                    last,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error("{0}")]
+    Ctl(CtlError),
+    #[error("failed:\n{0}")]
+    Failed(String),
+    #[error("not running after {after:?}; last: {last}")]
+    TimedOut { after: Duration, last: String },
+}
+
+/// `web gen 2: 1/3 running; pi-02 Creating; pi-03 Failed (reason)`.
+pub fn progress_line(d: &Deployment) -> String {
+    let s = d.status.clone().unwrap_or_default();
+    let mut line = format!(
+        "{} gen {}: {}/{} running",
+        d.metadata.name, d.metadata.generation, s.running_devices, s.desired_devices
+    );
+    if s.phase == RolloutPhase::NoDevices {
+        line.push_str(" (no device matches the selector)");
+    }
+    for dev in &s.devices {
+        match &dev.reported {
+            Some(r) if r.observed_generation == d.metadata.generation => {
+                if !matches!(r.phase, Phase::Running | Phase::Completed) {
+                    line.push_str(&format!("; {} {}", dev.device, r.phase));
+                    if !r.message.is_empty() {
+                        line.push_str(&format!(" ({})", r.message));
+                    }
+                }
+            }
+            Some(r) => line.push_str(&format!(
+                "; {} still on gen {}",
+                dev.device, r.observed_generation
+            )),
+            None => line.push_str(&format!(
+                "; {} not reported ({})",
+                dev.device, dev.device_health
+            )),
+        }
+    }
+    line
+}
+
+fn failure_reasons(d: &Deployment) -> String {
+    let s = d.status.clone().unwrap_or_default();
+    s.devices
+        .iter()
+        .filter_map(|dev| {
+            let r = dev.reported.as_ref()?;
+            (r.phase == Phase::Failed && r.observed_generation == d.metadata.generation)
+                .then(|| format!("  {}: {}", dev.device, r.message))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Formats rows as aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_owned()
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// `1.5s`, `3m20s`, `2h5m`.
+pub fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{:.1}s", ms as f64 / 1000.0),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_yaml_and_errors_with_lines() {
+        let text =
+            "kind: Device\nmetadata: {name: a}\n---\nkind: Device\nmetadata: {name: b}\n---\n";
+        let docs = parse_documents(text, Path::new("f.yaml")).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[1].source, "f.yaml#2");
+        assert_eq!(docs[1].value["metadata"]["name"], "b");
+        let err = parse_documents("kind: Device\n  metadata: [\n", Path::new("bad.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("bad.yaml: not valid YAML:") && err.contains("line 2"),
+            "{err}"
+        );
+        let err = parse_documents("", Path::new("e.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "e.yaml: holds no resource");
+    }
+
+    #[test]
+    fn folders_load_sorted_yaml_and_json_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.yaml"), "kind: B\n").unwrap();
+        std::fs::write(dir.path().join("a.json"), "{\"kind\": \"A\"}").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let docs = load_documents(dir.path()).unwrap();
+        let kinds: Vec<_> = docs
+            .iter()
+            .map(|d| d.value["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["A", "B"]);
+        let empty = tempfile::tempdir().unwrap();
+        assert!(
+            load_documents(empty.path())
+                .unwrap_err()
+                .to_string()
+                .contains("holds no .yaml")
+        );
+    }
+
+    #[test]
+    fn tables_and_ages() {
+        let t = table(
+            &["NAME", "PHASE"],
+            &[
+                vec!["web".into(), "Running".into()],
+                vec!["longer-name".into(), "-".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "NAME         PHASE\nweb          Running\nlonger-name  -"
+        );
+        assert_eq!(age(1500), "1.5s");
+        assert_eq!(age(200_000), "3m20s");
+        assert_eq!(age(7_500_000), "2h5m");
+    }
+}

@@ -132,6 +132,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                     interval_ms: config.heartbeat_interval().as_millis() as u64,
                     health_flags,
                     deployments: reconciler.deployment_count() as u32,
+                    last_reconcile_ms: reconciler.last_pass_ms,
                 };
                 outbox.put(names::info_key(&config.device_id), serde_json::to_vec(&hb).expect("a heartbeat serializes"));
             }

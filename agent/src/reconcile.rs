@@ -62,6 +62,8 @@ pub struct Reconciler<R> {
     reported: BTreeMap<String, ReportedDeployment>,
     /// The last podman error, surfaced as a health flag on the heartbeat.
     pub podman_error: Option<String>,
+    /// When the last complete pass ended.
+    pub last_pass_ms: Option<u64>,
 }
 
 impl<R: CommandRunner> Reconciler<R> {
@@ -74,6 +76,7 @@ impl<R: CommandRunner> Reconciler<R> {
             failures: HashMap::new(),
             reported: BTreeMap::new(),
             podman_error: None,
+            last_pass_ms: None,
         }
     }
 
@@ -127,6 +130,7 @@ impl<R: CommandRunner> Reconciler<R> {
         let actions = plan::plan(&wanted, &observed);
         if actions.is_empty() {
             self.report(&wanted, &observed, reporter, now_ms);
+            self.last_pass_ms = Some(now_ms);
             return;
         }
         for action in actions {
@@ -144,7 +148,10 @@ impl<R: CommandRunner> Reconciler<R> {
             self.execute(action, &wanted).await;
         }
         match self.podman.list(&self.device).await {
-            Ok(observed) => self.report(&wanted, &observed, reporter, now_ms),
+            Ok(observed) => {
+                self.report(&wanted, &observed, reporter, now_ms);
+                self.last_pass_ms = Some(now_ms);
+            }
             Err(e) => self.podman_error = Some(e.to_string()),
         }
     }

@@ -87,6 +87,10 @@ pub struct Heartbeat {
     pub health_flags: Vec<HealthFlag>,
     /// Number of deployments the agent currently manages.
     pub deployments: u32,
+    /// When the agent last finished comparing podman with the desired state: a heartbeat
+    /// whose reconcile time stands still means an agent that is alive but stuck.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconcile_ms: Option<u64>,
 }
 
 /// Something wrong on a device that does not stop it from working.
@@ -149,6 +153,7 @@ mod tests {
                 message: "x".into(),
             }],
             deployments: 2,
+            last_reconcile_ms: Some(5),
         };
         let json = serde_json::to_string(&hb).unwrap();
         assert_eq!(serde_json::from_str::<Heartbeat>(&json).unwrap(), hb);

@@ -112,7 +112,7 @@ async fn apply(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResult<Appl
     let mut resource = Resource::from_user(doc).map_err(|fields| {
         let error = match fields.as_slice() {
             [only] if only.path.is_empty() => format!("invalid resource: {}", only.message),
-            _ => format!("invalid resource ({} problems)", fields.len()),
+            _ => format!("invalid resource: {} problem(s)", fields.len()),
         };
         let fields = fields.into_iter().filter(|f| !f.path.is_empty()).collect();
         ApiError(

@@ -369,6 +369,7 @@ mod tests {
             interval_ms: 1000,
             health_flags: vec![],
             deployments: 0,
+            last_reconcile_ms: None,
         };
         f.apply_reported("a._info", Some(&serde_json::to_vec(&hb).unwrap()), 10_000)
             .unwrap();

@@ -1,0 +1,554 @@
+//! Test support for Fleet's end-to-end tests and benchmarks: starts real `nats-server`,
+//! `fleet-operator` and `fleet-agent` processes on free loopback ports, each agent with its own
+//! podman storage, and stops them on drop.
+//!
+//! It never fakes a component. It expects the workspace binaries to be built
+//! (`cargo build --bins`, which `scripts/test.sh` does) and the tools installed by
+//! `scripts/bootstrap.sh`. Waiting is always on a condition ([`eventually`]), never a bare sleep.
+#![allow(clippy::disallowed_methods)] // A harness starts processes; the product code may not.
+
+use std::{
+    future::Future,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use fleet_contracts::resource::{Deployment, RolloutPhase};
+use fleet_operator::ctl;
+
+/// How long any single wait may take before the test fails with what it last saw.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e lives in the workspace")
+        .to_owned()
+}
+
+/// A built workspace binary, next to the running test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test>-<hash> or target/<profile>/<bin>
+    let dir = exe
+        .parent()
+        .map(|p| {
+            if p.ends_with("deps") {
+                p.parent().unwrap()
+            } else {
+                p
+            }
+        })
+        .unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`; scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Tools from `scripts/bootstrap.sh` live here.
+pub fn tool(name: &str) -> PathBuf {
+    let cache = std::env::var_os("FLEET_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/fleet"), PathBuf::from);
+    let path = cache.join("tools/bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/bootstrap.sh",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; tests use it at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout` with the last
+/// state `describe` gives.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = String::from("condition not met");
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}: {last_error}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A child process that is killed on drop and whose log is kept for failure reports.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: &str) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill(&mut self) {
+        self.signal_and_wait("KILL");
+    }
+
+    /// SIGTERM, the clean stop.
+    pub fn stop(&mut self) {
+        self.signal_and_wait("TERM");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The last `n` lines of the process's output.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- last lines of {} ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail(40)
+            );
+        }
+        self.kill();
+    }
+}
+
+/// A nats-server with JetStream on a free port, its store in a temp folder.
+#[derive(Debug)]
+pub struct Nats {
+    pub port: u16,
+    monitor: u16,
+    store: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Nats {
+    pub async fn start(dir: &Path) -> Result<Nats> {
+        let mut nats = Nats {
+            port: free_port(),
+            monitor: free_port(),
+            store: dir.join("nats-store"),
+            log: dir.join("nats.log"),
+            proc: None,
+        };
+        nats.restart().await?;
+        Ok(nats)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again), on the same port and store, and waits until JetStream answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let mut cmd = Command::new(tool("nats-server"));
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-m",
+            &self.monitor.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(&self.store);
+        self.proc = Some(Proc::spawn("nats-server", cmd, self.log.clone())?);
+        let url = format!(
+            "http://127.0.0.1:{}/healthz?js-enabled-only=true",
+            self.monitor
+        );
+        eventually("nats-server to answer", WAIT, || {
+            let url = url.clone();
+            async move {
+                Ok(http_get(&url)
+                    .ok()
+                    .filter(|(status, _)| *status == 200)
+                    .map(drop))
+            }
+        })
+        .await
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    pub async fn client(&self) -> Result<async_nats::Client> {
+        Ok(async_nats::connect(self.url()).await?)
+    }
+}
+
+/// A plain HTTP GET: (status, body).
+pub fn http_get(url: &str) -> Result<(u16, String)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut r = agent.get(url).call()?;
+    Ok((r.status().as_u16(), r.body_mut().read_to_string()?))
+}
+
+/// A running `fleet-operator`.
+#[derive(Debug)]
+pub struct Operator {
+    pub url: String,
+    pub proc: Proc,
+}
+
+impl Operator {
+    pub async fn start(dir: &Path, nats: &Nats) -> Result<Operator> {
+        let port = free_port();
+        let mut cmd = Command::new(binary("fleet-operator"));
+        cmd.args([
+            "--nats-url",
+            &nats.url(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--resync-secs",
+            "2",
+        ])
+        .env("FLEET_LOG", "info,fleet_operator=debug");
+        let proc = Proc::spawn("fleet-operator", cmd, dir.join("operator.log"))?;
+        let op = Operator {
+            url: format!("http://127.0.0.1:{port}"),
+            proc,
+        };
+        let client = op.client();
+        eventually("the operator to converge", WAIT, || {
+            let status = client.status();
+            async move {
+                Ok(status
+                    .ok()
+                    .filter(|s| s.state == fleet_contracts::api::RecoveryState::Converged)
+                    .map(drop))
+            }
+        })
+        .await?;
+        Ok(op)
+    }
+
+    pub fn client(&self) -> ctl::Client {
+        ctl::Client::new(&self.url)
+    }
+
+    /// Applies a JSON document through the API.
+    pub fn apply(&self, doc: &serde_json::Value) -> Result<fleet_contracts::api::ApplyResult> {
+        Ok(self.client().apply(doc)?)
+    }
+
+    /// Waits until the Deployment's current generation is `phase` on all its devices.
+    pub async fn wait_phase(
+        &self,
+        name: &str,
+        generation: u64,
+        phase: RolloutPhase,
+    ) -> Result<Deployment> {
+        let client = self.client();
+        eventually(
+            &format!("deployment {name} gen {generation} to be {phase:?}"),
+            WAIT,
+            || {
+                let got = client.deployment(name);
+                async move {
+                    let d = got?;
+                    let status = d.status.clone().unwrap_or_default();
+                    if d.metadata.generation == generation && status.phase == phase {
+                        Ok(Some(d))
+                    } else {
+                        bail!("last seen: {}", ctl::progress_line(&d))
+                    }
+                }
+            },
+        )
+        .await
+    }
+}
+
+/// A podman storage of its own (root and runroot in a temp folder), with the example images.
+#[derive(Debug)]
+pub struct PodmanSandbox {
+    pub root: PathBuf,
+    pub runroot: PathBuf,
+}
+
+impl PodmanSandbox {
+    pub fn new(dir: &Path) -> Result<PodmanSandbox> {
+        let sandbox = PodmanSandbox {
+            root: dir.join("podman-root"),
+            runroot: dir.join("podman-run"),
+        };
+        let status = Command::new("bash")
+            .arg(workspace().join("scripts/example-image.sh"))
+            .args(sandbox.global_args())
+            .status()?;
+        if !status.success() {
+            bail!("scripts/example-image.sh failed for the sandbox");
+        }
+        Ok(sandbox)
+    }
+
+    pub fn global_args(&self) -> Vec<String> {
+        vec![
+            "--root".into(),
+            self.root.display().to_string(),
+            "--runroot".into(),
+            self.runroot.display().to_string(),
+            "--runtime".into(),
+            "runc".into(),
+        ]
+    }
+
+    /// Runs podman on this storage; fails with podman's stderr.
+    pub fn podman(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("podman")
+            .args(self.global_args())
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "podman {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Every container in this storage: (name, id, state, started_at).
+    pub fn containers(&self) -> Result<Vec<ContainerRow>> {
+        let out = self.podman(&["ps", "--all", "--format", "json"])?;
+        Ok(serde_json::from_str(if out.trim().is_empty() {
+            "[]"
+        } else {
+            &out
+        })?)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerRow {
+    pub id: String,
+    pub names: Vec<String>,
+    pub state: String,
+    pub started_at: i64,
+    #[serde(default)]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl Drop for PodmanSandbox {
+    fn drop(&mut self) {
+        // Containers hold mounts inside the temp folder: remove them before the folder goes.
+        let _ = Command::new("podman")
+            .args(self.global_args())
+            .args(["rm", "--all", "--force", "--time", "0"])
+            .output();
+        let _ = Command::new("podman")
+            .args(self.global_args())
+            .args(["volume", "prune", "--force"])
+            .output();
+    }
+}
+
+/// A running `fleet-agent` on its own podman sandbox.
+#[derive(Debug)]
+pub struct Agent {
+    pub device: String,
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    log: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+impl Agent {
+    /// Writes the agent's config and starts it.
+    pub fn start(
+        dir: &Path,
+        device: &str,
+        nats_url: &str,
+        podman: &PodmanSandbox,
+    ) -> Result<Agent> {
+        let state_dir = dir.join(format!("agent-{device}"));
+        let config = dir.join(format!("agent-{device}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = {device:?}\nnats_url = {nats_url:?}\nstate_dir = {:?}\n\
+                 heartbeat_interval_secs = 1\nresync_interval_secs = 1\nstop_grace_secs = 5\n\
+                 [podman]\nroot = {:?}\nrunroot = {:?}\nruntime = \"runc\"\n",
+                state_dir.display().to_string(),
+                podman.root.display().to_string(),
+                podman.runroot.display().to_string(),
+            ),
+        )?;
+        let mut agent = Agent {
+            device: device.to_owned(),
+            config,
+            state_dir,
+            log: dir.join(format!("agent-{device}.log")),
+            proc: None,
+        };
+        agent.restart()?;
+        Ok(agent)
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+        let mut cmd = Command::new(binary("fleet-agent"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("FLEET_LOG", "info,fleet_agent=debug");
+        self.proc = Some(Proc::spawn(
+            &format!("fleet-agent {}", self.device),
+            cmd,
+            self.log.clone(),
+        )?);
+        Ok(())
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+/// A Device resource document.
+pub fn device_doc(name: &str, labels: &[(&str, &str)]) -> serde_json::Value {
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect();
+    serde_json::json!({"apiVersion": "fleet.dev/v1", "kind": "Device", "metadata": {"name": name, "labels": labels}})
+}
+
+/// A Deployment of the example HTTP server, published on `host_port`, saying `greeting`.
+pub fn http_deployment(
+    name: &str,
+    role: &str,
+    host_port: u16,
+    greeting: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "fleet.dev/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "selector": {"matchLabels": {"role": role}},
+            "template": {"containers": [{
+                "name": name,
+                "image": "localhost/fleet-example-http:1",
+                "env": [{"name": "GREETING", "value": greeting}],
+                "ports": [{"containerPort": 8080, "hostPort": host_port}]
+            }]}
+        }
+    })
+}
+
+/// Everything one test needs: a temp folder, NATS, the operator, and helpers.
+#[derive(Debug)]
+pub struct Fleet {
+    pub nats: Nats,
+    pub operator: Operator,
+    // Last, so processes stop before their folder goes.
+    pub dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    pub async fn start() -> Result<Fleet> {
+        let dir = tempfile::Builder::new().prefix("fleet-e2e-").tempdir()?;
+        let nats = Nats::start(dir.path()).await?;
+        let operator = Operator::start(dir.path(), &nats).await?;
+        Ok(Fleet {
+            nats,
+            operator,
+            dir,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A podman sandbox and an agent for `device`, registered with `labels`.
+    pub async fn device(
+        &self,
+        device: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<(PodmanSandbox, Agent)> {
+        let sandbox = PodmanSandbox::new(&self.path().join(device))?;
+        let agent = Agent::start(self.path(), device, &self.nats.url(), &sandbox)?;
+        self.operator.apply(&device_doc(device, labels))?;
+        Ok((sandbox, agent))
+    }
+}

@@ -40,7 +40,7 @@ need_root
 # podman with runc (crun fails on these hosts: "cgroups in hybrid mode not supported"),
 # busybox-static for the locally built test images, the aarch64 C cross compiler for crates
 # with C code (ring) in the static aarch64 agent, jq/curl for the scripts.
-apt_install podman runc uidmap slirp4netns busybox-static gcc-aarch64-linux-gnu curl jq ca-certificates
+apt_install podman runc uidmap slirp4netns busybox-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross curl jq file ca-certificates
 
 # podman's default ulimits fail here ("setrlimit RLIMIT_NOFILE: Operation not permitted").
 if [ ! -f /etc/containers/containers.conf ] || ! grep -q '^default_ulimits = \[\]' /etc/containers/containers.conf; then

@@ -429,12 +429,25 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Writes the agent's config and starts it.
+    /// Writes the agent's config (1 s heartbeat and resync, so tests see changes quickly) and
+    /// starts it.
     pub fn start(
         dir: &Path,
         device: &str,
         nats_url: &str,
         podman: &PodmanSandbox,
+    ) -> Result<Agent> {
+        Agent::start_with(dir, device, nats_url, podman, 1, 1)
+    }
+
+    /// Like [`Agent::start`] with the heartbeat and resync intervals in seconds.
+    pub fn start_with(
+        dir: &Path,
+        device: &str,
+        nats_url: &str,
+        podman: &PodmanSandbox,
+        heartbeat_secs: u64,
+        resync_secs: u64,
     ) -> Result<Agent> {
         let state_dir = dir.join(format!("agent-{device}"));
         let config = dir.join(format!("agent-{device}.toml"));
@@ -442,7 +455,8 @@ impl Agent {
             &config,
             format!(
                 "device_id = {device:?}\nnats_url = {nats_url:?}\nstate_dir = {:?}\n\
-                 heartbeat_interval_secs = 1\nresync_interval_secs = 1\nstop_grace_secs = 5\n\
+                 heartbeat_interval_secs = {heartbeat_secs}\nresync_interval_secs = {resync_secs}\n\
+                 stop_grace_secs = 5\n\
                  [podman]\nroot = {:?}\nrunroot = {:?}\nruntime = \"runc\"\n",
                 state_dir.display().to_string(),
                 podman.root.display().to_string(),

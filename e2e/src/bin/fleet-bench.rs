@@ -1,1 +1,201 @@
-fn main() {}
+//! `fleet-bench`: the figures of the local fleet, against real nats-server, operator, agent and
+//! podman, with a baseline measured in the same run.
+//!
+//! - apply-to-Running latency (p50, p99) over N Deployments, from the API call until the
+//!   device reports the generation Running; baseline: `podman run -d` of the same image on the
+//!   same storage, the floor any agent pays;
+//! - the agent's peak and current RSS and its idle CPU while it manages 10 containers;
+//! - the size of the stripped static aarch64 agent, when built.
+//!
+//! Run it through `scripts/bench.sh`, which builds everything in release mode first.
+#![allow(clippy::print_stdout, clippy::disallowed_methods)] // A benchmark prints and times podman.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fleet_contracts::{
+    names,
+    state::{Phase, ReportedDeployment},
+};
+use fleet_e2e::{Agent, Fleet, PodmanSandbox, WAIT, device_doc, free_port, http_deployment};
+use futures::StreamExt;
+
+const DEVICE: &str = "bench-01";
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(25);
+    println!("fleet-bench: {n} deployments, real nats-server + podman (runc), one agent");
+    let fleet = Fleet::start().await?;
+    let sandbox = PodmanSandbox::new(&fleet.path().join(DEVICE))?;
+
+    let baseline = podman_floor(&sandbox, n)?;
+
+    // Default device intervals (10 s heartbeat, 5 s resync), as on a Pi.
+    let agent = Agent::start_with(fleet.path(), DEVICE, &fleet.nats.url(), &sandbox, 10, 5)?;
+    fleet
+        .operator
+        .apply(&device_doc(DEVICE, &[("role", "bench")]))?;
+    let js = async_nats::jetstream::new(fleet.nats.client().await?);
+    let reported = js.get_key_value(names::REPORTED_BUCKET).await?;
+
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = format!("bench-{i}");
+        let key = names::deployment_key(DEVICE, &name);
+        let mut watch = reported.watch(&key).await?;
+        let started = Instant::now();
+        fleet
+            .operator
+            .apply(&http_deployment(&name, "bench", free_port(), "bench"))?;
+        tokio::time::timeout(WAIT, async {
+            while let Some(entry) = watch.next().await {
+                let entry = entry?;
+                if let Ok(r) = serde_json::from_slice::<ReportedDeployment>(&entry.value) {
+                    match r.phase {
+                        Phase::Running if r.observed_generation == 1 => return Ok(()),
+                        Phase::Failed => bail!("{name} failed: {}", r.message),
+                        _ => {}
+                    }
+                }
+            }
+            bail!("watch ended")
+        })
+        .await
+        .with_context(|| format!("{name} did not run"))??;
+        latencies.push(started.elapsed());
+    }
+    for i in 10..n {
+        fleet
+            .operator
+            .client()
+            .delete("deployments", &format!("bench-{i}"))?;
+    }
+    fleet_e2e::eventually("10 containers left", WAIT, || async {
+        Ok((sandbox.containers()?.len() == 10).then_some(()))
+    })
+    .await?;
+
+    let pid = agent
+        .proc
+        .as_ref()
+        .and_then(|p| p.pid())
+        .context("agent pid")?;
+    // Let the deletions settle, then measure a quiet window.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let window = Duration::from_secs(20);
+    let (cpu0, child0) = cpu_ticks(pid)?;
+    tokio::time::sleep(window).await;
+    let (cpu1, child1) = cpu_ticks(pid)?;
+    let (hwm, rss) = memory_kib(pid)?;
+    let ticks = 100.0; // USER_HZ on Linux
+    let own = (cpu1 - cpu0) as f64 / ticks / window.as_secs_f64() * 100.0;
+    let with_podman =
+        ((cpu1 + child1) - (cpu0 + child0)) as f64 / ticks / window.as_secs_f64() * 100.0;
+
+    let p50 = percentile(&latencies, 50.0);
+    let p99 = percentile(&latencies, 99.0);
+    let floor = percentile(&baseline, 50.0);
+    println!();
+    println!("apply-to-Running (API call -> device reports Running), n={n}");
+    println!("  p50 {:>8.1} ms   p99 {:>8.1} ms", ms(p50), ms(p99));
+    println!("baseline: podman run -d of the same image, same storage, n={n}");
+    println!(
+        "  p50 {:>8.1} ms   p99 {:>8.1} ms",
+        ms(floor),
+        ms(percentile(&baseline, 99.0))
+    );
+    println!(
+        "  ratio p50 apply-to-Running / podman run: {:.2}x",
+        p50.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "agent with 10 containers (5 s resync, 10 s heartbeat), over {}s idle:",
+        window.as_secs()
+    );
+    println!(
+        "  RSS now {:.1} MiB, peak {:.1} MiB (target: under 8 MiB; balena supervisor idles at 45 MB)",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    println!(
+        "  CPU {own:.2}% of one core (agent alone), {with_podman:.2}% including the podman processes it runs"
+    );
+    let aarch64 =
+        fleet_e2e::workspace().join("target/aarch64-unknown-linux-musl/release/fleet-agent");
+    match std::fs::metadata(&aarch64) {
+        Ok(m) => println!(
+            "aarch64 static agent, stripped: {:.2} MiB ({} bytes)",
+            m.len() as f64 / 1048576.0,
+            m.len()
+        ),
+        Err(_) => println!("aarch64 agent not built (scripts/bench.sh builds it)"),
+    }
+    drop(agent);
+    Ok(())
+}
+
+/// `podman run -d` + `rm` of the example image, n times: what creating a container costs.
+fn podman_floor(sandbox: &PodmanSandbox, n: usize) -> Result<Vec<Duration>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let port = free_port().to_string();
+        let name = format!("floor-{i}");
+        let started = Instant::now();
+        sandbox.podman(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--publish",
+            &format!("{port}:8080"),
+            "localhost/fleet-example-http:1",
+        ])?;
+        out.push(started.elapsed());
+        sandbox.podman(&["rm", "--force", "--time", "0", &name])?;
+    }
+    Ok(out)
+}
+
+fn percentile(samples: &[Duration], p: f64) -> Duration {
+    let mut v = samples.to_vec();
+    v.sort();
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// (own utime+stime, waited-for children's cutime+cstime) in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime is field 14 overall.
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    Ok((f[0] + f[1], f[2] + f[3]))
+}
+
+/// (VmHWM, VmRSS) in KiB.
+fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("VmHWM:"), field("VmRSS:")))
+}

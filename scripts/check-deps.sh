@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Dependency invariants, checked mechanically (docs/ARCHITECTURE.md):
+# fleet-contracts stays pure (serde only: no tokio, no NATS client, no HTTP).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fail=0
+forbid() { # forbid PACKAGE CRATE...
+  local pkg=$1; shift
+  local tree
+  tree=$(cargo tree --locked -p "$pkg" -e normal --prefix none --format '{p}' | awk '{print $1}' | sort -u)
+  for dep in "$@"; do
+    if grep -qx "$dep" <<<"$tree"; then
+      echo "check-deps: $pkg must not depend on $dep" >&2
+      cargo tree --locked -p "$pkg" -e normal -i "$dep" >&2 || true
+      fail=1
+    fi
+  done
+}
+forbid fleet-contracts tokio async-nats axum ureq nkeys
+[ $fail -eq 0 ] && echo "check-deps: ok"
+exit $fail

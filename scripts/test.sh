@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what is missing, then formatting, lints, dependency
+# invariants, unit and end-to-end tests (real nats-server and podman), and the static aarch64
+# agent build with its size budget. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FLEET_CACHE=${FLEET_CACHE:-/var/cache/fleet}
+export PATH="$FLEET_CACHE/tools/bin:$HOME/.cargo/bin:$PATH"
+# Size budget of the stripped static aarch64 agent (bytes).
+AGENT_SIZE_BUDGET=${AGENT_SIZE_BUDGET:-5242880}  # 5 MiB; 3.1 MiB at the start
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+step "bootstrap"
+bash scripts/bootstrap.sh
+bash scripts/example-image.sh
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy --all-targets -D warnings"
+cargo clippy --locked --all-targets --quiet -- -D warnings
+
+step "dependency invariants"
+bash scripts/check-deps.sh
+
+step "build the binaries the end-to-end tests start"
+cargo build --locked --bins --quiet
+
+step "tests (unit and end-to-end)"
+cargo nextest run --locked --workspace --no-fail-fast
+
+step "static aarch64 agent and its size budget"
+cargo build --locked --release --quiet --target aarch64-unknown-linux-musl -p fleet-agent
+bin=target/aarch64-unknown-linux-musl/release/fleet-agent
+size=$(stat -c %s "$bin")
+file_info=$(file -b "$bin" 2>/dev/null || true)
+echo "fleet-agent aarch64: $size bytes (budget $AGENT_SIZE_BUDGET) ${file_info}"
+if [ "$size" -gt "$AGENT_SIZE_BUDGET" ]; then
+  echo "test.sh: the aarch64 agent is over its size budget" >&2
+  exit 1
+fi
+case "$file_info" in
+  *dynamically*) echo "test.sh: the aarch64 agent is not static" >&2; exit 1 ;;
+esac

@@ -39,8 +39,9 @@ need_root
 # --- Debian packages -------------------------------------------------------------------------
 # podman with runc (crun fails on these hosts: "cgroups in hybrid mode not supported"),
 # busybox-static for the locally built test images, the aarch64 C cross compiler for crates
-# with C code (ring) in the static aarch64 agent, jq/curl for the scripts.
-apt_install podman runc uidmap slirp4netns busybox-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross curl jq file ca-certificates
+# with C code (ring) in the static aarch64 agent, musl-gcc for the x86_64 one, jq/curl/file
+# for the scripts.
+apt_install podman runc uidmap slirp4netns busybox-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross musl-tools curl jq file ca-certificates
 
 # podman's default ulimits fail here ("setrlimit RLIMIT_NOFILE: Operation not permitted").
 if [ ! -f /etc/containers/containers.conf ] || ! grep -q '^default_ulimits = \[\]' /etc/containers/containers.conf; then

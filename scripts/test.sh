@@ -26,6 +26,9 @@ bash scripts/check-deps.sh
 
 step "build the binaries the end-to-end tests start"
 cargo build --locked --bins --quiet
+# The agent under test is the static musl release binary, as shipped (e2e/src/lib.rs).
+cargo build --locked --release --quiet --target x86_64-unknown-linux-musl -p fleet-agent
+export FLEET_AGENT_BIN=$PWD/target/x86_64-unknown-linux-musl/release/fleet-agent
 
 step "tests (unit and end-to-end)"
 cargo nextest run --locked --workspace --no-fail-fast

@@ -31,7 +31,15 @@ pub fn workspace() -> PathBuf {
 }
 
 /// A built workspace binary, next to the running test executable.
+///
+/// `FLEET_AGENT_BIN` replaces the agent with another build: `scripts/test.sh` points it at the
+/// static `x86_64-unknown-linux-musl` release binary, so the tests run what ships.
 pub fn binary(name: &str) -> PathBuf {
+    if name == "fleet-agent" {
+        if let Some(path) = std::env::var_os("FLEET_AGENT_BIN") {
+            return PathBuf::from(path);
+        }
+    }
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test>-<hash> or target/<profile>/<bin>
     let dir = exe

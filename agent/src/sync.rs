@@ -76,12 +76,25 @@ pub async fn follow_desired(
         match replay_and_follow(&js, &device, attempt, &tx).await {
             Ok(()) => return, // The reconciler is gone: the agent is shutting down.
             Err(e) => {
-                warn!(%device, error = %e, retry_in = ?backoff, "desired-state stream failed");
-                tokio::time::sleep(backoff).await;
+                // Jitter, so a fleet that lost its server does not come back in lockstep and
+                // flood the JetStream API queue with consumer creates.
+                let wait = jittered(backoff);
+                warn!(%device, error = %e, retry_in = ?wait, "desired-state stream failed");
+                tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }
+}
+
+/// `base` plus up to 50 % more, varied per process and per call. Not cryptographic: the clock's
+/// nanoseconds and the process id are random enough to spread devices apart.
+fn jittered(base: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let spread = (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) % 1000;
+    base + base.mul_f64(f64::from(spread) / 2000.0)
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -157,6 +170,22 @@ async fn replay_and_follow(
         }
     }
     Err("the desired-state consumer ended".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_again() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(2));
+            assert!(
+                d >= Duration::from_secs(2) && d <= Duration::from_secs(3),
+                "{d:?}"
+            );
+        }
+    }
 }
 
 fn parse_desired(deployment: &str, payload: &[u8]) -> DesiredValue {

@@ -100,7 +100,24 @@ async fn apply_runs_the_container_and_its_port_answers() -> Result<()> {
         reported.container_id.as_deref(),
         Some(container.id.as_str())
     );
-    http_says(port, "hi there").await
+    http_says(port, "hi there").await?;
+
+    // The status page and the metrics show the same.
+    let (code, page) = http_get(&format!("{}/", fleet.operator.url))?;
+    assert_eq!(code, 200);
+    assert!(page.contains("id=state>converged</div>"), "{page}");
+    assert!(
+        page.contains("<td>hello</td><td>1</td><td class=Running>Running</td><td>1/1</td>"),
+        "{page}"
+    );
+    let (_, metrics) = http_get(&format!("{}/metrics", fleet.operator.url))?;
+    assert!(
+        metrics.contains(
+            "fleet_operator_deployment_devices{deployment=\"hello\",state=\"running\"} 1"
+        ),
+        "{metrics}"
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]

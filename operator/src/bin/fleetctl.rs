@@ -52,7 +52,8 @@ enum Command {
     },
     /// Show one resource in detail, with its status on every device.
     Describe { kind: Kind, name: String },
-    /// Delete a resource. Deleting a Deployment removes its containers from every device.
+    /// Delete a resource. Deleting a Deployment removes its containers from every device;
+    /// deleting a Device removes every container the fleet runs on it.
     Delete { kind: Kind, name: String },
     /// Show whether the operator has finished reading the fleet's state.
     Status,

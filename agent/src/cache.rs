@@ -104,21 +104,10 @@ pub fn save(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_contracts::resource::{Container, PodTemplate, RestartPolicy};
+    use fleet_contracts::resource::{Container, PodTemplate};
 
     fn desired() -> BTreeMap<String, DesiredDeployment> {
-        let spec = PodTemplate {
-            containers: vec![Container {
-                name: "web".into(),
-                image: "img:1".into(),
-                command: vec![],
-                args: vec![],
-                env: vec![],
-                ports: vec![],
-                volumes: vec![],
-            }],
-            restart_policy: RestartPolicy::Always,
-        };
+        let spec = PodTemplate::single(Container::new("web", "img:1"));
         [("web".to_owned(), DesiredDeployment::new("web", 4, spec))].into()
     }
 

@@ -367,7 +367,7 @@ fn wanted(
 mod tests {
     use super::*;
     use crate::{config::PodmanConfig, runner::RecordingRunner};
-    use fleet_contracts::resource::{Container, PodTemplate, RestartPolicy};
+    use fleet_contracts::resource::{Container, PodTemplate};
 
     #[derive(Default)]
     struct Reports(Vec<(String, Option<ReportedDeployment>)>);
@@ -379,22 +379,7 @@ mod tests {
     }
 
     fn desired(image: &str) -> DesiredDeployment {
-        DesiredDeployment::new(
-            "web",
-            1,
-            PodTemplate {
-                containers: vec![Container {
-                    name: "web".into(),
-                    image: image.into(),
-                    command: vec![],
-                    args: vec![],
-                    env: vec![],
-                    ports: vec![],
-                    volumes: vec![],
-                }],
-                restart_policy: RestartPolicy::Always,
-            },
-        )
+        DesiredDeployment::new("web", 1, PodTemplate::single(Container::new("web", &image)))
     }
 
     fn reconciler(runner: RecordingRunner) -> Reconciler<RecordingRunner> {

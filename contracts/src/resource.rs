@@ -94,6 +94,31 @@ pub struct Container {
     pub volumes: Vec<VolumeMount>,
 }
 
+impl Container {
+    /// A container running `image` with its defaults: no command, env, ports or volumes.
+    pub fn new(name: &str, image: &str) -> Container {
+        Container {
+            name: name.to_owned(),
+            image: image.to_owned(),
+            command: vec![],
+            args: vec![],
+            env: vec![],
+            ports: vec![],
+            volumes: vec![],
+        }
+    }
+}
+
+impl PodTemplate {
+    /// One container, restarted always: the common case.
+    pub fn single(container: Container) -> PodTemplate {
+        PodTemplate {
+            containers: vec![container],
+            restart_policy: RestartPolicy::Always,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvVar {

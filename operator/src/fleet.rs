@@ -220,9 +220,7 @@ mod tests {
     use super::*;
     use fleet_contracts::{
         SCHEMA_VERSION,
-        resource::{
-            Container, DeploymentSpec, LabelSelector, Metadata, PodTemplate, RestartPolicy,
-        },
+        resource::{Container, DeploymentSpec, LabelSelector, Metadata, PodTemplate},
     };
 
     fn device(name: &str, role: &str) -> Device {
@@ -252,18 +250,7 @@ mod tests {
                 selector: LabelSelector {
                     match_labels: [("role".into(), role.into())].into(),
                 },
-                template: PodTemplate {
-                    containers: vec![Container {
-                        name: name.into(),
-                        image: image.into(),
-                        command: vec![],
-                        args: vec![],
-                        env: vec![],
-                        ports: vec![],
-                        volumes: vec![],
-                    }],
-                    restart_policy: RestartPolicy::Always,
-                },
+                template: PodTemplate::single(Container::new(&name, &image)),
             },
             status: None,
         }

@@ -313,7 +313,7 @@ mod tests {
     #[test]
     fn hash_ignores_generation_and_follows_spec() {
         use fleet_contracts::resource::{Container, PodTemplate};
-        let spec = |image: &str| PodTemplate::single(Container::new("web", &image));
+        let spec = |image: &str| PodTemplate::single(Container::new("web", image));
         let a = DesiredDeployment::new("web", 1, spec("img:1"));
         let b = DesiredDeployment::new("web", 2, spec("img:1"));
         let c = DesiredDeployment::new("web", 2, spec("img:2"));

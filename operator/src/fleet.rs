@@ -250,7 +250,7 @@ mod tests {
                 selector: LabelSelector {
                     match_labels: [("role".into(), role.into())].into(),
                 },
-                template: PodTemplate::single(Container::new(&name, &image)),
+                template: PodTemplate::single(Container::new(name, image)),
             },
             status: None,
         }

@@ -379,7 +379,7 @@ mod tests {
     }
 
     fn desired(image: &str) -> DesiredDeployment {
-        DesiredDeployment::new("web", 1, PodTemplate::single(Container::new("web", &image)))
+        DesiredDeployment::new("web", 1, PodTemplate::single(Container::new("web", image)))
     }
 
     fn reconciler(runner: RecordingRunner) -> Reconciler<RecordingRunner> {

@@ -11,6 +11,7 @@ pub mod api;
 pub mod controller;
 pub mod ctl;
 pub mod fleet;
+pub mod identity;
 
 use std::{net::SocketAddr, time::Duration};
 

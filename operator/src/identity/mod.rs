@@ -1,0 +1,352 @@
+//! The fleet's NATS identity: the operator, system and fleet account keys, the JWTs that make
+//! nats-server trust them, the operator service's credentials, and device user JWTs.
+//!
+//! Devices authenticate with NATS decentralized JWT auth (docs/adr/0005): each device's JWT is
+//! signed by the fleet account's *scoped* signing key `device`, whose permission template
+//! (below) confines it to its own keys and subjects through `{{name()}}`. A device JWT carries
+//! no permissions of its own; its `name` is the device id, validated by [`check_name`] so no
+//! wildcard can ever reach the template.
+//!
+//! Key seeds live in `<dir>/keys/*.nk` with mode 0600 and never leave the operator's host.
+
+pub mod jwt;
+
+use std::{
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use fleet_contracts::names::{DESIRED_BUCKET, REPORTED_BUCKET, check_name, kv_stream};
+use nkeys::KeyPair;
+
+use jwt::{
+    AccountLimits, AccountNats, Claims, OperatorNats, Permission, ResponsePermission, SigningKey,
+    UserNats, UserPermissions, UserScope,
+};
+
+/// The inbox prefix of the operator's connections; no device id can produce it.
+pub const OPERATOR_INBOX: &str = "_INBOX.ctl";
+
+/// The inbox prefix of a device's connection.
+pub fn device_inbox(device: &str) -> String {
+    format!("_INBOX.dev.{device}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read or write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} does not hold a valid {kind} seed: {message}")]
+    BadSeed { path: PathBuf, kind: &'static str, message: String },
+    #[error("invalid device id {device:?}: {message}")]
+    DeviceId { device: String, message: String },
+    #[error("{key:?} is not a user public key")]
+    UserKey { key: String },
+    #[error(transparent)]
+    Jwt(#[from] jwt::JwtError),
+}
+
+/// The keys of the fleet's NATS trust chain.
+#[derive(Debug)]
+pub struct Identity {
+    dir: PathBuf,
+    operator: KeyPair,
+    sys_account: KeyPair,
+    fleet_account: KeyPair,
+    /// Plain signing key of the fleet account: signs the operator service's user.
+    service_signing: KeyPair,
+    /// Scoped signing key `device` of the fleet account: signs device users.
+    device_signing: KeyPair,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Identity {
+    /// Loads the keys from `dir`, creating any that are missing (idempotent).
+    pub fn init_or_load(dir: &Path) -> Result<Identity, IdentityError> {
+        let keys = dir.join("keys");
+        std::fs::create_dir_all(&keys).map_err(|source| IdentityError::Io { path: keys.clone(), source })?;
+        let _ = std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700));
+        Ok(Identity {
+            dir: dir.to_owned(),
+            operator: seed(&keys.join("operator.nk"), "operator", KeyPair::new_operator)?,
+            sys_account: seed(&keys.join("sys-account.nk"), "account", KeyPair::new_account)?,
+            fleet_account: seed(&keys.join("fleet-account.nk"), "account", KeyPair::new_account)?,
+            service_signing: seed(&keys.join("fleet-service-signing.nk"), "account", KeyPair::new_account)?,
+            device_signing: seed(&keys.join("fleet-device-signing.nk"), "account", KeyPair::new_account)?,
+        })
+    }
+
+    pub fn fleet_account_key(&self) -> String {
+        self.fleet_account.public_key()
+    }
+
+    pub fn sys_account_key(&self) -> String {
+        self.sys_account.public_key()
+    }
+
+    pub fn operator_jwt(&self) -> Result<String, IdentityError> {
+        let claims = Claims {
+            jti: jwt::new_jti(),
+            iat: now_secs(),
+            iss: self.operator.public_key(),
+            name: "fleet".into(),
+            sub: self.operator.public_key(),
+            exp: None,
+            nats: OperatorNats { kind: "operator".into(), version: 2, system_account: self.sys_account.public_key() },
+        };
+        Ok(jwt::encode(&claims, &self.operator)?)
+    }
+
+    pub fn sys_account_jwt(&self) -> Result<String, IdentityError> {
+        self.account_jwt(&self.sys_account, "SYS", AccountLimits::unlimited(false), vec![], Default::default())
+    }
+
+    /// The fleet account's JWT with `revocations` (user key -> unix seconds).
+    pub fn fleet_account_jwt(
+        &self,
+        revocations: std::collections::BTreeMap<String, u64>,
+    ) -> Result<String, IdentityError> {
+        let signing_keys = vec![
+            SigningKey::Plain(self.service_signing.public_key()),
+            SigningKey::Scoped(UserScope {
+                kind: "user_scope".into(),
+                key: self.device_signing.public_key(),
+                role: "device".into(),
+                template: device_template(),
+            }),
+        ];
+        self.account_jwt(&self.fleet_account, "FLEET", AccountLimits::unlimited(true), signing_keys, revocations)
+    }
+
+    fn account_jwt(
+        &self,
+        account: &KeyPair,
+        name: &str,
+        limits: AccountLimits,
+        signing_keys: Vec<SigningKey>,
+        revocations: std::collections::BTreeMap<String, u64>,
+    ) -> Result<String, IdentityError> {
+        let claims = Claims {
+            jti: jwt::new_jti(),
+            iat: now_secs(),
+            iss: self.operator.public_key(),
+            name: name.into(),
+            sub: account.public_key(),
+            exp: None,
+            nats: AccountNats { kind: "account".into(), version: 2, limits, signing_keys, revocations },
+        };
+        Ok(jwt::encode(&claims, &self.operator)?)
+    }
+
+    /// A device's user JWT: `name` is the device id, permissions come from the template.
+    pub fn device_jwt(&self, device: &str, device_key: &str, expires_at: u64) -> Result<String, IdentityError> {
+        check_name(device).map_err(|message| IdentityError::DeviceId { device: device.into(), message })?;
+        if !device_key.starts_with('U') || KeyPair::from_public_key(device_key).is_err() {
+            return Err(IdentityError::UserKey { key: device_key.into() });
+        }
+        let claims = Claims {
+            jti: jwt::new_jti(),
+            iat: now_secs(),
+            iss: self.device_signing.public_key(),
+            name: device.into(),
+            sub: device_key.into(),
+            exp: Some(expires_at),
+            nats: UserNats {
+                kind: "user".into(),
+                version: 2,
+                issuer_account: Some(self.fleet_account.public_key()),
+                // Scoped users must carry no permissions or limits of their own.
+                permissions: UserPermissions { subs: -1, data: -1, payload: -1, ..Default::default() },
+                bearer_token: false,
+            },
+        };
+        Ok(jwt::encode(&claims, &self.device_signing)?)
+    }
+
+    /// Credentials of the operator service in the fleet account: everything it needs, and
+    /// nothing that would let it write a device's reported state.
+    pub fn service_creds(&self) -> Result<String, IdentityError> {
+        let user = KeyPair::new_user();
+        let permissions = UserPermissions {
+            publish: Permission {
+                allow: vec!["$JS.API.>".into(), "$KV.>".into(), "$JS.FC.>".into(), "fleet.dev.>".into()],
+                deny: vec![format!("$KV.{REPORTED_BUCKET}.>")],
+            },
+            subscribe: Permission::allow(&[&format!("{OPERATOR_INBOX}.>")]),
+            resp: None,
+            subs: -1,
+            data: -1,
+            payload: -1,
+        };
+        self.user_creds(&user, "fleet-operator", &self.service_signing, Some(self.fleet_account.public_key()), permissions)
+    }
+
+    /// Credentials in the system account, for pushing account JWT updates.
+    pub fn sys_creds(&self) -> Result<String, IdentityError> {
+        let user = KeyPair::new_user();
+        let permissions = UserPermissions {
+            publish: Permission::allow(&["$SYS.REQ.CLAIMS.UPDATE", "$SYS.REQ.ACCOUNT.*.CLAIMS.UPDATE"]),
+            subscribe: Permission::allow(&[&format!("{OPERATOR_INBOX}.>")]),
+            resp: None,
+            subs: -1,
+            data: -1,
+            payload: -1,
+        };
+        self.user_creds(&user, "fleet-operator-sys", &self.sys_account, None, permissions)
+    }
+
+    fn user_creds(
+        &self,
+        user: &KeyPair,
+        name: &str,
+        signer: &KeyPair,
+        issuer_account: Option<String>,
+        permissions: UserPermissions,
+    ) -> Result<String, IdentityError> {
+        let claims = Claims {
+            jti: jwt::new_jti(),
+            iat: now_secs(),
+            iss: signer.public_key(),
+            name: name.into(),
+            sub: user.public_key(),
+            exp: None,
+            nats: UserNats { kind: "user".into(), version: 2, issuer_account, permissions, bearer_token: false },
+        };
+        let token = jwt::encode(&claims, signer)?;
+        let seed = user.seed().map_err(|e| IdentityError::BadSeed {
+            path: self.dir.clone(),
+            kind: "user",
+            message: e.to_string(),
+        })?;
+        Ok(jwt::creds_file(&token, &seed))
+    }
+
+    /// The nats-server configuration block that trusts this identity: operator, system account,
+    /// a full resolver (revocations survive a restart) preloaded with both accounts.
+    pub fn server_config(&self, resolver_dir: &Path) -> Result<String, IdentityError> {
+        Ok(format!(
+            "operator: \"{}\"\nsystem_account: {}\nresolver: {{\n  type: full\n  dir: \"{}\"\n  allow_delete: false\n  interval: \"2m\"\n  timeout: \"3s\"\n}}\nresolver_preload: {{\n  {}: \"{}\"\n  {}: \"{}\"\n}}\n",
+            self.operator_jwt()?,
+            self.sys_account.public_key(),
+            resolver_dir.display(),
+            self.sys_account.public_key(),
+            self.sys_account_jwt()?,
+            self.fleet_account.public_key(),
+            self.fleet_account_jwt(Default::default())?,
+        ))
+    }
+
+    /// Writes `<dir>/nats-auth.conf`, `<dir>/operator.creds` and `<dir>/sys.creds` if missing.
+    ///
+    /// Never rewritten: the resolver keeps account updates (revocations) pushed later, and a
+    /// fresh preload must not compete with them.
+    pub fn write_files(&self) -> Result<(), IdentityError> {
+        let conf = self.dir.join("nats-auth.conf");
+        if !conf.exists() {
+            write_private(&conf, self.server_config(&self.dir.join("jwt"))?.as_bytes())?;
+        }
+        let creds = self.dir.join("operator.creds");
+        if !creds.exists() {
+            write_private(&creds, self.service_creds()?.as_bytes())?;
+        }
+        let sys = self.dir.join("sys.creds");
+        if !sys.exists() {
+            write_private(&sys, self.sys_creds()?.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// What a device may do, with `{{name()}}` its device id (research/nats.md, "Recommended
+/// design"). Deliberately absent: the unfiltered consumer-create subject, `STREAM.INFO`,
+/// `CONSUMER.DELETE`, direct gets of other devices' keys, any desired-bucket write, `_INBOX.>`.
+pub fn device_template() -> UserPermissions {
+    let desired = kv_stream(DESIRED_BUCKET);
+    UserPermissions {
+        publish: Permission {
+            allow: vec![
+                format!("$JS.API.CONSUMER.CREATE.{desired}.*.$KV.{DESIRED_BUCKET}.{{{{name()}}}}.>"),
+                format!("$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_BUCKET}.{{{{name()}}}}.>"),
+                format!("$KV.{REPORTED_BUCKET}.{{{{name()}}}}.>"),
+                format!("$JS.FC.{desired}.>"),
+            ],
+            deny: vec![],
+        },
+        subscribe: Permission {
+            allow: vec![format!("{}.>", device_inbox("{{name()}}")), "fleet.dev.{{name()}}.>".into()],
+            deny: vec![],
+        },
+        // Replies to the operator's requests (logs, exec) and to flow control.
+        resp: Some(ResponsePermission { max: -1, ttl: 600_000_000_000 }),
+        subs: 100,
+        data: -1,
+        payload: 1024 * 1024,
+    }
+}
+
+fn seed(path: &Path, kind: &'static str, new: fn() -> KeyPair) -> Result<KeyPair, IdentityError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => KeyPair::from_seed(text.trim()).map_err(|e| IdentityError::BadSeed {
+            path: path.to_owned(),
+            kind,
+            message: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let kp = new();
+            let seed = kp.seed().map_err(|e| IdentityError::BadSeed { path: path.to_owned(), kind, message: e.to_string() })?;
+            write_private(path, seed.as_bytes())?;
+            Ok(kp)
+        }
+        Err(source) => Err(IdentityError::Io { path: path.to_owned(), source }),
+    }
+}
+
+/// Creates `path` with mode 0600 (never readable by others, not even briefly) and syncs it.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
+    let io = |source| IdentityError::Io { path: path.to_owned(), source };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_persist_with_private_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Identity::init_or_load(dir.path()).unwrap();
+        let b = Identity::init_or_load(dir.path()).unwrap();
+        assert_eq!(a.fleet_account_key(), b.fleet_account_key());
+        a.write_files().unwrap();
+        for f in ["keys/operator.nk", "keys/fleet-device-signing.nk", "operator.creds", "sys.creds", "nats-auth.conf"] {
+            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{f}");
+        }
+    }
+
+    #[test]
+    fn device_jwts_refuse_wildcard_ids_and_non_user_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::init_or_load(dir.path()).unwrap();
+        let user = KeyPair::new_user().public_key();
+        for bad in ["*", ">", "a.b", "A", ""] {
+            assert!(matches!(id.device_jwt(bad, &user, 1), Err(IdentityError::DeviceId { .. })), "{bad}");
+        }
+        let account = KeyPair::new_account().public_key();
+        assert!(matches!(id.device_jwt("pi-01", &account, 1), Err(IdentityError::UserKey { .. })));
+        let token = id.device_jwt("pi-01", &user, 1).unwrap();
+        let claims: Claims<UserNats> = jwt::decode(&token).unwrap();
+        assert_eq!((claims.name.as_str(), claims.sub.as_str()), ("pi-01", user.as_str()));
+        assert_eq!(claims.nats.issuer_account, Some(id.fleet_account_key()));
+        assert_eq!(claims.nats.permissions.publish, Permission::default());
+    }
+}

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Sets everything up and runs a local fleet on this machine until Ctrl-C:
-# a nats-server with JetStream, the operator (API + status page), one agent driving the
-# host's podman as device pi-01, and the example Deployment from examples/.
+# a nats-server with JetStream and decentralized JWT auth, the operator (API + status page),
+# one agent driving the host's podman as device pi-01 (enrolled with a one-time token), and
+# the example Deployment from examples/.
 #
 # Environment: FLEET_STATE (default ./.fleet), FLEET_NATS_PORT (4222), FLEET_HTTP_PORT (8080),
+# FLEET_NATS_MONITOR_PORT (8222),
 # FLEET_LOG (info). State survives restarts: run it again and the fleet comes back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +14,7 @@ FLEET_CACHE=${FLEET_CACHE:-/var/cache/fleet}
 STATE=${FLEET_STATE:-$ROOT/.fleet}
 NATS_PORT=${FLEET_NATS_PORT:-4222}
 HTTP_PORT=${FLEET_HTTP_PORT:-8080}
-MON_PORT=$((NATS_PORT + 4000))
+MON_PORT=${FLEET_NATS_MONITOR_PORT:-8222}
 export FLEET_SERVER="http://127.0.0.1:$HTTP_PORT"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -29,6 +31,16 @@ cargo build --quiet --bins
 BIN=$ROOT/target/debug
 
 mkdir -p "$STATE/nats" "$STATE/agent" "$STATE/logs"
+# The fleet's NATS identity (operator, accounts, keys; mode 0600), created once and kept.
+"$BIN/fleet-operator" --identity "$STATE/identity" init-identity >/dev/null
+cat >"$STATE/nats.conf" <<CONF
+# Written by scripts/local-fleet.sh: JetStream plus decentralized JWT auth.
+listen: "127.0.0.1:$NATS_PORT"
+http: "127.0.0.1:$MON_PORT"
+server_name: fleet-local
+jetstream { store_dir: "$STATE/nats" }
+include "identity/nats-auth.conf"
+CONF
 pids=()
 cleanup() {
   trap - INT TERM EXIT
@@ -55,24 +67,32 @@ wait_for() { # wait_for WHAT URL [JQ-CONDITION]
   exit 1
 }
 
-say "starting nats-server on 127.0.0.1:$NATS_PORT (JetStream in $STATE/nats)"
-nats-server -a 127.0.0.1 -p "$NATS_PORT" -m "$MON_PORT" -js -sd "$STATE/nats" -n fleet-local \
-  >"$STATE/logs/nats.log" 2>&1 &
+say "starting nats-server on 127.0.0.1:$NATS_PORT (JetStream in $STATE/nats, JWT auth)"
+nats-server -c "$STATE/nats.conf" >"$STATE/logs/nats.log" 2>&1 &
 pids+=($!)
 wait_for nats-server "http://127.0.0.1:$MON_PORT/healthz?js-enabled-only=true"
 
 say "starting fleet-operator on $FLEET_SERVER"
 "$BIN/fleet-operator" --nats-url "nats://127.0.0.1:$NATS_PORT" --listen "127.0.0.1:$HTTP_PORT" \
+  --identity "$STATE/identity" \
   >"$STATE/logs/operator.log" 2>&1 &
 pids+=($!)
 wait_for fleet-operator "$FLEET_SERVER/api/v1/status" '.state == "converged"'
 
+if [ ! -f "$STATE/agent/identity/device.jwt" ]; then
+  say "creating a one-time enrollment token for pi-01"
+  token=$("$BIN/fleetctl" enroll-token create --label role=demo --label site=local --ttl 3600)
+  token_line="enrollment_token = \"$token\""
+else
+  token_line="# enrolled already: the agent keeps its own credentials in $STATE/agent/identity"
+fi
 cat >"$STATE/agent.toml" <<TOML
 # Written by scripts/local-fleet.sh.
 device_id = "pi-01"
 nats_url = "nats://127.0.0.1:$NATS_PORT"
 state_dir = "$STATE/agent"
 heartbeat_interval_secs = 2
+$token_line
 
 [podman]
 runtime = "runc"
@@ -81,8 +101,7 @@ say "starting fleet-agent as device pi-01 (host podman)"
 "$BIN/fleet-agent" --config "$STATE/agent.toml" >"$STATE/logs/agent.log" 2>&1 &
 pids+=($!)
 
-say "applying examples/"
-"$BIN/fleetctl" apply -f examples/device-pi-01.yaml
+say "applying examples/hello.yaml"
 "$BIN/fleetctl" apply -f examples/hello.yaml --wait --timeout 120
 
 cat <<MSG
@@ -90,12 +109,13 @@ cat <<MSG
   The local fleet is running:
     nats-server     nats://127.0.0.1:$NATS_PORT   (log: $STATE/logs/nats.log)
     fleet-operator  $FLEET_SERVER/   status page; metrics at /metrics   (log: $STATE/logs/operator.log)
-    fleet-agent     device pi-01, host podman   (log: $STATE/logs/agent.log)
+    fleet-agent     device pi-01, enrolled with a one-time token, host podman   (log: $STATE/logs/agent.log)
     hello           http://127.0.0.1:18080/  -> $(curl -fsS http://127.0.0.1:18080/ 2>/dev/null || echo "not answering yet")
 
   Try (in another shell, from $ROOT):
     export PATH=\$PWD/target/debug:\$PATH FLEET_SERVER=$FLEET_SERVER
     fleetctl get devices
+    fleetctl enroll-token list
     fleetctl get deployments
     fleetctl describe deployment hello
     sed 's/hello from fleet/hello again/' examples/hello.yaml > /tmp/hello.yaml && fleetctl apply -f /tmp/hello.yaml --wait

@@ -47,6 +47,11 @@ pub struct Config {
     /// Grace period before SIGKILL when a container is stopped.
     #[serde(default = "default_grace")]
     pub stop_grace_secs: u32,
+    /// A one-time enrollment token (`fleetctl enroll-token create`), used on the first start to
+    /// obtain the device's NATS credentials. Ignored once the device is enrolled.
+    pub enrollment_token: Option<String>,
+    /// A file holding the enrollment token instead (e.g. on the boot partition).
+    pub enrollment_token_file: Option<PathBuf>,
     #[serde(default)]
     pub podman: PodmanConfig,
 }
@@ -91,6 +96,18 @@ fn default_podman() -> String {
     "podman".into()
 }
 
+/// Where and what, without quoting the line: the config holds a secret (the enrollment
+/// token), and error messages end up in logs.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {}", e.message())
+        }
+        None => e.message().to_owned(),
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -103,7 +120,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim().replace('\n', " "),
+            message: parse_message(text, &e),
         })?;
         config.validate(path)?;
         Ok(config)
@@ -134,10 +151,30 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.enrollment_token.is_some() && self.enrollment_token_file.is_some() {
+            return Err(invalid(
+                "enrollment_token",
+                "give enrollment_token or enrollment_token_file, not both".into(),
+            ));
+        }
         if self.resync_interval_secs == 0 {
             return Err(invalid("resync_interval_secs", "must be at least 1".into()));
         }
         Ok(())
+    }
+
+    /// The enrollment token, from the config or its file; `None` when neither is given.
+    pub fn enrollment_token(&self) -> Result<Option<String>, ConfigError> {
+        match (&self.enrollment_token, &self.enrollment_token_file) {
+            (Some(t), _) => Ok(Some(t.trim().to_owned())),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_owned()))
+                .map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                }),
+            (None, None) => Ok(None),
+        }
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -194,5 +231,16 @@ mod tests {
             Err("heartbeat_interval_secs: must be at least 1"),
         );
         check("device_id = [", Err("agent.toml is not valid"));
+        // A malformed line holding the token is located, never quoted.
+        let err = Config::parse(
+            "device_id = \"a\"\nenrollment_token = SECRET:xyz\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("config file a.toml is not valid: line 2:") && !err.contains("SECRET"),
+            "{err}"
+        );
     }
 }

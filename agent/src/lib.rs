@@ -11,6 +11,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod identity;
 pub mod plan;
 pub mod podman;
 pub mod reconcile;
@@ -32,6 +33,9 @@ use crate::{
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Timeout of the agent's JetStream API requests (consumer creation, publish acks).
+const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot create the state directory {path}: {source}")]
@@ -44,6 +48,14 @@ pub enum RunError {
         url: String,
         source: async_nats::ConnectError,
     },
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(
+        "the device is not enrolled and its config has no enrollment_token: create one with `fleetctl enroll-token create` and put it in the agent's config"
+    )]
+    NoToken,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -72,20 +84,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     }
 
-    let client = sync::connect(&config.nats_url, &config.device_id)
-        .await
-        .map_err(|source| RunError::Connect {
-            url: config.nats_url.clone(),
-            source,
-        })?;
-    let js = async_nats::jetstream::new(client.clone());
-    let mut outbox: Outbox = sync::outbox(js.clone());
+    let key = identity::load_or_create_key(&config.state_dir)?;
+    if !identity::is_enrolled(&config.state_dir) && config.enrollment_token()?.is_none() {
+        return Err(RunError::NoToken);
+    }
+    let (js_tx, js_rx) = tokio::sync::oneshot::channel();
+    let mut outbox: Outbox = sync::outbox(js_rx);
     let (desired_tx, mut desired_rx) = mpsc::channel(64);
-    tokio::spawn(sync::follow_desired(
-        js,
-        config.device_id.clone(),
-        desired_tx,
-    ));
+    let (fatal_tx, mut fatal_rx) = mpsc::channel::<RunError>(1);
+    // NATS comes up in the background (enrolling first if needed): the cached workloads must
+    // come back even while NATS is unreachable.
+    tokio::spawn(start_nats(config.clone(), key, js_tx, desired_tx, fatal_tx));
 
     let mut resync = tokio::time::interval(config.resync_interval());
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -98,6 +107,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            Some(e) = fatal_rx.recv() => return Err(e),
             Some(event) = desired_rx.recv() => {
                 let mut changed = reconciler.apply(event);
                 // Take every queued change before acting, so a burst costs one pass.
@@ -139,14 +149,52 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     }
     info!("shutting down; containers keep running");
-    // Give queued reports a moment to leave, without hanging on a dead connection.
-    if tokio::time::timeout(Duration::from_secs(2), client.flush())
-        .await
-        .is_err()
-    {
-        warn!("NATS flush timed out at shutdown");
-    }
     Ok(())
+}
+
+/// Enrolls if needed, connects, and starts following the desired state.
+async fn start_nats(
+    config: Config,
+    key: nkeys::KeyPair,
+    js_tx: tokio::sync::oneshot::Sender<async_nats::jetstream::Context>,
+    desired_tx: mpsc::Sender<sync::DesiredEvent>,
+    fatal: mpsc::Sender<RunError>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    while !identity::is_enrolled(&config.state_dir) {
+        let token = match config.enrollment_token() {
+            Ok(Some(t)) => t,
+            Ok(None) => return drop(fatal.send(RunError::NoToken).await),
+            Err(e) => return drop(fatal.send(e.into()).await),
+        };
+        info!(device = %config.device_id, "enrolling with the operator");
+        let result = identity::enroll(&config.nats_url, &config.device_id, &key, &token).await;
+        match result.and_then(|jwt| identity::save_jwt(&config.state_dir, &jwt)) {
+            Ok(()) => info!(device = %config.device_id, "enrolled"),
+            Err(e) if e.is_transient() => {
+                warn!(error = %e, retry_in = ?backoff, "enrollment not answered; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+            Err(e) => return drop(fatal.send(e.into()).await),
+        }
+    }
+    let options = identity::connect_options(&config.state_dir, key);
+    let client = match sync::connect(options, &config.nats_url, &config.device_id).await {
+        Ok(c) => c,
+        Err(source) => {
+            let url = config.nats_url.clone();
+            return drop(fatal.send(RunError::Connect { url, source }).await);
+        }
+    };
+    // A short JetStream timeout: when async-nats recreates the ordered consumer it first tries
+    // to delete the old one, which a device may not do; the denied request just times out, and
+    // this bounds how long that delays the new consumer.
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(JETSTREAM_TIMEOUT)
+        .build(client);
+    let _ = js_tx.send(js.clone());
+    sync::follow_desired(js, config.device_id, desired_tx).await;
 }
 
 async fn shutdown_signal() {

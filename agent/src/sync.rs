@@ -38,13 +38,17 @@ pub enum DesiredEvent {
 }
 
 /// Connects to NATS in the background: the agent must work (from its cache) while NATS is down.
+/// `options` carries the device's credentials.
 pub async fn connect(
+    options: async_nats::ConnectOptions,
     url: &str,
     device: &str,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
     let device_name = device.to_owned();
-    async_nats::ConnectOptions::new()
+    options
         .name(format!("fleet-agent {device}"))
+        // Its own inbox prefix: replies to other devices are out of its reach (`_INBOX.>` is
+        // not granted).
         .custom_inbox_prefix(format!("_INBOX.dev.{device}"))
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -217,10 +221,12 @@ impl Outbox {
     }
 }
 
-/// Starts the publisher task behind an [`Outbox`].
-pub fn outbox(js: jetstream::Context) -> Outbox {
+/// Starts the publisher task behind an [`Outbox`]. Reports queue until `js` arrives (the
+/// device may still be enrolling) and NATS acknowledges them.
+pub fn outbox(js: tokio::sync::oneshot::Receiver<jetstream::Context>) -> Outbox {
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, Option<Vec<u8>>)>();
     tokio::spawn(async move {
+        let Ok(js) = js.await else { return };
         let mut pending: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
         let mut retry = Duration::from_millis(200);
         loop {

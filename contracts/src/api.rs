@@ -63,3 +63,88 @@ pub enum RecoveryState {
     /// Everything in KV has been read.
     Converged,
 }
+
+/// Sent by a device to `fleet.enroll.<token id>`, over a connection made with the enrollment
+/// token itself (a short-lived bearer credential that can publish only there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub schema: u32,
+    pub device: String,
+    /// The device's NKey public key (`U...`); the seed never leaves the device.
+    pub public_key: String,
+}
+
+/// The operator's answer to an [`EnrollRequest`]: a user JWT, or why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollReply {
+    Enrolled { jwt: String, expires_at: u64 },
+    Refused { reason: String },
+}
+
+/// `POST /api/v1/enrollment-tokens`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateEnrollmentToken {
+    /// Labels the enrolled Device gets.
+    #[serde(default)]
+    pub labels: crate::resource::Labels,
+    /// How long the token may be used, in seconds (default one day).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// An enrollment token as stored in `fleet-enrollment` and listed by the API (the secret token
+/// itself is shown once, at creation, and never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentToken {
+    pub schema: u32,
+    pub id: String,
+    #[serde(default)]
+    pub labels: crate::resource::Labels,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    /// The device that used it; a token works once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
+}
+
+impl EnrollmentToken {
+    /// Why this token cannot be used at `now_ms`, if it cannot.
+    pub fn refusal(&self, now_ms: u64) -> Option<String> {
+        if self.revoked {
+            Some(format!("enrollment token {} was revoked", self.id))
+        } else if let Some(device) = &self.used_by {
+            Some(format!(
+                "enrollment token {} was already used (by {device})",
+                self.id
+            ))
+        } else if now_ms >= self.expires_ms {
+            Some(format!("enrollment token {} has expired", self.id))
+        } else {
+            None
+        }
+    }
+}
+
+/// The answer to `POST /api/v1/enrollment-tokens`: the secret, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedEnrollmentToken {
+    pub token: String,
+    pub info: EnrollmentToken,
+}
+
+/// `fleet-enrollment` `device.<name>`: the key a device enrolled with. Kept apart from the
+/// Device resource, which people edit, so re-applying a Device never drops its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceIdentity {
+    pub schema: u32,
+    pub device: String,
+    pub public_key: String,
+    pub enrolled_ms: u64,
+    /// The enrollment token it used.
+    pub token: String,
+}

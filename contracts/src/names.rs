@@ -10,6 +10,19 @@ pub const DESIRED_BUCKET: &str = "fleet-desired";
 pub const REPORTED_BUCKET: &str = "fleet-reported";
 /// KV bucket of resource documents, written by the operator's API only.
 pub const RESOURCES_BUCKET: &str = "fleet-resources";
+/// KV bucket of enrollment tokens (`token.<id>`) and enrolled device keys (`device.<name>`),
+/// written by the operator only.
+pub const ENROLLMENT_BUCKET: &str = "fleet-enrollment";
+
+/// Where a device holding enrollment token `token_id` sends its enrollment request.
+pub fn enroll_subject(token_id: &str) -> String {
+    format!("fleet.enroll.{token_id}")
+}
+
+/// The inbox prefix of a connection made with enrollment token `token_id`.
+pub fn enroll_inbox(token_id: &str) -> String {
+    format!("_INBOX.enroll.{token_id}")
+}
 
 /// The key suffix of a device's heartbeat in the reported bucket (`<device>._info`).
 /// It starts with `_`, which no deployment name can, so it never collides with one.

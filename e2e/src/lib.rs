@@ -19,6 +19,10 @@ use anyhow::{Context, Result, bail};
 use fleet_contracts::resource::{Deployment, RolloutPhase};
 use fleet_operator::ctl;
 
+/// Set when a wait timed out, so processes print their logs as they stop (tests return
+/// errors instead of panicking, so `std::thread::panicking` alone would miss them).
+static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// How long any single wait may take before the test fails with what it last saw.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -98,6 +102,7 @@ where
             Err(e) => last_error = format!("{e:#}"),
         }
         if Instant::now() >= deadline {
+            FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
             bail!("timed out after {timeout:?} waiting for {what}: {last_error}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -172,7 +177,7 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || FAILED.load(std::sync::atomic::Ordering::Relaxed) {
             eprintln!(
                 "----- last lines of {} ({}) -----\n{}",
                 self.name,
@@ -184,22 +189,48 @@ impl Drop for Proc {
     }
 }
 
-/// A nats-server with JetStream on a free port, its store in a temp folder.
+/// A nats-server with JetStream on a free port, its store in a temp folder, in decentralized
+/// JWT mode: it trusts the fleet identity that `fleet-operator init-identity` wrote to
+/// `<dir>/identity` (a full resolver, so account updates survive restarts).
 #[derive(Debug)]
 pub struct Nats {
     pub port: u16,
     monitor: u16,
-    store: PathBuf,
+    config: PathBuf,
+    /// The fleet identity folder: keys, `operator.creds`, `sys.creds`.
+    pub identity: PathBuf,
     log: PathBuf,
     proc: Option<Proc>,
 }
 
 impl Nats {
     pub async fn start(dir: &Path) -> Result<Nats> {
+        let identity = dir.join("identity");
+        let status = Command::new(binary("fleet-operator"))
+            .arg("--identity")
+            .arg(&identity)
+            .arg("init-identity")
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("fleet-operator init-identity failed");
+        }
+        let port = free_port();
+        let monitor = free_port();
+        let config = dir.join("nats.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\nserver_name: e2e\n\
+                 jetstream {{ store_dir: \"{}\" }}\ninclude \"identity/nats-auth.conf\"\n",
+                dir.join("nats-store").display()
+            ),
+        )?;
         let mut nats = Nats {
-            port: free_port(),
-            monitor: free_port(),
-            store: dir.join("nats-store"),
+            port,
+            monitor,
+            config,
+            identity,
             log: dir.join("nats.log"),
             proc: None,
         };
@@ -215,17 +246,7 @@ impl Nats {
     pub async fn restart(&mut self) -> Result<()> {
         self.stop();
         let mut cmd = Command::new(tool("nats-server"));
-        cmd.args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-m",
-            &self.monitor.to_string(),
-            "-js",
-            "-sd",
-        ])
-        .arg(&self.store);
+        cmd.arg("-c").arg(&self.config);
         self.proc = Some(Proc::spawn("nats-server", cmd, self.log.clone())?);
         let url = format!(
             "http://127.0.0.1:{}/healthz?js-enabled-only=true",
@@ -249,8 +270,13 @@ impl Nats {
         }
     }
 
+    /// A client with the operator service's credentials (what tests use to look into KV).
     pub async fn client(&self) -> Result<async_nats::Client> {
-        Ok(async_nats::connect(self.url()).await?)
+        let creds = std::fs::read_to_string(self.identity.join("operator.creds"))?;
+        Ok(async_nats::ConnectOptions::with_credentials(&creds)?
+            .custom_inbox_prefix("_INBOX.ctl")
+            .connect(self.url())
+            .await?)
     }
 }
 
@@ -284,6 +310,8 @@ impl Operator {
             "--resync-secs",
             "2",
         ])
+        .arg("--identity")
+        .arg(&nats.identity)
         .env("FLEET_LOG", "info,fleet_operator=debug");
         let proc = Proc::spawn("fleet-operator", cmd, dir.join("operator.log"))?;
         let op = Operator {
@@ -443,9 +471,10 @@ impl Agent {
         dir: &Path,
         device: &str,
         nats_url: &str,
+        token: &str,
         podman: &PodmanSandbox,
     ) -> Result<Agent> {
-        Agent::start_with(dir, device, nats_url, podman, 1, 1)
+        Agent::start_with(dir, device, nats_url, token, podman, 1, 1)
     }
 
     /// Like [`Agent::start`] with the heartbeat and resync intervals in seconds.
@@ -453,6 +482,7 @@ impl Agent {
         dir: &Path,
         device: &str,
         nats_url: &str,
+        token: &str,
         podman: &PodmanSandbox,
         heartbeat_secs: u64,
         resync_secs: u64,
@@ -464,7 +494,7 @@ impl Agent {
             format!(
                 "device_id = {device:?}\nnats_url = {nats_url:?}\nstate_dir = {:?}\n\
                  heartbeat_interval_secs = {heartbeat_secs}\nresync_interval_secs = {resync_secs}\n\
-                 stop_grace_secs = 5\n\
+                 stop_grace_secs = 5\nenrollment_token = {token:?}\n\
                  [podman]\nroot = {:?}\nrunroot = {:?}\nruntime = \"runc\"\n",
                 state_dir.display().to_string(),
                 podman.root.display().to_string(),
@@ -562,15 +592,27 @@ impl Fleet {
         self.dir.path()
     }
 
-    /// A podman sandbox and an agent for `device`, registered with `labels`.
+    /// A one-time enrollment token whose device gets `labels`.
+    pub fn enrollment_token(&self, labels: &[(&str, &str)]) -> Result<String> {
+        let req = fleet_contracts::api::CreateEnrollmentToken {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ttl_secs: Some(600),
+        };
+        Ok(self.operator.client().create_enrollment_token(&req)?.token)
+    }
+
+    /// A podman sandbox and an agent for `device`, enrolled with a token carrying `labels`.
     pub async fn device(
         &self,
         device: &str,
         labels: &[(&str, &str)],
     ) -> Result<(PodmanSandbox, Agent)> {
         let sandbox = PodmanSandbox::new(&self.path().join(device))?;
-        let agent = Agent::start(self.path(), device, &self.nats.url(), &sandbox)?;
-        self.operator.apply(&device_doc(device, labels))?;
+        let token = self.enrollment_token(labels)?;
+        let agent = Agent::start(self.path(), device, &self.nats.url(), &token, &sandbox)?;
         Ok((sandbox, agent))
     }
 }

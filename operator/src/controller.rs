@@ -18,7 +18,7 @@ use async_nats::jetstream::{
     kv::{self, Operation},
 };
 use fleet_contracts::{
-    names::{DESIRED_BUCKET, REPORTED_BUCKET, RESOURCES_BUCKET},
+    names::{DESIRED_BUCKET, ENROLLMENT_BUCKET, REPORTED_BUCKET, RESOURCES_BUCKET},
     resource::{Deployment, Device},
 };
 use futures::StreamExt;
@@ -42,6 +42,7 @@ pub struct Buckets {
     pub resources: kv::Store,
     pub desired: kv::Store,
     pub reported: kv::Store,
+    pub enrollment: kv::Store,
 }
 
 /// Creates the buckets if missing (idempotent) and opens them.
@@ -66,6 +67,7 @@ pub async fn open_buckets(js: &jetstream::Context) -> Result<Buckets, SetupError
         resources: open(RESOURCES_BUCKET, 5).await?,
         desired: open(DESIRED_BUCKET, 5).await?,
         reported: open(REPORTED_BUCKET, 1).await?,
+        enrollment: open(ENROLLMENT_BUCKET, 5).await?,
     })
 }
 
@@ -74,6 +76,7 @@ pub async fn open_buckets(js: &jetstream::Context) -> Result<Buckets, SetupError
 pub struct Shared {
     pub fleet: RwLock<Fleet>,
     pub buckets: Buckets,
+    pub identity: Arc<crate::identity::Identity>,
     /// Woken whenever fan-out may have work.
     pub changed: Notify,
     watches_current: [AtomicBool; 3],
@@ -91,10 +94,11 @@ pub struct Metrics {
 const WATCH_NAMES: [&str; 3] = ["resources", "reported state", "desired state"];
 
 impl Shared {
-    pub fn new(buckets: Buckets) -> Arc<Shared> {
+    pub fn new(buckets: Buckets, identity: Arc<crate::identity::Identity>) -> Arc<Shared> {
         Arc::new(Shared {
             fleet: RwLock::new(Fleet::default()),
             buckets,
+            identity,
             changed: Notify::new(),
             watches_current: Default::default(),
             metrics: Metrics::default(),

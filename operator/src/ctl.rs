@@ -10,7 +10,10 @@ use std::{
 };
 
 use fleet_contracts::{
-    api::{ApplyResult, ErrorBody, OperatorStatus},
+    api::{
+        ApplyResult, CreateEnrollmentToken, CreatedEnrollmentToken, EnrollmentToken, ErrorBody,
+        OperatorStatus,
+    },
     resource::{Deployment, Device, RolloutPhase},
     state::Phase,
 };
@@ -204,6 +207,23 @@ impl Client {
 
     pub fn device(&self, name: &str) -> Result<Device, CtlError> {
         self.get(&format!("/api/v1/devices/{name}"))
+    }
+
+    pub fn create_enrollment_token(
+        &self,
+        req: &CreateEnrollmentToken,
+    ) -> Result<CreatedEnrollmentToken, CtlError> {
+        let url = self.url("/api/v1/enrollment-tokens");
+        self.answer(&url, self.agent.post(&url).send_json(req))
+    }
+
+    pub fn enrollment_tokens(&self) -> Result<Vec<EnrollmentToken>, CtlError> {
+        self.get("/api/v1/enrollment-tokens")
+    }
+
+    pub fn revoke_enrollment_token(&self, id: &str) -> Result<EnrollmentToken, CtlError> {
+        let url = self.url(&format!("/api/v1/enrollment-tokens/{id}"));
+        self.answer(&url, self.agent.delete(&url).call())
     }
 
     /// Deletes `kind` (`deployments` or `devices`) `name`.

@@ -10,16 +10,19 @@
 pub mod api;
 pub mod controller;
 pub mod ctl;
+pub mod enroll;
 pub mod fleet;
 pub mod identity;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tracing::info;
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
+    /// The folder `fleet-operator init-identity` wrote: keys, `operator.creds`.
+    pub identity_dir: PathBuf,
     pub listen: SocketAddr,
     /// How often fan-out re-checks the desired bucket even without a change.
     pub resync: Duration,
@@ -31,6 +34,15 @@ pub enum RunError {
     Connect {
         url: String,
         source: async_nats::ConnectError,
+    },
+    #[error("cannot load the fleet identity: {0}")]
+    Identity(#[from] identity::IdentityError),
+    #[error(
+        "cannot read the operator's NATS credentials {path}: {source} (run `fleet-operator init-identity` first)"
+    )]
+    Creds {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error(transparent)]
     Setup(#[from] controller::SetupError),
@@ -45,9 +57,19 @@ pub enum RunError {
 
 /// Runs the operator until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), RunError> {
-    let client = async_nats::ConnectOptions::new()
+    let identity = Arc::new(identity::Identity::init_or_load(&config.identity_dir)?);
+    let creds_path = config.identity_dir.join("operator.creds");
+    let creds = std::fs::read_to_string(&creds_path).map_err(|source| RunError::Creds {
+        path: creds_path.clone(),
+        source,
+    })?;
+    let client = async_nats::ConnectOptions::with_credentials(&creds)
+        .map_err(|source| RunError::Creds {
+            path: creds_path,
+            source,
+        })?
         .name("fleet-operator")
-        .custom_inbox_prefix("_INBOX.ctl")
+        .custom_inbox_prefix(identity::OPERATOR_INBOX)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .event_callback(|event| async move { tracing::warn!(event = %event, "NATS event") })
@@ -57,10 +79,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             url: config.nats_url.clone(),
             source,
         })?;
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(client.clone());
     let buckets = controller::open_buckets(&js).await?;
-    let shared = controller::Shared::new(buckets);
+    let shared = controller::Shared::new(buckets, identity.clone());
     controller::spawn(shared.clone(), config.resync);
+    tokio::spawn(enroll::serve(client, shared.clone(), identity));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Listen {

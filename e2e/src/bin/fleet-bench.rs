@@ -17,7 +17,7 @@ use fleet_contracts::{
     names,
     state::{Phase, ReportedDeployment},
 };
-use fleet_e2e::{Agent, Fleet, PodmanSandbox, WAIT, device_doc, free_port, http_deployment};
+use fleet_e2e::{Agent, Fleet, PodmanSandbox, WAIT, free_port, http_deployment};
 use futures::StreamExt;
 
 const DEVICE: &str = "bench-01";
@@ -36,10 +36,16 @@ async fn main() -> Result<()> {
     let baseline = podman_floor(&sandbox, n)?;
 
     // Default device intervals (10 s heartbeat, 5 s resync), as on a Pi.
-    let agent = Agent::start_with(fleet.path(), DEVICE, &fleet.nats.url(), &sandbox, 10, 5)?;
-    fleet
-        .operator
-        .apply(&device_doc(DEVICE, &[("role", "bench")]))?;
+    let token = fleet.enrollment_token(&[("role", "bench")])?;
+    let agent = Agent::start_with(
+        fleet.path(),
+        DEVICE,
+        &fleet.nats.url(),
+        &token,
+        &sandbox,
+        10,
+        5,
+    )?;
     let js = async_nats::jetstream::new(fleet.nats.client().await?);
     let reported = js.get_key_value(names::REPORTED_BUCKET).await?;
 

@@ -1,16 +1,27 @@
-//! The `fleet-operator` binary: parses flags and runs [`fleet_operator::run`].
+//! The `fleet-operator` binary: parses flags and runs [`fleet_operator::run`], or writes the
+//! fleet's NATS identity (`init-identity`) before nats-server first starts.
+#![allow(clippy::print_stdout)] // init-identity prints where it wrote.
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Fleet control plane: fans Deployments out to devices over NATS and serves the API.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// NATS server URL(s), comma-separated.
     #[arg(long, env = "FLEET_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// The folder with the fleet's NATS keys and the operator's credentials.
+    #[arg(
+        long,
+        env = "FLEET_IDENTITY",
+        default_value = "/var/lib/fleet-operator/identity"
+    )]
+    identity: PathBuf,
     /// Address of the HTTP API, status page and /metrics.
     #[arg(long, env = "FLEET_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -19,12 +30,35 @@ struct Args {
     resync_secs: u64,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the fleet's NATS keys (if missing) and write `nats-auth.conf` (for nats-server's
+    /// config: operator, accounts, resolver), `operator.creds` and `sys.creds` into --identity.
+    /// Idempotent: existing keys and files are kept.
+    InitIdentity,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     fleet_operator::init_logging();
+    if let Some(Command::InitIdentity) = args.command {
+        let written = fleet_operator::identity::Identity::init_or_load(&args.identity)
+            .and_then(|id| id.write_files());
+        return match written {
+            Ok(()) => {
+                println!("{}/nats-auth.conf", args.identity.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = fleet_operator::Config {
         nats_url: args.nats_url,
+        identity_dir: args.identity,
         listen: args.listen,
         resync: Duration::from_secs(args.resync_secs.max(1)),
     };

@@ -57,6 +57,32 @@ enum Command {
     Delete { kind: Kind, name: String },
     /// Show whether the operator has finished reading the fleet's state.
     Status,
+    /// One-time tokens that let a new device enroll (get its NATS credentials).
+    #[command(subcommand)]
+    EnrollToken(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints the secret token alone on stdout (it is shown only once).
+    Create {
+        /// A label the enrolled Device gets, `key=value`; repeat for more.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// How long the token can be used, in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+    },
+    /// List tokens (never the secrets): who used each, which expired or were revoked.
+    List,
+    /// Revoke an unused token.
+    Revoke { id: String },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -144,6 +170,59 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
             };
             client.delete(path, &name)?;
             println!("{label}/{name} deleted");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::EnrollToken(TokenCommand::Create { labels, ttl }) => {
+            let req = fleet_contracts::api::CreateEnrollmentToken {
+                labels: labels.into_iter().collect(),
+                ttl_secs: Some(ttl),
+            };
+            let created = client.create_enrollment_token(&req)?;
+            eprintln!(
+                "enrollment token {} created, usable once within {}; put it in the device's agent config (enrollment_token)",
+                created.info.id,
+                age(ttl * 1000)
+            );
+            println!("{}", created.token);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::EnrollToken(TokenCommand::List) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let rows: Vec<Vec<String>> = client
+                .enrollment_tokens()?
+                .iter()
+                .map(|t| {
+                    let state = t.refusal(now).map_or("usable".to_owned(), |_| {
+                        if t.revoked {
+                            "revoked".into()
+                        } else if t.used_by.is_some() {
+                            "used".into()
+                        } else {
+                            "expired".into()
+                        }
+                    });
+                    let labels = t
+                        .labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    vec![
+                        t.id.clone(),
+                        state,
+                        t.used_by.clone().unwrap_or_else(|| "-".into()),
+                        labels,
+                    ]
+                })
+                .collect();
+            println!("{}", table(&["ID", "STATE", "USED BY", "LABELS"], &rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::EnrollToken(TokenCommand::Revoke { id }) => {
+            client.revoke_enrollment_token(&id)?;
+            println!("enrollment token {id} revoked");
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {

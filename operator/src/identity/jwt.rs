@@ -104,7 +104,7 @@ impl AccountLimits {
 #[serde(untagged)]
 pub enum SigningKey {
     Plain(String),
-    Scoped(UserScope),
+    Scoped(Box<UserScope>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,16 +125,21 @@ pub struct UserPermissions {
     pub subscribe: Permission,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resp: Option<ResponsePermission>,
-    #[serde(default = "unlimited")]
-    pub subs: i64,
-    #[serde(default = "unlimited")]
-    pub data: i64,
-    #[serde(default = "unlimited")]
-    pub payload: i64,
+    /// Limits; `None` leaves them out, as users of a scoped signing key must (the server
+    /// refuses a scoped user with any permission or limit of its own; -1 means unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subs: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<i64>,
 }
 
-fn unlimited() -> i64 {
-    -1
+impl UserPermissions {
+    /// No permissions and no limits: what a scoped user carries.
+    pub fn scoped() -> UserPermissions {
+        UserPermissions::default()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -147,7 +152,10 @@ pub struct Permission {
 
 impl Permission {
     pub fn allow(subjects: &[&str]) -> Permission {
-        Permission { allow: subjects.iter().map(|s| s.to_string()).collect(), deny: vec![] }
+        Permission {
+            allow: subjects.iter().map(|s| s.to_string()).collect(),
+            deny: vec![],
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -183,20 +191,29 @@ pub fn encode<T: Serialize>(claims: &Claims<T>, signer: &KeyPair) -> Result<Stri
     let header = BASE64URL_NOPAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
     let body = serde_json::to_vec(claims).map_err(|e| JwtError::Sign(e.to_string()))?;
     let signed = format!("{header}.{}", BASE64URL_NOPAD.encode(&body));
-    let sig = signer.sign(signed.as_bytes()).map_err(|e| JwtError::Sign(e.to_string()))?;
+    let sig = signer
+        .sign(signed.as_bytes())
+        .map_err(|e| JwtError::Sign(e.to_string()))?;
     Ok(format!("{signed}.{}", BASE64URL_NOPAD.encode(&sig)))
 }
 
 /// Decodes a JWT and verifies its signature against its `iss`.
 pub fn decode<T: DeserializeOwned>(jwt: &str) -> Result<Claims<T>, JwtError> {
     let mut parts = jwt.trim().split('.');
-    let (Some(header), Some(body), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(header), Some(body), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(JwtError::Shape);
     };
-    let bytes = |s: &str| BASE64URL_NOPAD.decode(s.as_bytes()).map_err(|e| JwtError::Decode(e.to_string()));
+    let bytes = |s: &str| {
+        BASE64URL_NOPAD
+            .decode(s.as_bytes())
+            .map_err(|e| JwtError::Decode(e.to_string()))
+    };
     let claims: Claims<T> =
         serde_json::from_slice(&bytes(body)?).map_err(|e| JwtError::Decode(e.to_string()))?;
-    let issuer = KeyPair::from_public_key(&claims.iss).map_err(|e| JwtError::Signature(e.to_string()))?;
+    let issuer =
+        KeyPair::from_public_key(&claims.iss).map_err(|e| JwtError::Signature(e.to_string()))?;
     issuer
         .verify(format!("{header}.{body}").as_bytes(), &bytes(sig)?)
         .map_err(|_| JwtError::Signature(claims.iss.clone()))?;
@@ -241,19 +258,35 @@ mod tests {
                 kind: "user".into(),
                 version: 2,
                 issuer_account: None,
-                permissions: UserPermissions { subs: -1, data: -1, payload: -1, ..Default::default() },
+                permissions: UserPermissions {
+                    subs: Some(-1),
+                    data: Some(-1),
+                    payload: Some(-1),
+                    ..Default::default()
+                },
                 bearer_token: false,
             },
         };
         let jwt = encode(&claims, &account).unwrap();
         let back: Claims<UserNats> = decode(&jwt).unwrap();
         assert_eq!(back, claims);
-        let json = String::from_utf8(BASE64URL_NOPAD.decode(jwt.split('.').nth(1).unwrap().as_bytes()).unwrap()).unwrap();
-        assert!(json.contains(r#""nats":{"type":"user","version":2,"subs":-1,"data":-1,"payload":-1}"#), "{json}");
+        let json = String::from_utf8(
+            BASE64URL_NOPAD
+                .decode(jwt.split('.').nth(1).unwrap().as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            json.contains(r#""nats":{"type":"user","version":2,"subs":-1,"data":-1,"payload":-1}"#),
+            "{json}"
+        );
 
         // Signed by a key that is not the claimed issuer.
         let forged = encode(&claims, &KeyPair::new_account()).unwrap();
-        assert!(matches!(decode::<UserNats>(&forged), Err(JwtError::Signature(_))));
+        assert!(matches!(
+            decode::<UserNats>(&forged),
+            Err(JwtError::Signature(_))
+        ));
         assert!(matches!(decode::<UserNats>("a.b"), Err(JwtError::Shape)));
     }
 
@@ -265,18 +298,18 @@ mod tests {
             limits: AccountLimits::unlimited(true),
             signing_keys: vec![
                 SigningKey::Plain("AKEY1".into()),
-                SigningKey::Scoped(UserScope {
+                SigningKey::Scoped(Box::new(UserScope {
                     kind: "user_scope".into(),
                     key: "AKEY2".into(),
                     role: "device".into(),
                     template: UserPermissions {
                         publish: Permission::allow(&["a.{{name()}}"]),
-                        subs: -1,
-                        data: -1,
-                        payload: -1,
+                        subs: Some(-1),
+                        data: Some(-1),
+                        payload: Some(-1),
                         ..Default::default()
                     },
-                }),
+                })),
             ],
             revocations: [("UKEY".to_owned(), 5)].into(),
         };

@@ -37,9 +37,16 @@ pub fn device_inbox(device: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("cannot read or write {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} does not hold a valid {kind} seed: {message}")]
-    BadSeed { path: PathBuf, kind: &'static str, message: String },
+    BadSeed {
+        path: PathBuf,
+        kind: &'static str,
+        message: String,
+    },
     #[error("invalid device id {device:?}: {message}")]
     DeviceId { device: String, message: String },
     #[error("{key:?} is not a user public key")]
@@ -59,25 +66,53 @@ pub struct Identity {
     service_signing: KeyPair,
     /// Scoped signing key `device` of the fleet account: signs device users.
     device_signing: KeyPair,
+    /// Scoped signing key `enroll` of the fleet account: signs enrollment-token users.
+    enroll_signing: KeyPair,
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Identity {
     /// Loads the keys from `dir`, creating any that are missing (idempotent).
     pub fn init_or_load(dir: &Path) -> Result<Identity, IdentityError> {
         let keys = dir.join("keys");
-        std::fs::create_dir_all(&keys).map_err(|source| IdentityError::Io { path: keys.clone(), source })?;
+        std::fs::create_dir_all(&keys).map_err(|source| IdentityError::Io {
+            path: keys.clone(),
+            source,
+        })?;
         let _ = std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700));
         Ok(Identity {
             dir: dir.to_owned(),
             operator: seed(&keys.join("operator.nk"), "operator", KeyPair::new_operator)?,
-            sys_account: seed(&keys.join("sys-account.nk"), "account", KeyPair::new_account)?,
-            fleet_account: seed(&keys.join("fleet-account.nk"), "account", KeyPair::new_account)?,
-            service_signing: seed(&keys.join("fleet-service-signing.nk"), "account", KeyPair::new_account)?,
-            device_signing: seed(&keys.join("fleet-device-signing.nk"), "account", KeyPair::new_account)?,
+            sys_account: seed(
+                &keys.join("sys-account.nk"),
+                "account",
+                KeyPair::new_account,
+            )?,
+            fleet_account: seed(
+                &keys.join("fleet-account.nk"),
+                "account",
+                KeyPair::new_account,
+            )?,
+            service_signing: seed(
+                &keys.join("fleet-service-signing.nk"),
+                "account",
+                KeyPair::new_account,
+            )?,
+            device_signing: seed(
+                &keys.join("fleet-device-signing.nk"),
+                "account",
+                KeyPair::new_account,
+            )?,
+            enroll_signing: seed(
+                &keys.join("fleet-enroll-signing.nk"),
+                "account",
+                KeyPair::new_account,
+            )?,
         })
     }
 
@@ -97,13 +132,23 @@ impl Identity {
             name: "fleet".into(),
             sub: self.operator.public_key(),
             exp: None,
-            nats: OperatorNats { kind: "operator".into(), version: 2, system_account: self.sys_account.public_key() },
+            nats: OperatorNats {
+                kind: "operator".into(),
+                version: 2,
+                system_account: self.sys_account.public_key(),
+            },
         };
         Ok(jwt::encode(&claims, &self.operator)?)
     }
 
     pub fn sys_account_jwt(&self) -> Result<String, IdentityError> {
-        self.account_jwt(&self.sys_account, "SYS", AccountLimits::unlimited(false), vec![], Default::default())
+        self.account_jwt(
+            &self.sys_account,
+            "SYS",
+            AccountLimits::unlimited(false),
+            vec![],
+            Default::default(),
+        )
     }
 
     /// The fleet account's JWT with `revocations` (user key -> unix seconds).
@@ -113,14 +158,26 @@ impl Identity {
     ) -> Result<String, IdentityError> {
         let signing_keys = vec![
             SigningKey::Plain(self.service_signing.public_key()),
-            SigningKey::Scoped(UserScope {
+            SigningKey::Scoped(Box::new(UserScope {
                 kind: "user_scope".into(),
                 key: self.device_signing.public_key(),
                 role: "device".into(),
                 template: device_template(),
-            }),
+            })),
+            SigningKey::Scoped(Box::new(UserScope {
+                kind: "user_scope".into(),
+                key: self.enroll_signing.public_key(),
+                role: "enroll".into(),
+                template: enroll_template(),
+            })),
         ];
-        self.account_jwt(&self.fleet_account, "FLEET", AccountLimits::unlimited(true), signing_keys, revocations)
+        self.account_jwt(
+            &self.fleet_account,
+            "FLEET",
+            AccountLimits::unlimited(true),
+            signing_keys,
+            revocations,
+        )
     }
 
     fn account_jwt(
@@ -138,16 +195,32 @@ impl Identity {
             name: name.into(),
             sub: account.public_key(),
             exp: None,
-            nats: AccountNats { kind: "account".into(), version: 2, limits, signing_keys, revocations },
+            nats: AccountNats {
+                kind: "account".into(),
+                version: 2,
+                limits,
+                signing_keys,
+                revocations,
+            },
         };
         Ok(jwt::encode(&claims, &self.operator)?)
     }
 
     /// A device's user JWT: `name` is the device id, permissions come from the template.
-    pub fn device_jwt(&self, device: &str, device_key: &str, expires_at: u64) -> Result<String, IdentityError> {
-        check_name(device).map_err(|message| IdentityError::DeviceId { device: device.into(), message })?;
+    pub fn device_jwt(
+        &self,
+        device: &str,
+        device_key: &str,
+        expires_at: u64,
+    ) -> Result<String, IdentityError> {
+        check_name(device).map_err(|message| IdentityError::DeviceId {
+            device: device.into(),
+            message,
+        })?;
         if !device_key.starts_with('U') || KeyPair::from_public_key(device_key).is_err() {
-            return Err(IdentityError::UserKey { key: device_key.into() });
+            return Err(IdentityError::UserKey {
+                key: device_key.into(),
+            });
         }
         let claims = Claims {
             jti: jwt::new_jti(),
@@ -161,11 +234,47 @@ impl Identity {
                 version: 2,
                 issuer_account: Some(self.fleet_account.public_key()),
                 // Scoped users must carry no permissions or limits of their own.
-                permissions: UserPermissions { subs: -1, data: -1, payload: -1, ..Default::default() },
+                permissions: UserPermissions::scoped(),
                 bearer_token: false,
             },
         };
         Ok(jwt::encode(&claims, &self.device_signing)?)
+    }
+
+    /// A new enrollment token: `<seed>:<jwt>` of a throwaway user named `token_id` that can do
+    /// one thing, ask for enrollment on `fleet.enroll.<token_id>`, until `expires_at`.
+    pub fn enrollment_token(
+        &self,
+        token_id: &str,
+        expires_at: u64,
+    ) -> Result<String, IdentityError> {
+        check_name(token_id).map_err(|message| IdentityError::DeviceId {
+            device: token_id.into(),
+            message,
+        })?;
+        let user = KeyPair::new_user();
+        let claims = Claims {
+            jti: jwt::new_jti(),
+            iat: now_secs(),
+            iss: self.enroll_signing.public_key(),
+            name: token_id.into(),
+            sub: user.public_key(),
+            exp: Some(expires_at),
+            nats: UserNats {
+                kind: "user".into(),
+                version: 2,
+                issuer_account: Some(self.fleet_account.public_key()),
+                permissions: UserPermissions::scoped(),
+                bearer_token: false,
+            },
+        };
+        let token = jwt::encode(&claims, &self.enroll_signing)?;
+        let seed = user.seed().map_err(|e| IdentityError::BadSeed {
+            path: self.dir.clone(),
+            kind: "user",
+            message: e.to_string(),
+        })?;
+        Ok(format!("{seed}:{token}"))
     }
 
     /// Credentials of the operator service in the fleet account: everything it needs, and
@@ -174,30 +283,52 @@ impl Identity {
         let user = KeyPair::new_user();
         let permissions = UserPermissions {
             publish: Permission {
-                allow: vec!["$JS.API.>".into(), "$KV.>".into(), "$JS.FC.>".into(), "fleet.dev.>".into()],
+                allow: vec![
+                    "$JS.API.>".into(),
+                    "$KV.>".into(),
+                    "$JS.FC.>".into(),
+                    "fleet.dev.>".into(),
+                    // Replies to enrollment requests.
+                    "_INBOX.enroll.>".into(),
+                ],
                 deny: vec![format!("$KV.{REPORTED_BUCKET}.>")],
             },
-            subscribe: Permission::allow(&[&format!("{OPERATOR_INBOX}.>")]),
+            subscribe: Permission::allow(&[&format!("{OPERATOR_INBOX}.>"), "fleet.enroll.*"]),
             resp: None,
-            subs: -1,
-            data: -1,
-            payload: -1,
+            subs: Some(-1),
+            data: Some(-1),
+            payload: Some(-1),
         };
-        self.user_creds(&user, "fleet-operator", &self.service_signing, Some(self.fleet_account.public_key()), permissions)
+        self.user_creds(
+            &user,
+            "fleet-operator",
+            &self.service_signing,
+            Some(self.fleet_account.public_key()),
+            permissions,
+        )
     }
 
     /// Credentials in the system account, for pushing account JWT updates.
     pub fn sys_creds(&self) -> Result<String, IdentityError> {
         let user = KeyPair::new_user();
         let permissions = UserPermissions {
-            publish: Permission::allow(&["$SYS.REQ.CLAIMS.UPDATE", "$SYS.REQ.ACCOUNT.*.CLAIMS.UPDATE"]),
+            publish: Permission::allow(&[
+                "$SYS.REQ.CLAIMS.UPDATE",
+                "$SYS.REQ.ACCOUNT.*.CLAIMS.UPDATE",
+            ]),
             subscribe: Permission::allow(&[&format!("{OPERATOR_INBOX}.>")]),
             resp: None,
-            subs: -1,
-            data: -1,
-            payload: -1,
+            subs: Some(-1),
+            data: Some(-1),
+            payload: Some(-1),
         };
-        self.user_creds(&user, "fleet-operator-sys", &self.sys_account, None, permissions)
+        self.user_creds(
+            &user,
+            "fleet-operator-sys",
+            &self.sys_account,
+            None,
+            permissions,
+        )
     }
 
     fn user_creds(
@@ -215,7 +346,13 @@ impl Identity {
             name: name.into(),
             sub: user.public_key(),
             exp: None,
-            nats: UserNats { kind: "user".into(), version: 2, issuer_account, permissions, bearer_token: false },
+            nats: UserNats {
+                kind: "user".into(),
+                version: 2,
+                issuer_account,
+                permissions,
+                bearer_token: false,
+            },
         };
         let token = jwt::encode(&claims, signer)?;
         let seed = user.seed().map_err(|e| IdentityError::BadSeed {
@@ -270,7 +407,9 @@ pub fn device_template() -> UserPermissions {
     UserPermissions {
         publish: Permission {
             allow: vec![
-                format!("$JS.API.CONSUMER.CREATE.{desired}.*.$KV.{DESIRED_BUCKET}.{{{{name()}}}}.>"),
+                format!(
+                    "$JS.API.CONSUMER.CREATE.{desired}.*.$KV.{DESIRED_BUCKET}.{{{{name()}}}}.>"
+                ),
                 format!("$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_BUCKET}.{{{{name()}}}}.>"),
                 format!("$KV.{REPORTED_BUCKET}.{{{{name()}}}}.>"),
                 format!("$JS.FC.{desired}.>"),
@@ -278,14 +417,32 @@ pub fn device_template() -> UserPermissions {
             deny: vec![],
         },
         subscribe: Permission {
-            allow: vec![format!("{}.>", device_inbox("{{name()}}")), "fleet.dev.{{name()}}.>".into()],
+            allow: vec![
+                format!("{}.>", device_inbox("{{name()}}")),
+                "fleet.dev.{{name()}}.>".into(),
+            ],
             deny: vec![],
         },
         // Replies to the operator's requests (logs, exec) and to flow control.
-        resp: Some(ResponsePermission { max: -1, ttl: 600_000_000_000 }),
-        subs: 100,
-        data: -1,
-        payload: 1024 * 1024,
+        resp: Some(ResponsePermission {
+            max: -1,
+            ttl: 600_000_000_000,
+        }),
+        subs: Some(100),
+        data: Some(-1),
+        payload: Some(1024 * 1024),
+    }
+}
+
+/// What an enrollment token may do: ask once, on its own subject, and hear the answer.
+pub fn enroll_template() -> UserPermissions {
+    UserPermissions {
+        publish: Permission::allow(&["fleet.enroll.{{name()}}"]),
+        subscribe: Permission::allow(&["_INBOX.enroll.{{name()}}.>"]),
+        resp: None,
+        subs: Some(10),
+        data: Some(-1),
+        payload: Some(64 * 1024),
     }
 }
 
@@ -298,19 +455,35 @@ fn seed(path: &Path, kind: &'static str, new: fn() -> KeyPair) -> Result<KeyPair
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let kp = new();
-            let seed = kp.seed().map_err(|e| IdentityError::BadSeed { path: path.to_owned(), kind, message: e.to_string() })?;
+            let seed = kp.seed().map_err(|e| IdentityError::BadSeed {
+                path: path.to_owned(),
+                kind,
+                message: e.to_string(),
+            })?;
             write_private(path, seed.as_bytes())?;
             Ok(kp)
         }
-        Err(source) => Err(IdentityError::Io { path: path.to_owned(), source }),
+        Err(source) => Err(IdentityError::Io {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
 /// Creates `path` with mode 0600 (never readable by others, not even briefly) and syncs it.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
-    let io = |source| IdentityError::Io { path: path.to_owned(), source };
+    let io = |source| IdentityError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
@@ -327,8 +500,18 @@ mod tests {
         let b = Identity::init_or_load(dir.path()).unwrap();
         assert_eq!(a.fleet_account_key(), b.fleet_account_key());
         a.write_files().unwrap();
-        for f in ["keys/operator.nk", "keys/fleet-device-signing.nk", "operator.creds", "sys.creds", "nats-auth.conf"] {
-            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+        for f in [
+            "keys/operator.nk",
+            "keys/fleet-device-signing.nk",
+            "operator.creds",
+            "sys.creds",
+            "nats-auth.conf",
+        ] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
             assert_eq!(mode, 0o600, "{f}");
         }
     }
@@ -339,13 +522,25 @@ mod tests {
         let id = Identity::init_or_load(dir.path()).unwrap();
         let user = KeyPair::new_user().public_key();
         for bad in ["*", ">", "a.b", "A", ""] {
-            assert!(matches!(id.device_jwt(bad, &user, 1), Err(IdentityError::DeviceId { .. })), "{bad}");
+            assert!(
+                matches!(
+                    id.device_jwt(bad, &user, 1),
+                    Err(IdentityError::DeviceId { .. })
+                ),
+                "{bad}"
+            );
         }
         let account = KeyPair::new_account().public_key();
-        assert!(matches!(id.device_jwt("pi-01", &account, 1), Err(IdentityError::UserKey { .. })));
+        assert!(matches!(
+            id.device_jwt("pi-01", &account, 1),
+            Err(IdentityError::UserKey { .. })
+        ));
         let token = id.device_jwt("pi-01", &user, 1).unwrap();
         let claims: Claims<UserNats> = jwt::decode(&token).unwrap();
-        assert_eq!((claims.name.as_str(), claims.sub.as_str()), ("pi-01", user.as_str()));
+        assert_eq!(
+            (claims.name.as_str(), claims.sub.as_str()),
+            ("pi-01", user.as_str())
+        );
         assert_eq!(claims.nats.issuer_account, Some(id.fleet_account_key()));
         assert_eq!(claims.nats.permissions.publish, Permission::default());
     }

@@ -36,6 +36,10 @@ pub enum IdentityError {
     BadToken(String),
     #[error("enrollment refused: {0}")]
     Refused(String),
+    #[error(
+        "the enrollment token {id} expired at unix time {expired_at}; create a new one with `fleetctl enroll-token create` (or check this device's clock)"
+    )]
+    TokenExpired { id: String, expired_at: u64 },
     #[error("enrollment did not get an answer: {0}")]
     Unanswered(String),
 }
@@ -115,6 +119,7 @@ struct Token {
     key: KeyPair,
     jwt: String,
     id: String,
+    expires_at: Option<u64>,
 }
 
 fn parse_token(token: &str) -> Result<Token, IdentityError> {
@@ -133,15 +138,16 @@ fn parse_token(token: &str) -> Result<Token, IdentityError> {
     #[derive(serde::Deserialize)]
     struct Claims {
         name: String,
+        exp: Option<u64>,
     }
-    let id = serde_json::from_slice::<Claims>(&bytes)
-        .map_err(|e| IdentityError::BadToken(e.to_string()))?
-        .name;
-    names::check_name(&id).map_err(IdentityError::BadToken)?;
+    let claims = serde_json::from_slice::<Claims>(&bytes)
+        .map_err(|e| IdentityError::BadToken(e.to_string()))?;
+    names::check_name(&claims.name).map_err(IdentityError::BadToken)?;
     Ok(Token {
         key,
         jwt: jwt.to_owned(),
-        id,
+        id: claims.name,
+        expires_at: claims.exp,
     })
 }
 
@@ -153,6 +159,16 @@ pub async fn enroll(
     token: &str,
 ) -> Result<String, IdentityError> {
     let token = parse_token(token)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if let Some(expired_at) = token.expires_at.filter(|exp| *exp <= now) {
+        // The server would refuse the token's connection without saying why: say it here.
+        return Err(IdentityError::TokenExpired {
+            id: token.id,
+            expired_at,
+        });
+    }
     let signer = Arc::new(token.key);
     let client = async_nats::ConnectOptions::with_jwt(token.jwt, move |nonce| {
         let signer = signer.clone();

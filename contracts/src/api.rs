@@ -148,3 +148,43 @@ pub struct DeviceIdentity {
     /// The enrollment token it used.
     pub token: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_refusals() {
+        let token = EnrollmentToken {
+            schema: 1,
+            id: "t1".into(),
+            labels: Default::default(),
+            created_ms: 0,
+            expires_ms: 1000,
+            used_by: None,
+            used_ms: None,
+            revoked: false,
+        };
+        assert_eq!(token.refusal(999), None);
+        assert_eq!(
+            token.refusal(1000).as_deref(),
+            Some("enrollment token t1 has expired")
+        );
+        let used = EnrollmentToken {
+            used_by: Some("pi-01".into()),
+            ..token.clone()
+        };
+        assert_eq!(
+            used.refusal(0).as_deref(),
+            Some("enrollment token t1 was already used (by pi-01)")
+        );
+        let revoked = EnrollmentToken {
+            revoked: true,
+            ..used
+        };
+        assert_eq!(
+            revoked.refusal(0).as_deref(),
+            Some("enrollment token t1 was revoked")
+        );
+    }
+}

@@ -1,0 +1,377 @@
+//! Security by default, proven by trying: with a real nats-server in JWT mode and two enrolled
+//! devices A and B, device A's credentials cannot reach B's keys or subjects, the desired or
+//! resources buckets, or anyone's inbox; forged credentials and spent tokens are refused.
+//! Each attempt asserts the server's permission error; each has a positive control where one
+//! makes sense (A can do the same to its own keys), so a broken setup cannot pass silently.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_nats::{HeaderMap, jetstream::consumer::push::OrderedConfig};
+use fleet_agent::identity::{self, IdentityError};
+use fleet_contracts::names::{self, DESIRED_BUCKET, REPORTED_BUCKET, RESOURCES_BUCKET};
+use fleet_e2e::{Fleet, WAIT, eventually};
+use nkeys::KeyPair;
+use tokio::sync::mpsc;
+
+/// A device's NATS connection and the server errors it receives.
+struct Conn {
+    client: async_nats::Client,
+    errors: mpsc::UnboundedReceiver<String>,
+}
+
+impl Conn {
+    /// Waits for the server's permission error naming `what` (e.g. `Publish to "x"`).
+    async fn violation(&mut self, what: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.errors.recv()).await {
+                Ok(Some(e)) if e.contains("Permissions Violation") && e.contains(what) => {
+                    return Ok(());
+                }
+                Ok(Some(e)) => seen.push(e),
+                Ok(None) | Err(_) => {
+                    bail!("no permission violation for {what}; server errors seen: {seen:?}")
+                }
+            }
+        }
+    }
+
+    fn js(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build(self.client.clone())
+    }
+}
+
+/// Two enrolled devices and a Deployment on both, so each has a desired key.
+struct Setup {
+    fleet: Fleet,
+    a: (KeyPair, String),
+    b: (KeyPair, String),
+}
+
+async fn setup() -> Result<Setup> {
+    let fleet = Fleet::start().await?;
+    let mut devices = Vec::new();
+    for name in ["dev-a", "dev-b"] {
+        let key = KeyPair::new_user();
+        let token = fleet.enrollment_token(&[("role", "iso")])?;
+        let jwt = identity::enroll(&fleet.nats.url(), name, &key, &token).await?;
+        devices.push((key, jwt));
+    }
+    let mut doc = fleet_e2e::http_deployment("web", "iso", 1, "x");
+    doc["spec"]["template"]["containers"][0]["ports"] = serde_json::json!([]);
+    fleet.operator.apply(&doc)?;
+    let js = async_nats::jetstream::new(fleet.nats.client().await?);
+    let desired = js.get_key_value(DESIRED_BUCKET).await?;
+    eventually("desired keys for both devices", WAIT, || async {
+        let a = desired.get("dev-a.web").await?;
+        let b = desired.get("dev-b.web").await?;
+        Ok((a.is_some() && b.is_some()).then_some(()))
+    })
+    .await?;
+    let b = devices.pop().context("b")?;
+    let a = devices.pop().context("a")?;
+    Ok(Setup { fleet, a, b })
+}
+
+async fn connect(fleet: &Fleet, device: &str, creds: &(KeyPair, String)) -> Result<Conn> {
+    let (tx, errors) = mpsc::unbounded_channel();
+    let key = std::sync::Arc::new(KeyPair::from_seed(&creds.0.seed()?)?);
+    let client = async_nats::ConnectOptions::with_jwt(creds.1.clone(), move |nonce| {
+        let key = key.clone();
+        async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
+    })
+    .custom_inbox_prefix(identity_inbox(device))
+    .request_timeout(Some(Duration::from_secs(2)))
+    .event_callback(move |event| {
+        let tx = tx.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = event {
+                let _ = tx.send(e.to_string());
+            }
+        }
+    })
+    .connect(fleet.nats.url())
+    .await?;
+    Ok(Conn { client, errors })
+}
+
+fn identity_inbox(device: &str) -> String {
+    format!("_INBOX.dev.{device}")
+}
+
+/// A direct get of `key` in `bucket`, the way a device reads a key.
+async fn direct_get(conn: &Conn, bucket: &str, key: &str) -> Result<async_nats::Message> {
+    let subject = format!(
+        "$JS.API.DIRECT.GET.{}.{}",
+        names::kv_stream(bucket),
+        names::kv_subject(bucket, key)
+    );
+    Ok(conn.client.request(subject, "".into()).await?)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_cannot_get_another_devices_desired_keys() -> Result<()> {
+    let s = setup().await?;
+    let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
+    // Control: its own key is readable.
+    let own = direct_get(&a, DESIRED_BUCKET, "dev-a.web").await?;
+    assert!(String::from_utf8_lossy(&own.payload).contains("\"deployment\":\"web\""));
+    assert!(direct_get(&a, DESIRED_BUCKET, "dev-b.web").await.is_err());
+    a.violation("Publish to \"$JS.API.DIRECT.GET.KV_fleet-desired.$KV.fleet-desired.dev-b.web\"")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_cannot_watch_another_devices_desired_keys() -> Result<()> {
+    let s = setup().await?;
+    let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
+    let js = a.js();
+    let config = |device: &str| OrderedConfig {
+        name: Some("probe".into()),
+        filter_subject: names::device_filter(DESIRED_BUCKET, device),
+        deliver_subject: a.client.new_inbox(),
+        ..Default::default()
+    };
+    // Control: the agent's own way of watching works.
+    js.create_consumer_on_stream(config("dev-a"), names::kv_stream(DESIRED_BUCKET))
+        .await?;
+    assert!(
+        js.create_consumer_on_stream(config("dev-b"), names::kv_stream(DESIRED_BUCKET))
+            .await
+            .is_err()
+    );
+    a.violation(
+        "Publish to \"$JS.API.CONSUMER.CREATE.KV_fleet-desired.probe.$KV.fleet-desired.dev-b.>\"",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_cannot_create_an_unfiltered_watch_over_the_bucket() -> Result<()> {
+    let s = setup().await?;
+    let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
+    let unfiltered = OrderedConfig {
+        deliver_subject: a.client.new_inbox(),
+        ..Default::default()
+    };
+    assert!(
+        a.js()
+            .create_consumer_on_stream(unfiltered, names::kv_stream(DESIRED_BUCKET))
+            .await
+            .is_err()
+    );
+    a.violation("Publish to \"$JS.API.CONSUMER.CREATE.KV_fleet-desired\"")
+        .await?;
+    // Nor can it use async-nats' KV helpers, which need the stream's info (all key names).
+    assert!(a.js().get_key_value(DESIRED_BUCKET).await.is_err());
+    a.violation("Publish to \"$JS.API.STREAM.INFO.KV_fleet-desired\"")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_cannot_write_another_devices_reported_keys() -> Result<()> {
+    let s = setup().await?;
+    let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
+    let b = connect(&s.fleet, "dev-b", &s.b).await?;
+    // Controls: each device's own reported key takes a write.
+    b.js()
+        .publish(
+            names::kv_subject(REPORTED_BUCKET, "dev-b.web"),
+            "{\"by\":\"b\"}".into(),
+        )
+        .await?
+        .await?;
+    let js = a.js();
+    js.publish(names::kv_subject(REPORTED_BUCKET, "dev-a.web"), "{}".into())
+        .await?
+        .await?;
+    let forged = js
+        .publish(
+            names::kv_subject(REPORTED_BUCKET, "dev-b.web"),
+            "{\"by\":\"a\"}".into(),
+        )
+        .await?;
+    assert!(forged.await.is_err(), "the forged report was acknowledged");
+    a.violation("Publish to \"$KV.fleet-reported.dev-b.web\"")
+        .await?;
+    let reported = async_nats::jetstream::new(s.fleet.nats.client().await?)
+        .get_key_value(REPORTED_BUCKET)
+        .await?;
+    assert_eq!(
+        reported.get("dev-b.web").await?.as_deref(),
+        Some(&b"{\"by\":\"b\"}"[..])
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_cannot_write_any_desired_key() -> Result<()> {
+    let s = setup().await?;
+    let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
+    let js = a.js();
+    // Not even its own: desired state is the operator's alone.
+    let write = js
+        .publish(
+            names::kv_subject(DESIRED_BUCKET, "dev-a.web"),
+            "{\"evil\":1}".into(),
+        )
+        .await?;
+    assert!(write.await.is_err());
+    a.violation("Publish to \"$KV.fleet-desired.dev-a.web\"")
+        .await?;
+    let mut headers = HeaderMap::new();
+    headers.insert("KV-Operation", "DEL");
+    let delete = js
+        .publish_with_headers(
+            names::kv_subject(DESIRED_BUCKET, "dev-b.web"),
+            headers,
+            "".into(),
+        )
+        .await?;
+    assert!(delete.await.is_err());
+    a.violation("Publish to \"$KV.fleet-desired.dev-b.web\"")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_cannot_serve_another_devices_logs_or_exec_subjects() -> Result<()> {
+    let s = setup().await?;
+    let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
+    // Control: its own request subjects are allowed.
+    let _own = a.client.subscribe("fleet.dev.dev-a.logs").await?;
+    let _logs = a.client.subscribe("fleet.dev.dev-b.logs").await?;
+    a.violation("Subscription to \"fleet.dev.dev-b.logs\"")
+        .await?;
+    let _exec = a.client.subscribe("fleet.dev.dev-b.exec").await?;
+    a.violation("Subscription to \"fleet.dev.dev-b.exec\"")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_cannot_read_the_resources_bucket() -> Result<()> {
+    let s = setup().await?;
+    let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
+    assert!(
+        direct_get(&a, RESOURCES_BUCKET, "deployment.web")
+            .await
+            .is_err()
+    );
+    a.violation(
+        "Publish to \"$JS.API.DIRECT.GET.KV_fleet-resources.$KV.fleet-resources.deployment.web\"",
+    )
+    .await?;
+    let _sub = a.client.subscribe("$KV.fleet-resources.>").await?;
+    a.violation("Subscription to \"$KV.fleet-resources.>\"")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_cannot_read_other_inboxes() -> Result<()> {
+    let s = setup().await?;
+    let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
+    let _all = a.client.subscribe("_INBOX.>").await?;
+    a.violation("Subscription to \"_INBOX.>\"").await?;
+    let _b = a.client.subscribe("_INBOX.dev.dev-b.>").await?;
+    a.violation("Subscription to \"_INBOX.dev.dev-b.>\"")
+        .await?;
+    let _ctl = a.client.subscribe("_INBOX.ctl.>").await?;
+    a.violation("Subscription to \"_INBOX.ctl.>\"").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_jwt_signed_by_a_foreign_key_is_refused() -> Result<()> {
+    let s = setup().await?;
+    // Claims copied from a real device JWT, re-signed by a key the account never listed.
+    let real: fleet_operator::identity::jwt::Claims<fleet_operator::identity::jwt::UserNats> =
+        fleet_operator::identity::jwt::decode(&s.a.1)?;
+    let forger = KeyPair::new_account();
+    let user = KeyPair::new_user();
+    let claims = fleet_operator::identity::jwt::Claims {
+        iss: forger.public_key(),
+        sub: user.public_key(),
+        ..real
+    };
+    let forged = fleet_operator::identity::jwt::encode(&claims, &forger)?;
+    let err = connect(&s.fleet, "dev-a", &(user, forged))
+        .await
+        .err()
+        .context("a forged JWT connected")?;
+    assert!(
+        format!("{err:#}").contains("authorization violation"),
+        "{err:#}"
+    );
+    Ok(())
+}
+
+async fn enroll_err(fleet: &Fleet, device: &str, token: &str) -> IdentityError {
+    identity::enroll(&fleet.nats.url(), device, &KeyPair::new_user(), token)
+        .await
+        .expect_err("enrollment succeeded")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn used_expired_and_revoked_enrollment_tokens_are_refused() -> Result<()> {
+    let fleet = Fleet::start().await?;
+    let client = fleet.operator.client();
+
+    let used = fleet.enrollment_token(&[])?;
+    identity::enroll(&fleet.nats.url(), "first", &KeyPair::new_user(), &used).await?;
+    let err = enroll_err(&fleet, "second", &used).await;
+    assert!(
+        matches!(&err, IdentityError::Refused(r) if r.contains("was already used (by first)")),
+        "{err}"
+    );
+
+    let revoked = client.create_enrollment_token(&Default::default())?;
+    client.revoke_enrollment_token(&revoked.info.id)?;
+    let err = enroll_err(&fleet, "third", &revoked.token).await;
+    assert!(
+        matches!(&err, IdentityError::Refused(r) if r.contains("was revoked")),
+        "{err}"
+    );
+
+    let short = client.create_enrollment_token(&fleet_contracts::api::CreateEnrollmentToken {
+        ttl_secs: Some(1),
+        ..Default::default()
+    })?;
+    // Wait until the token's own expiry time has passed, then use it.
+    eventually("the token to expire", WAIT, || {
+        let expires = short.info.expires_ms;
+        async move { Ok((fleet_operator::controller::now_ms() > expires).then_some(())) }
+    })
+    .await?;
+    let err = enroll_err(&fleet, "fourth", &short.token).await;
+    assert!(
+        matches!(&err, IdentityError::TokenExpired { id, .. } if *id == short.info.id),
+        "{err}"
+    );
+
+    let err = enroll_err(&fleet, "fifth", "SUAM:not-a-token").await;
+    assert!(matches!(err, IdentityError::BadToken(_)), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn re_enrolling_a_device_with_a_new_key_is_refused_until_an_admin_deletes_it() -> Result<()> {
+    let fleet = Fleet::start().await?;
+    let key = KeyPair::new_user();
+    let first = fleet.enrollment_token(&[])?;
+    identity::enroll(&fleet.nats.url(), "pi-07", &key, &first).await?;
+    // The same device and key asking again with its own token is answered (a crash before saving).
+    identity::enroll(&fleet.nats.url(), "pi-07", &key, &first).await?;
+
+    let second = fleet.enrollment_token(&[])?;
+    let err = enroll_err(&fleet, "pi-07", &second).await;
+    assert!(
+        matches!(&err, IdentityError::Refused(r) if r.contains("already enrolled with another key")),
+        "{err}"
+    );
+    // The refused attempt did not spend the token.
+    fleet.operator.client().delete("devices", "pi-07")?;
+    identity::enroll(&fleet.nats.url(), "pi-07", &KeyPair::new_user(), &second).await?;
+    Ok(())
+}

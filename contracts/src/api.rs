@@ -147,6 +147,54 @@ pub struct DeviceIdentity {
     pub enrolled_ms: u64,
     /// The enrollment token it used.
     pub token: String,
+    /// Set while the device is blacklisted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blacklist: Option<Audit>,
+    /// The last time a blacklist was lifted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_unblacklist: Option<Audit>,
+}
+
+/// Who did something, when, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Audit {
+    pub by: String,
+    pub at_ms: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// `fleet-enrollment` `revocations`: the device keys revoked in the fleet account, key ->
+/// (device, unix seconds). The account JWT's revocation list is rendered from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocations {
+    pub schema: u32,
+    #[serde(default)]
+    pub keys: std::collections::BTreeMap<String, Revoked>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    pub device: String,
+    /// JWTs issued at or before this second are refused.
+    pub at_secs: u64,
+}
+
+/// `POST /api/v1/devices/<name>/blacklist` and `.../unblacklist`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlacklistRequest {
+    /// Who asks (recorded on the device).
+    pub by: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// The answer to a blacklist or unblacklist: what happened, in words to show as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlacklistResult {
+    pub device: String,
+    pub blacklisted: bool,
+    pub message: String,
 }
 
 #[cfg(test)]

@@ -244,6 +244,11 @@ pub struct DeviceStatus {
     /// Milliseconds since the last heartbeat arrived, by the operator's clock.
     pub heartbeat_age_ms: Option<u64>,
     pub deployments: Vec<String>,
+    /// Set while the device is blacklisted: who, when, why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blacklist: Option<crate::api::Audit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_unblacklist: Option<crate::api::Audit>,
 }
 
 /// Any resource a person can apply.

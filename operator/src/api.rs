@@ -17,8 +17,8 @@ use axum::{
 use fleet_contracts::{
     SCHEMA_VERSION,
     api::{
-        ApplyOutcome, ApplyResult, CreateEnrollmentToken, CreatedEnrollmentToken, EnrollmentToken,
-        ErrorBody, OperatorStatus, RecoveryState,
+        ApplyOutcome, ApplyResult, BlacklistRequest, BlacklistResult, CreateEnrollmentToken,
+        CreatedEnrollmentToken, EnrollmentToken, ErrorBody, OperatorStatus, RecoveryState,
     },
     names,
     resource::{Deployment, Device, Resource},
@@ -43,6 +43,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/api/v1/devices/{name}",
             get(get_device).delete(delete_device),
+        )
+        .route("/api/v1/devices/{name}/blacklist", post(blacklist_device))
+        .route(
+            "/api/v1/devices/{name}/unblacklist",
+            post(unblacklist_device),
         )
         .route(
             "/api/v1/enrollment-tokens",
@@ -694,4 +699,46 @@ async fn revoke_token(
         })?;
     info!(token = %id, "enrollment token revoked");
     Ok(Json(token))
+}
+
+async fn blacklist_device(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<BlacklistResult> {
+    set_blacklist(&shared, &name, true, &body).await
+}
+
+async fn unblacklist_device(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<BlacklistResult> {
+    set_blacklist(&shared, &name, false, &body).await
+}
+
+async fn set_blacklist(
+    shared: &Shared,
+    name: &str,
+    on: bool,
+    body: &[u8],
+) -> ApiResult<BlacklistResult> {
+    let req: BlacklistRequest = if body.is_empty() {
+        BlacklistRequest::default()
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))?
+    };
+    let audit = crate::blacklist::audit(&req.by, &req.reason);
+    crate::blacklist::set(shared, name, on, audit)
+        .await
+        .map(Json)
+        .map_err(|e| {
+            let status = match e {
+                crate::blacklist::BlacklistError::NotEnrolled(_) => StatusCode::NOT_FOUND,
+                crate::blacklist::BlacklistError::Nats(_) => StatusCode::SERVICE_UNAVAILABLE,
+                crate::blacklist::BlacklistError::Refused(_) => StatusCode::BAD_GATEWAY,
+            };
+            ApiError::new(status, e.to_string())
+        })
 }

@@ -77,9 +77,11 @@ pub struct Shared {
     pub fleet: RwLock<Fleet>,
     pub buckets: Buckets,
     pub identity: Arc<crate::identity::Identity>,
+    /// A connection in the system account, for pushing the fleet account's JWT.
+    pub sys: async_nats::Client,
     /// Woken whenever fan-out may have work.
     pub changed: Notify,
-    watches_current: [AtomicBool; 3],
+    watches_current: [AtomicBool; 4],
     pub metrics: Metrics,
 }
 
@@ -91,14 +93,24 @@ pub struct Metrics {
     pub unreadable_values: AtomicU64,
 }
 
-const WATCH_NAMES: [&str; 3] = ["resources", "reported state", "desired state"];
+const WATCH_NAMES: [&str; 4] = [
+    "resources",
+    "reported state",
+    "desired state",
+    "device identities",
+];
 
 impl Shared {
-    pub fn new(buckets: Buckets, identity: Arc<crate::identity::Identity>) -> Arc<Shared> {
+    pub fn new(
+        buckets: Buckets,
+        identity: Arc<crate::identity::Identity>,
+        sys: async_nats::Client,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             fleet: RwLock::new(Fleet::default()),
             buckets,
             identity,
+            sys,
             changed: Notify::new(),
             watches_current: Default::default(),
             metrics: Metrics::default(),
@@ -154,6 +166,10 @@ pub fn spawn(shared: Arc<Shared>, resync: Duration) {
     tokio::spawn(
         async move { watch_forever(s, 2, |s| s.buckets.desired.clone(), apply_desired).await },
     );
+    let s = shared.clone();
+    tokio::spawn(async move {
+        watch_forever(s, 3, |s| s.buckets.enrollment.clone(), apply_identity).await
+    });
     tokio::spawn(fan_out_loop(shared, resync));
 }
 
@@ -227,7 +243,8 @@ fn clear(shared: &Shared, index: usize) {
             fleet.reported.clear();
             fleet.heartbeats.clear();
         }
-        _ => fleet.desired.clear(),
+        2 => fleet.desired.clear(),
+        _ => fleet.identities.clear(),
     }
 }
 
@@ -275,6 +292,24 @@ fn apply_desired(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
         None => fleet.desired.remove(&entry.key),
     };
     Ok(true)
+}
+
+fn apply_identity(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
+    // Tokens and the revocation list share the bucket; only device records matter here.
+    let Some(device) = entry.key.strip_prefix("device.") else {
+        return Ok(false);
+    };
+    let mut fleet = shared.fleet.write().unwrap();
+    match value(entry) {
+        Some(bytes) => {
+            let identity = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            fleet.identities.insert(device.to_owned(), identity);
+        }
+        None => {
+            fleet.identities.remove(device);
+        }
+    }
+    Ok(false)
 }
 
 /// Writes the desired bucket whenever the resources or the bucket change, and on a timer.

@@ -226,6 +226,23 @@ impl Client {
         self.answer(&url, self.agent.delete(&url).call())
     }
 
+    /// Blacklists (`on`) or un-blacklists a device.
+    pub fn blacklist(
+        &self,
+        device: &str,
+        on: bool,
+        by: &str,
+        reason: &str,
+    ) -> Result<fleet_contracts::api::BlacklistResult, CtlError> {
+        let action = if on { "blacklist" } else { "unblacklist" };
+        let url = self.url(&format!("/api/v1/devices/{device}/{action}"));
+        let req = fleet_contracts::api::BlacklistRequest {
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        };
+        self.answer(&url, self.agent.post(&url).send_json(&req))
+    }
+
     /// Deletes `kind` (`deployments` or `devices`) `name`.
     pub fn delete(&self, kind: &str, name: &str) -> Result<(), CtlError> {
         let url = self.url(&format!("/api/v1/{kind}/{name}"));

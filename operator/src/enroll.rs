@@ -116,6 +116,12 @@ async fn try_enroll(
         .map_err(|e| format!("cannot read the device's identity (try again): {e}"))?
         .and_then(|b| serde_json::from_slice(&b).ok());
     let now = now_ms();
+    if let Some(b) = existing.as_ref().and_then(|e| e.blacklist.as_ref()) {
+        return Err(format!(
+            "device {} is blacklisted (by {}: {}); an admin must unblacklist it first",
+            req.device, b.by, b.reason
+        ));
+    }
     match &existing {
         Some(known) if known.public_key != req.public_key => {
             return Err(format!(
@@ -152,6 +158,8 @@ async fn try_enroll(
         public_key: req.public_key.clone(),
         enrolled_ms: existing.as_ref().map_or(now, |e| e.enrolled_ms),
         token: token_id.to_owned(),
+        blacklist: None,
+        last_unblacklist: existing.as_ref().and_then(|e| e.last_unblacklist.clone()),
     };
     store
         .put(

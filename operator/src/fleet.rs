@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use fleet_contracts::{
+    api::DeviceIdentity,
     names::{self, DeviceKey},
     resource::{
         Deployment, DeploymentStatus, Device, DeviceDeploymentStatus, DeviceStatus, RolloutPhase,
@@ -34,6 +35,8 @@ pub struct Fleet {
     pub heartbeats: BTreeMap<String, SeenHeartbeat>,
     /// The desired bucket as last seen: key -> value bytes.
     pub desired: BTreeMap<String, Vec<u8>>,
+    /// Enrolled devices' identity records (`fleet-enrollment` `device.<name>`).
+    pub identities: BTreeMap<String, DeviceIdentity>,
 }
 
 /// What the desired bucket must change to match the resources.
@@ -211,6 +214,14 @@ impl Fleet {
                 .filter(|d| d.spec.selector.matches(&dev.metadata.labels))
                 .map(|d| d.metadata.name.clone())
                 .collect(),
+            blacklist: self
+                .identities
+                .get(&dev.metadata.name)
+                .and_then(|i| i.blacklist.clone()),
+            last_unblacklist: self
+                .identities
+                .get(&dev.metadata.name)
+                .and_then(|i| i.last_unblacklist.clone()),
         }
     }
 }

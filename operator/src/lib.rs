@@ -8,6 +8,7 @@
 //! The operator writes resources and desired state; it never writes a device's reported keys.
 
 pub mod api;
+pub mod blacklist;
 pub mod controller;
 pub mod ctl;
 pub mod enroll;
@@ -81,7 +82,48 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         })?;
     let js = async_nats::jetstream::new(client.clone());
     let buckets = controller::open_buckets(&js).await?;
-    let shared = controller::Shared::new(buckets, identity.clone());
+    let sys_path = config.identity_dir.join("sys.creds");
+    let sys_creds = std::fs::read_to_string(&sys_path).map_err(|source| RunError::Creds {
+        path: sys_path.clone(),
+        source,
+    })?;
+    // Every (re)connect of the system-account connection re-pushes the fleet account, so the
+    // server's revocations always match the operator's record, whatever failed in between.
+    let reconnected = Arc::new(tokio::sync::Notify::new());
+    let notify = reconnected.clone();
+    let sys = async_nats::ConnectOptions::with_credentials(&sys_creds)
+        .map_err(|source| RunError::Creds {
+            path: sys_path,
+            source,
+        })?
+        .event_callback(move |event| {
+            let notify = notify.clone();
+            async move {
+                if matches!(event, async_nats::Event::Connected) {
+                    notify.notify_one();
+                }
+            }
+        })
+        .name("fleet-operator (system account)")
+        .custom_inbox_prefix(identity::OPERATOR_INBOX)
+        .retry_on_initial_connect()
+        .connect(&config.nats_url)
+        .await
+        .map_err(|source| RunError::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
+    let shared = controller::Shared::new(buckets, identity.clone(), sys);
+    let pusher = shared.clone();
+    reconnected.notify_one(); // And once at start.
+    tokio::spawn(async move {
+        loop {
+            reconnected.notified().await;
+            if let Err(e) = blacklist::push_account(&pusher).await {
+                tracing::warn!(error = %e, "cannot push the fleet account; retrying at the next reconnect");
+            }
+        }
+    });
     controller::spawn(shared.clone(), config.resync);
     tokio::spawn(enroll::serve(client, shared.clone(), identity));
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -60,6 +60,32 @@ enum Command {
     /// One-time tokens that let a new device enroll (get its NATS credentials).
     #[command(subcommand)]
     EnrollToken(TokenCommand),
+    /// Quarantine a device, or lift the quarantine.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Cut the device off NATS at once and refuse its reconnects and new credentials. Its
+    /// containers keep running.
+    Blacklist {
+        name: String,
+        /// Why (recorded on the device).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Who asks (recorded on the device); defaults to $USER.
+        #[arg(long = "as", env = "USER", default_value = "unknown")]
+        by: String,
+    },
+    /// Let a blacklisted device back in; it reconnects by itself.
+    Unblacklist {
+        name: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long = "as", env = "USER", default_value = "unknown")]
+        by: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -223,6 +249,14 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
         Command::EnrollToken(TokenCommand::Revoke { id }) => {
             client.revoke_enrollment_token(&id)?;
             println!("enrollment token {id} revoked");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Device(DeviceCommand::Blacklist { name, reason, by }) => {
+            println!("{}", client.blacklist(&name, true, &by, &reason)?.message);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Device(DeviceCommand::Unblacklist { name, reason, by }) => {
+            println!("{}", client.blacklist(&name, false, &by, &reason)?.message);
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
@@ -446,6 +480,23 @@ fn describe_device(d: &Device) -> String {
         for f in &hb.health_flags {
             out.push_str(&format!("Flag:        {f:?}\n"));
         }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if let Some(b) = &s.blacklist {
+        let ago = age(now.saturating_sub(b.at_ms));
+        out.push_str(&format!(
+            "Blacklisted: by {} {ago} ago: {}\n",
+            b.by, b.reason
+        ));
+    }
+    if let Some(u) = &s.last_unblacklist {
+        let ago = age(now.saturating_sub(u.at_ms));
+        out.push_str(&format!(
+            "Unblacklisted: by {} {ago} ago: {}\n",
+            u.by, u.reason
+        ));
     }
     out.push_str(&format!(
         "Deployments: {}\n",

@@ -26,6 +26,12 @@ use jwt::{
     UserNats, UserPermissions, UserScope,
 };
 
+/// The issue time of the account JWTs preloaded in the server config: older than anything the
+/// operator pushes later. The full resolver stores a preload only when it is not older than
+/// the JWT it already holds, so a restart can never bring back an account without the
+/// revocations pushed since.
+const PRELOAD_IAT: u64 = 1;
+
 /// The inbox prefix of the operator's connections; no device id can produce it.
 pub const OPERATOR_INBOX: &str = "_INBOX.ctl";
 
@@ -141,8 +147,9 @@ impl Identity {
         Ok(jwt::encode(&claims, &self.operator)?)
     }
 
-    pub fn sys_account_jwt(&self) -> Result<String, IdentityError> {
+    pub fn sys_account_jwt(&self, iat: u64) -> Result<String, IdentityError> {
         self.account_jwt(
+            iat,
             &self.sys_account,
             "SYS",
             AccountLimits::unlimited(false),
@@ -155,6 +162,14 @@ impl Identity {
     pub fn fleet_account_jwt(
         &self,
         revocations: std::collections::BTreeMap<String, u64>,
+    ) -> Result<String, IdentityError> {
+        self.fleet_account_jwt_issued(revocations, now_secs())
+    }
+
+    fn fleet_account_jwt_issued(
+        &self,
+        revocations: std::collections::BTreeMap<String, u64>,
+        iat: u64,
     ) -> Result<String, IdentityError> {
         let signing_keys = vec![
             SigningKey::Plain(self.service_signing.public_key()),
@@ -172,6 +187,7 @@ impl Identity {
             })),
         ];
         self.account_jwt(
+            iat,
             &self.fleet_account,
             "FLEET",
             AccountLimits::unlimited(true),
@@ -182,6 +198,7 @@ impl Identity {
 
     fn account_jwt(
         &self,
+        iat: u64,
         account: &KeyPair,
         name: &str,
         limits: AccountLimits,
@@ -190,7 +207,7 @@ impl Identity {
     ) -> Result<String, IdentityError> {
         let claims = Claims {
             jti: jwt::new_jti(),
-            iat: now_secs(),
+            iat,
             iss: self.operator.public_key(),
             name: name.into(),
             sub: account.public_key(),
@@ -372,9 +389,9 @@ impl Identity {
             self.sys_account.public_key(),
             resolver_dir.display(),
             self.sys_account.public_key(),
-            self.sys_account_jwt()?,
+            self.sys_account_jwt(PRELOAD_IAT)?,
             self.fleet_account.public_key(),
-            self.fleet_account_jwt(Default::default())?,
+            self.fleet_account_jwt_issued(Default::default(), PRELOAD_IAT)?,
         ))
     }
 

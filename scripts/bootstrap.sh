@@ -41,7 +41,7 @@ need_root
 # busybox-static for the locally built test images, the aarch64 C cross compiler for crates
 # with C code (ring) in the static aarch64 agent, musl-gcc for the x86_64 one, jq/curl/file
 # for the scripts.
-apt_install podman runc uidmap slirp4netns busybox-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross musl-tools curl jq file ca-certificates
+apt_install podman runc uidmap slirp4netns busybox-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross musl-tools curl jq file ca-certificates python3 python3-venv
 
 # podman's default ulimits fail here ("setrlimit RLIMIT_NOFILE: Operation not permitted").
 if [ ! -f /etc/containers/containers.conf ] || ! grep -q '^default_ulimits = \[\]' /etc/containers/containers.conf; then
@@ -96,5 +96,13 @@ else
   exit 1
 fi
 command -v cargo-nextest >/dev/null || { log "installing cargo-nextest"; cargo install --locked cargo-nextest; }
+
+# nats-py, an independent NATS client for the isolation tests (e2e/py/).
+VENV="$FLEET_CACHE/venv"
+if ! "$VENV/bin/python" -c 'import nats, nkeys' 2>/dev/null; then
+  log "installing nats-py into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'nats-py[nkeys]==2.*'
+fi
 
 log "ready (tools in $TOOLS/bin)"

@@ -78,6 +78,19 @@ pub fn tool(name: &str) -> PathBuf {
     path
 }
 
+/// A path under the cache folder of `scripts/bootstrap.sh` (e.g. `venv/bin/python`).
+pub fn tool_path(relative: &str) -> PathBuf {
+    let cache = std::env::var_os("FLEET_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/fleet"), PathBuf::from);
+    let path = cache.join(relative);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/bootstrap.sh",
+        path.display()
+    );
+    path
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; tests use it at once).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -375,3 +375,63 @@ async fn re_enrolling_a_device_with_a_new_key_is_refused_until_an_admin_deletes_
     identity::enroll(&fleet.nats.url(), "pi-07", &KeyPair::new_user(), &second).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_independent_client_with_a_devices_credentials_cannot_read_another_devices_keys()
+-> Result<()> {
+    let s = setup().await?;
+    let creds = s.fleet.path().join("dev-a.creds");
+    std::fs::write(
+        &creds,
+        fleet_operator::identity::jwt::creds_file(&s.a.1, &s.a.0.seed()?),
+    )?;
+    let python = fleet_e2e::tool_path("venv/bin/python");
+    #[allow(clippy::disallowed_methods)] // The test runs the independent client.
+    let out = std::process::Command::new(python)
+        .arg(fleet_e2e::workspace().join("e2e/py/foreign_read.py"))
+        .args([
+            &s.fleet.nats.url(),
+            &creds.display().to_string(),
+            "dev-a",
+            "dev-b",
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "nats-py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value =
+        serde_json::from_str(&stdout).with_context(|| stdout.to_string())?;
+    // Control: nats-py can read the device's own key with these credentials.
+    assert_eq!(result["own"]["ok"], true, "{result}");
+    assert!(
+        result["own"]["data"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"deployment\":\"web\""),
+        "{result}"
+    );
+    // But not the other device's, directly or through the KV helper.
+    assert_eq!(result["other"]["ok"], false, "{result}");
+    assert_eq!(result["kv_helper"]["ok"], false, "{result}");
+    // nats-py reports the server's error in lower case.
+    let violations: Vec<String> = result["violations"]
+        .as_array()
+        .context("violations")?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_lowercase))
+        .collect();
+    for subject in [
+        "$js.api.direct.get.kv_fleet-desired.$kv.fleet-desired.dev-b.web",
+        "$js.api.stream.info.kv_fleet-desired",
+    ] {
+        let expected = format!("permissions violation for publish to \"{subject}\"");
+        assert!(
+            violations.iter().any(|v| v.contains(&expected)),
+            "{expected} not in {violations:?}"
+        );
+    }
+    Ok(())
+}

@@ -31,10 +31,11 @@ cargo build --quiet --bins
 BIN=$ROOT/target/debug
 
 mkdir -p "$STATE/nats" "$STATE/agent" "$STATE/logs"
-# The fleet's NATS identity (operator, accounts, keys; mode 0600), created once and kept.
+# The fleet's NATS identity (operator, accounts, keys, TLS CA and server certificate; private
+# keys mode 0600), created once and kept.
 "$BIN/fleet-operator" --identity "$STATE/identity" init-identity >/dev/null
 cat >"$STATE/nats.conf" <<CONF
-# Written by scripts/local-fleet.sh: JetStream plus decentralized JWT auth.
+# Written by scripts/local-fleet.sh: JetStream, decentralized JWT auth and TLS (from the include).
 listen: "127.0.0.1:$NATS_PORT"
 http: "127.0.0.1:$MON_PORT"
 server_name: fleet-local
@@ -67,7 +68,7 @@ wait_for() { # wait_for WHAT URL [JQ-CONDITION]
   exit 1
 }
 
-say "starting nats-server on 127.0.0.1:$NATS_PORT (JetStream in $STATE/nats, JWT auth)"
+say "starting nats-server on 127.0.0.1:$NATS_PORT (TLS with the fleet CA, JWT auth, JetStream in $STATE/nats)"
 nats-server -c "$STATE/nats.conf" >"$STATE/logs/nats.log" 2>&1 &
 pids+=($!)
 wait_for nats-server "http://127.0.0.1:$MON_PORT/healthz?js-enabled-only=true"
@@ -91,6 +92,7 @@ cat >"$STATE/agent.toml" <<TOML
 device_id = "pi-01"
 nats_url = "nats://127.0.0.1:$NATS_PORT"
 state_dir = "$STATE/agent"
+nats_ca_file = "$STATE/identity/tls/ca.pem"
 heartbeat_interval_secs = 2
 $token_line
 

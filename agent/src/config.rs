@@ -33,8 +33,11 @@ pub enum ConfigError {
 pub struct Config {
     /// This device's id: its keys in NATS KV and the `fleet.device` label of its containers.
     pub device_id: String,
-    /// NATS server URL(s), comma-separated: `nats://host:4222`.
+    /// NATS server URL(s), comma-separated: `nats://host:4222` (TLS is always used).
     pub nats_url: String,
+    /// The fleet's CA certificate (`<identity>/tls/ca.pem` on the operator's host). The agent
+    /// talks to NATS over TLS only, and trusts only servers this CA signed.
+    pub nats_ca_file: PathBuf,
     /// Where the agent keeps its state (the desired-state cache). On a device this is on the
     /// data LV, outside the root snapshot.
     #[serde(default = "default_state_dir")]
@@ -142,6 +145,15 @@ impl Config {
                 ));
             }
         }
+        if !self.nats_ca_file.is_file() {
+            return Err(invalid(
+                "nats_ca_file",
+                format!(
+                    "{} is not a readable file (the fleet CA, ca.pem)",
+                    self.nats_ca_file.display()
+                ),
+            ));
+        }
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path".into()));
         }
@@ -203,7 +215,8 @@ mod tests {
 
     #[test]
     fn validation() {
-        let ok = "device_id = \"pi-01\"\nnats_url = \"nats://127.0.0.1:4222\"\n";
+        let ca = "nats_ca_file = \"/proc/version\"\n";
+        let ok = &format!("device_id = \"pi-01\"\nnats_url = \"nats://127.0.0.1:4222\"\n{ca}");
         check(ok, Ok(()));
         check(
             &format!("{ok}[podman]\nroot = \"/x\"\nruntime = \"runc\"\n"),
@@ -211,15 +224,19 @@ mod tests {
         );
         check("device_id = \"pi-01\"\n", Err("missing field `nats_url`"));
         check(
+            "device_id = \"pi-01\"\nnats_url = \"nats://x\"\nnats_ca_file = \"/nonexistent/ca.pem\"\n",
+            Err("nats_ca_file: /nonexistent/ca.pem is not a readable file"),
+        );
+        check(
             &format!("{ok}heartbeat = 3\n"),
             Err("unknown field `heartbeat`"),
         );
         check(
-            "device_id = \"*\"\nnats_url = \"nats://x\"\n",
+            &format!("device_id = \"*\"\nnats_url = \"nats://x\"\n{ca}"),
             Err("agent.toml: device_id: must contain only lower-case letters"),
         );
         check(
-            "device_id = \"a\"\nnats_url = \"http://x\"\n",
+            &format!("device_id = \"a\"\nnats_url = \"http://x\"\n{ca}"),
             Err("nats_url: \"http://x\" must start with nats://"),
         );
         check(

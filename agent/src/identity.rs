@@ -154,6 +154,7 @@ fn parse_token(token: &str) -> Result<Token, IdentityError> {
 /// Asks the operator for a JWT over NATS, connected as the enrollment token's user.
 pub async fn enroll(
     nats_url: &str,
+    ca: &Path,
     device: &str,
     key: &KeyPair,
     token: &str,
@@ -174,6 +175,8 @@ pub async fn enroll(
         let signer = signer.clone();
         async move { signer.sign(&nonce).map_err(async_nats::AuthError::new) }
     })
+    .add_root_certificates(ca.to_owned())
+    .require_tls(true)
     .name(format!("fleet-agent {device} (enrolling)"))
     .custom_inbox_prefix(names::enroll_inbox(&token.id))
     .connection_timeout(Duration::from_secs(10))

@@ -168,7 +168,14 @@ async fn start_nats(
             Err(e) => return drop(fatal.send(e.into()).await),
         };
         info!(device = %config.device_id, "enrolling with the operator");
-        let result = identity::enroll(&config.nats_url, &config.device_id, &key, &token).await;
+        let result = identity::enroll(
+            &config.nats_url,
+            &config.nats_ca_file,
+            &config.device_id,
+            &key,
+            &token,
+        )
+        .await;
         match result.and_then(|jwt| identity::save_jwt(&config.state_dir, &jwt)) {
             Ok(()) => info!(device = %config.device_id, "enrolled"),
             Err(e) if e.is_transient() => {
@@ -180,7 +187,14 @@ async fn start_nats(
         }
     }
     let options = identity::connect_options(&config.state_dir, key);
-    let client = match sync::connect(options, &config.nats_url, &config.device_id).await {
+    let client = match sync::connect(
+        options,
+        &config.nats_url,
+        &config.nats_ca_file,
+        &config.device_id,
+    )
+    .await
+    {
         Ok(c) => c,
         Err(source) => {
             let url = config.nats_url.clone();

@@ -38,14 +38,18 @@ pub enum DesiredEvent {
 }
 
 /// Connects to NATS in the background: the agent must work (from its cache) while NATS is down.
-/// `options` carries the device's credentials.
+/// `options` carries the device's credentials; the connection is TLS, to a server signed by
+/// the fleet CA `ca`.
 pub async fn connect(
     options: async_nats::ConnectOptions,
     url: &str,
+    ca: &std::path::Path,
     device: &str,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
     let device_name = device.to_owned();
     options
+        .add_root_certificates(ca.to_owned())
+        .require_tls(true)
         .name(format!("fleet-agent {device}"))
         // Its own inbox prefix: replies to other devices are out of its reach (`_INBOX.>` is
         // not granted).

@@ -1,7 +1,7 @@
 """Reads desired keys as a device, with nats-py: an independent NATS client, so Fleet's
 isolation does not rest on how async-nats happens to behave.
 
-    foreign_read.py NATS_URL CREDS_FILE OWN_DEVICE OTHER_DEVICE
+    foreign_read.py NATS_URL CA_FILE CREDS_FILE OWN_DEVICE OTHER_DEVICE
 
 Prints one JSON object: the own key's read (expected to work), the other device's read
 (expected to fail), and the permission violations the server reported.
@@ -9,6 +9,7 @@ Prints one JSON object: the own key's read (expected to work), the other device'
 
 import asyncio
 import json
+import ssl
 import sys
 
 import nats
@@ -17,7 +18,7 @@ BUCKET = "fleet-desired"
 STREAM = "KV_" + BUCKET
 
 
-async def main(url, creds, own, other):
+async def main(url, ca, creds, own, other):
     violations = []
 
     async def on_error(e):
@@ -29,6 +30,7 @@ async def main(url, creds, own, other):
         inbox_prefix="_INBOX.dev." + own,
         error_cb=on_error,
         allow_reconnect=False,
+        tls=ssl.create_default_context(cafile=ca),
     )
     js = nc.jetstream(timeout=2)
     result = {}
@@ -53,4 +55,4 @@ async def main(url, creds, own, other):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:5]))
+    asyncio.run(main(*sys.argv[1:6]))

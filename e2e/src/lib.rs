@@ -255,6 +255,11 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The fleet CA every client must pin (the server only speaks TLS).
+    pub fn ca(&self) -> PathBuf {
+        fleet_operator::identity::tls::ca_path(&self.identity)
+    }
+
     /// Starts the server (again), on the same port and store, and waits until JetStream answers.
     pub async fn restart(&mut self) -> Result<()> {
         self.stop();
@@ -287,6 +292,8 @@ impl Nats {
     pub async fn client(&self) -> Result<async_nats::Client> {
         let creds = std::fs::read_to_string(self.identity.join("operator.creds"))?;
         Ok(async_nats::ConnectOptions::with_credentials(&creds)?
+            .add_root_certificates(self.ca())
+            .require_tls(true)
             .custom_inbox_prefix("_INBOX.ctl")
             .connect(self.url())
             .await?)
@@ -484,10 +491,11 @@ impl Agent {
         dir: &Path,
         device: &str,
         nats_url: &str,
+        ca: &Path,
         token: &str,
         podman: &PodmanSandbox,
     ) -> Result<Agent> {
-        Agent::start_with(dir, device, nats_url, token, podman, 1, 1)
+        Agent::start_with(dir, device, nats_url, ca, token, podman, 1, 1)
     }
 
     /// Like [`Agent::start`] with the heartbeat and resync intervals in seconds.
@@ -495,6 +503,7 @@ impl Agent {
         dir: &Path,
         device: &str,
         nats_url: &str,
+        ca: &Path,
         token: &str,
         podman: &PodmanSandbox,
         heartbeat_secs: u64,
@@ -507,9 +516,10 @@ impl Agent {
             format!(
                 "device_id = {device:?}\nnats_url = {nats_url:?}\nstate_dir = {:?}\n\
                  heartbeat_interval_secs = {heartbeat_secs}\nresync_interval_secs = {resync_secs}\n\
-                 stop_grace_secs = 5\nenrollment_token = {token:?}\n\
+                 stop_grace_secs = 5\nenrollment_token = {token:?}\nnats_ca_file = {:?}\n\
                  [podman]\nroot = {:?}\nrunroot = {:?}\nruntime = \"runc\"\n",
                 state_dir.display().to_string(),
+                ca.display().to_string(),
                 podman.root.display().to_string(),
                 podman.runroot.display().to_string(),
             ),
@@ -625,7 +635,14 @@ impl Fleet {
     ) -> Result<(PodmanSandbox, Agent)> {
         let sandbox = PodmanSandbox::new(&self.path().join(device))?;
         let token = self.enrollment_token(labels)?;
-        let agent = Agent::start(self.path(), device, &self.nats.url(), &token, &sandbox)?;
+        let agent = Agent::start(
+            self.path(),
+            device,
+            &self.nats.url(),
+            &self.nats.ca(),
+            &token,
+            &sandbox,
+        )?;
         Ok((sandbox, agent))
     }
 }

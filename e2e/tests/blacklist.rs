@@ -56,6 +56,8 @@ async fn blacklist_cuts_a_device_off_at_once_and_unblacklist_lets_it_back() -> R
             let key = key.clone();
             async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
         })
+        .add_root_certificates(fleet.nats.ca())
+        .require_tls(true)
         .custom_inbox_prefix("_INBOX.dev.pi-01")
         .max_reconnects(Some(0))
         .event_callback(move |event| {
@@ -116,9 +118,15 @@ async fn blacklist_cuts_a_device_off_at_once_and_unblacklist_lets_it_back() -> R
         .context("a blacklisted device reconnected")?;
     assert!(err.to_string().contains("authorization violation"), "{err}");
     let token = fleet.enrollment_token(&[])?;
-    let err = identity::enroll(&fleet.nats.url(), "pi-01", &KeyPair::new_user(), &token)
-        .await
-        .unwrap_err();
+    let err = identity::enroll(
+        &fleet.nats.url(),
+        &fleet.nats.ca(),
+        "pi-01",
+        &KeyPair::new_user(),
+        &token,
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(&err, IdentityError::Refused(r) if r.contains("blacklisted")),
         "{err}"
@@ -155,7 +163,7 @@ async fn a_blacklist_survives_a_nats_server_restart() -> Result<()> {
     let mut fleet = Fleet::start().await?;
     let key = KeyPair::new_user();
     let token = fleet.enrollment_token(&[])?;
-    let jwt = identity::enroll(&fleet.nats.url(), "pi-09", &key, &token).await?;
+    let jwt = identity::enroll(&fleet.nats.url(), &fleet.nats.ca(), "pi-09", &key, &token).await?;
     fleet
         .operator
         .client()
@@ -168,6 +176,8 @@ async fn a_blacklist_survives_a_nats_server_restart() -> Result<()> {
             let key = key.clone();
             async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
         })
+        .add_root_certificates(fleet.nats.ca())
+        .require_tls(true)
         .connect(fleet.nats.url())
     };
     let err = attempt()

@@ -58,7 +58,7 @@ async fn setup() -> Result<Setup> {
     for name in ["dev-a", "dev-b"] {
         let key = KeyPair::new_user();
         let token = fleet.enrollment_token(&[("role", "iso")])?;
-        let jwt = identity::enroll(&fleet.nats.url(), name, &key, &token).await?;
+        let jwt = identity::enroll(&fleet.nats.url(), &fleet.nats.ca(), name, &key, &token).await?;
         devices.push((key, jwt));
     }
     let mut doc = fleet_e2e::http_deployment("web", "iso", 1, "x");
@@ -84,6 +84,8 @@ async fn connect(fleet: &Fleet, device: &str, creds: &(KeyPair, String)) -> Resu
         let key = key.clone();
         async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
     })
+    .add_root_certificates(fleet.nats.ca())
+    .require_tls(true)
     .custom_inbox_prefix(identity_inbox(device))
     .request_timeout(Some(Duration::from_secs(2)))
     .event_callback(move |event| {
@@ -308,9 +310,15 @@ async fn a_user_jwt_signed_by_a_foreign_key_is_refused() -> Result<()> {
 }
 
 async fn enroll_err(fleet: &Fleet, device: &str, token: &str) -> IdentityError {
-    identity::enroll(&fleet.nats.url(), device, &KeyPair::new_user(), token)
-        .await
-        .expect_err("enrollment succeeded")
+    identity::enroll(
+        &fleet.nats.url(),
+        &fleet.nats.ca(),
+        device,
+        &KeyPair::new_user(),
+        token,
+    )
+    .await
+    .expect_err("enrollment succeeded")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -319,7 +327,14 @@ async fn used_expired_and_revoked_enrollment_tokens_are_refused() -> Result<()> 
     let client = fleet.operator.client();
 
     let used = fleet.enrollment_token(&[])?;
-    identity::enroll(&fleet.nats.url(), "first", &KeyPair::new_user(), &used).await?;
+    identity::enroll(
+        &fleet.nats.url(),
+        &fleet.nats.ca(),
+        "first",
+        &KeyPair::new_user(),
+        &used,
+    )
+    .await?;
     let err = enroll_err(&fleet, "second", &used).await;
     assert!(
         matches!(&err, IdentityError::Refused(r) if r.contains("was already used (by first)")),
@@ -360,9 +375,9 @@ async fn re_enrolling_a_device_with_a_new_key_is_refused_until_an_admin_deletes_
     let fleet = Fleet::start().await?;
     let key = KeyPair::new_user();
     let first = fleet.enrollment_token(&[])?;
-    identity::enroll(&fleet.nats.url(), "pi-07", &key, &first).await?;
+    identity::enroll(&fleet.nats.url(), &fleet.nats.ca(), "pi-07", &key, &first).await?;
     // The same device and key asking again with its own token is answered (a crash before saving).
-    identity::enroll(&fleet.nats.url(), "pi-07", &key, &first).await?;
+    identity::enroll(&fleet.nats.url(), &fleet.nats.ca(), "pi-07", &key, &first).await?;
 
     let second = fleet.enrollment_token(&[])?;
     let err = enroll_err(&fleet, "pi-07", &second).await;
@@ -372,7 +387,14 @@ async fn re_enrolling_a_device_with_a_new_key_is_refused_until_an_admin_deletes_
     );
     // The refused attempt did not spend the token.
     fleet.operator.client().delete("devices", "pi-07")?;
-    identity::enroll(&fleet.nats.url(), "pi-07", &KeyPair::new_user(), &second).await?;
+    identity::enroll(
+        &fleet.nats.url(),
+        &fleet.nats.ca(),
+        "pi-07",
+        &KeyPair::new_user(),
+        &second,
+    )
+    .await?;
     Ok(())
 }
 
@@ -391,6 +413,7 @@ async fn an_independent_client_with_a_devices_credentials_cannot_read_another_de
         .arg(fleet_e2e::workspace().join("e2e/py/foreign_read.py"))
         .args([
             &s.fleet.nats.url(),
+            &s.fleet.nats.ca().display().to_string(),
             &creds.display().to_string(),
             "dev-a",
             "dev-b",
@@ -433,5 +456,24 @@ async fn an_independent_client_with_a_devices_credentials_cannot_read_another_de
             "{expected} not in {violations:?}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_does_not_pin_the_fleet_ca_cannot_connect() -> Result<()> {
+    let fleet = Fleet::start().await?;
+    let creds = std::fs::read_to_string(fleet.nats.identity.join("operator.creds"))?;
+    // Valid credentials, but no trust in the fleet's CA: the TLS handshake must fail.
+    let err = async_nats::ConnectOptions::with_credentials(&creds)?
+        .connect(fleet.nats.url())
+        .await
+        .err()
+        .context("connected without pinning the fleet CA")?;
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    // Control: the same credentials with the CA pinned connect.
+    fleet.nats.client().await?;
     Ok(())
 }

@@ -71,6 +71,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         })?
         .name("fleet-operator")
         .custom_inbox_prefix(identity::OPERATOR_INBOX)
+        // The fleet's own CA, pinned: TLS is not optional.
+        .add_root_certificates(identity::tls::ca_path(&config.identity_dir))
+        .require_tls(true)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .event_callback(|event| async move { tracing::warn!(event = %event, "NATS event") })
@@ -106,6 +109,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         })
         .name("fleet-operator (system account)")
         .custom_inbox_prefix(identity::OPERATOR_INBOX)
+        // The fleet's own CA, pinned: TLS is not optional.
+        .add_root_certificates(identity::tls::ca_path(&config.identity_dir))
+        .require_tls(true)
         .retry_on_initial_connect()
         .connect(&config.nats_url)
         .await

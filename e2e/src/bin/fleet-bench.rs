@@ -41,6 +41,7 @@ async fn main() -> Result<()> {
         fleet.path(),
         DEVICE,
         &fleet.nats.url(),
+        &fleet.nats.ca(),
         &token,
         &sandbox,
         10,

@@ -32,19 +32,24 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the fleet's NATS keys (if missing) and write `nats-auth.conf` (for nats-server's
-    /// config: operator, accounts, resolver), `operator.creds` and `sys.creds` into --identity.
-    /// Idempotent: existing keys and files are kept.
-    InitIdentity,
+    /// Create the fleet's NATS keys and TLS certificates (if missing) and write
+    /// `nats-auth.conf` (for nats-server's config: operator, accounts, resolver, TLS),
+    /// `operator.creds` and `sys.creds` into --identity. Idempotent: what exists is kept.
+    InitIdentity {
+        /// A name or IP address devices use to reach NATS, for the server certificate;
+        /// repeat for more.
+        #[arg(long = "tls-host", default_values = ["127.0.0.1", "localhost"])]
+        tls_hosts: Vec<String>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     fleet_operator::init_logging();
-    if let Some(Command::InitIdentity) = args.command {
+    if let Some(Command::InitIdentity { tls_hosts }) = &args.command {
         let written = fleet_operator::identity::Identity::init_or_load(&args.identity)
-            .and_then(|id| id.write_files());
+            .and_then(|id| id.write_files(tls_hosts));
         return match written {
             Ok(()) => {
                 println!("{}/nats-auth.conf", args.identity.display());

@@ -10,6 +10,7 @@
 //! Key seeds live in `<dir>/keys/*.nk` with mode 0600 and never leave the operator's host.
 
 pub mod jwt;
+pub mod tls;
 
 use std::{
     io::Write,
@@ -59,6 +60,8 @@ pub enum IdentityError {
     UserKey { key: String },
     #[error(transparent)]
     Jwt(#[from] jwt::JwtError),
+    #[error("cannot create the fleet's TLS certificates: {0}")]
+    Tls(String),
 }
 
 /// The keys of the fleet's NATS trust chain.
@@ -392,14 +395,20 @@ impl Identity {
             self.sys_account_jwt(PRELOAD_IAT)?,
             self.fleet_account.public_key(),
             self.fleet_account_jwt_issued(Default::default(), PRELOAD_IAT)?,
+        ) + &format!(
+            "tls: {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  timeout: 5\n}}\n",
+            tls::server_cert_path(&self.dir).display(),
+            tls::server_key_path(&self.dir).display(),
         ))
     }
 
-    /// Writes `<dir>/nats-auth.conf`, `<dir>/operator.creds` and `<dir>/sys.creds` if missing.
+    /// Writes `<dir>/nats-auth.conf` (trust and TLS for nats-server), `<dir>/operator.creds`,
+    /// `<dir>/sys.creds` and the TLS certificates for `tls_hosts`, each only if missing.
     ///
     /// Never rewritten: the resolver keeps account updates (revocations) pushed later, and a
     /// fresh preload must not compete with them.
-    pub fn write_files(&self) -> Result<(), IdentityError> {
+    pub fn write_files(&self, tls_hosts: &[String]) -> Result<(), IdentityError> {
+        tls::ensure(&self.dir, tls_hosts)?;
         let conf = self.dir.join("nats-auth.conf");
         if !conf.exists() {
             write_private(&conf, self.server_config(&self.dir.join("jwt"))?.as_bytes())?;
@@ -493,6 +502,9 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
         path: path.to_owned(),
         source,
     };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -516,13 +528,15 @@ mod tests {
         let a = Identity::init_or_load(dir.path()).unwrap();
         let b = Identity::init_or_load(dir.path()).unwrap();
         assert_eq!(a.fleet_account_key(), b.fleet_account_key());
-        a.write_files().unwrap();
+        a.write_files(&["127.0.0.1".into()]).unwrap();
         for f in [
             "keys/operator.nk",
             "keys/fleet-device-signing.nk",
             "operator.creds",
             "sys.creds",
             "nats-auth.conf",
+            "tls/ca-key.pem",
+            "tls/server-key.pem",
         ] {
             let mode = std::fs::metadata(dir.path().join(f))
                 .unwrap()

@@ -490,25 +490,24 @@ impl Agent {
     pub fn start(
         dir: &Path,
         device: &str,
-        nats_url: &str,
-        ca: &Path,
+        nats: &Nats,
         token: &str,
         podman: &PodmanSandbox,
     ) -> Result<Agent> {
-        Agent::start_with(dir, device, nats_url, ca, token, podman, 1, 1)
+        Agent::start_with(dir, device, nats, token, podman, 1, 1)
     }
 
     /// Like [`Agent::start`] with the heartbeat and resync intervals in seconds.
     pub fn start_with(
         dir: &Path,
         device: &str,
-        nats_url: &str,
-        ca: &Path,
+        nats: &Nats,
         token: &str,
         podman: &PodmanSandbox,
         heartbeat_secs: u64,
         resync_secs: u64,
     ) -> Result<Agent> {
+        let (nats_url, ca) = (nats.url(), nats.ca());
         let state_dir = dir.join(format!("agent-{device}"));
         let config = dir.join(format!("agent-{device}.toml"));
         std::fs::write(
@@ -635,14 +634,7 @@ impl Fleet {
     ) -> Result<(PodmanSandbox, Agent)> {
         let sandbox = PodmanSandbox::new(&self.path().join(device))?;
         let token = self.enrollment_token(labels)?;
-        let agent = Agent::start(
-            self.path(),
-            device,
-            &self.nats.url(),
-            &self.nats.ca(),
-            &token,
-            &sandbox,
-        )?;
+        let agent = Agent::start(self.path(), device, &self.nats, &token, &sandbox)?;
         Ok((sandbox, agent))
     }
 }

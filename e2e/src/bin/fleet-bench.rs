@@ -37,16 +37,7 @@ async fn main() -> Result<()> {
 
     // Default device intervals (10 s heartbeat, 5 s resync), as on a Pi.
     let token = fleet.enrollment_token(&[("role", "bench")])?;
-    let agent = Agent::start_with(
-        fleet.path(),
-        DEVICE,
-        &fleet.nats.url(),
-        &fleet.nats.ca(),
-        &token,
-        &sandbox,
-        10,
-        5,
-    )?;
+    let agent = Agent::start_with(fleet.path(), DEVICE, &fleet.nats, &token, &sandbox, 10, 5)?;
     let js = async_nats::jetstream::new(fleet.nats.client().await?);
     let reported = js.get_key_value(names::REPORTED_BUCKET).await?;
 

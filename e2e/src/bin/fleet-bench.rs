@@ -5,6 +5,8 @@
 //!   device reports the generation Running; baseline: `podman run -d` of the same image on the
 //!   same storage, the floor any agent pays;
 //! - the agent's peak and current RSS and its idle CPU while it manages 10 containers;
+//! - blacklist command to disconnect, and un-blacklist to the device reconnected and converged
+//!   (a change made while it was out), median over 10 runs;
 //! - the size of the stripped static aarch64 agent, when built.
 //!
 //! Run it through `scripts/bench.sh`, which builds everything in release mode first.
@@ -123,6 +125,7 @@ async fn main() -> Result<()> {
     println!(
         "  CPU {own:.2}% of one core (agent alone), {with_podman:.2}% including the podman processes it runs"
     );
+    blacklist_figures(&fleet, &agent, &reported).await?;
     let aarch64 =
         fleet_e2e::workspace().join("target/aarch64-unknown-linux-musl/release/fleet-agent");
     match std::fs::metadata(&aarch64) {
@@ -196,4 +199,71 @@ fn memory_kib(pid: u32) -> Result<(u64, u64)> {
             .unwrap_or(0)
     };
     Ok((field("VmHWM:"), field("VmRSS:")))
+}
+
+/// Blacklist -> disconnect, and un-blacklist -> reconnected and converged, 10 times.
+async fn blacklist_figures(fleet: &Fleet, agent: &Agent, reported: &async_nats::jetstream::kv::Store) -> Result<()> {
+    let seed = std::fs::read_to_string(agent.state_dir.join("identity/device.nk"))?;
+    let jwt = std::fs::read_to_string(agent.state_dir.join("identity/device.jwt"))?;
+    let key = std::sync::Arc::new(nkeys::KeyPair::from_seed(seed.trim())?);
+    let api = fleet.operator.client();
+    let (mut cut, mut back) = (Vec::new(), Vec::new());
+    for round in 0..10u64 {
+        // An observer holding the device's own credentials sees the cut.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let signer = key.clone();
+        let _observer = async_nats::ConnectOptions::with_jwt(jwt.trim().to_owned(), move |nonce| {
+            let signer = signer.clone();
+            async move { signer.sign(&nonce).map_err(async_nats::AuthError::new) }
+        })
+        .add_root_certificates(fleet.nats.ca())
+        .require_tls(true)
+        .custom_inbox_prefix(format!("_INBOX.dev.{DEVICE}"))
+        .max_reconnects(Some(0))
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if matches!(event, async_nats::Event::Disconnected) {
+                    let _ = tx.send(Instant::now());
+                }
+            }
+        })
+        .connect(fleet.nats.url())
+        .await?;
+        let sent = Instant::now();
+        api.blacklist(DEVICE, true, "bench", "measuring")?;
+        let at = tokio::time::timeout(WAIT, rx.recv()).await?.context("observer closed")?;
+        cut.push(at.duration_since(sent));
+
+        // A change while it is out, then let it back in and wait until it runs the change.
+        let generation = round + 2;
+        let key_name = names::deployment_key(DEVICE, "bench-0");
+        let mut watch = reported.watch(&key_name).await?;
+        let mut doc = http_deployment("bench-0", "bench", free_port(), &format!("round {round}"));
+        doc["metadata"]["name"] = "bench-0".into();
+        let applied = fleet.operator.apply(&doc)?;
+        assert_eq!(applied.generation, generation);
+        let sent = Instant::now();
+        api.blacklist(DEVICE, false, "bench", "measured")?;
+        tokio::time::timeout(WAIT, async {
+            while let Some(entry) = watch.next().await {
+                let entry = entry?;
+                if let Ok(r) = serde_json::from_slice::<ReportedDeployment>(&entry.value) {
+                    if r.phase == Phase::Running && r.observed_generation == generation {
+                        return Ok(());
+                    }
+                }
+            }
+            bail!("watch ended")
+        })
+        .await
+        .context("the device did not converge after un-blacklisting")??;
+        back.push(sent.elapsed());
+    }
+    println!("blacklist command -> device disconnected, n=10");
+    println!("  median {:>8.1} ms   max {:>8.1} ms", ms(percentile(&cut, 50.0)), ms(percentile(&cut, 100.0)));
+    println!("un-blacklist -> device reconnected and running a change made meanwhile, n=10");
+    println!("  median {:>8.1} ms   max {:>8.1} ms", ms(percentile(&back, 50.0)), ms(percentile(&back, 100.0)));
+    println!("  (anchors: a token-expiry cut-off waits up to an hour; Mender device tokens last a week)");
+    Ok(())
 }

@@ -3,9 +3,12 @@
 //! The operator keeps no database: it rebuilds its whole view from NATS KV at start
 //! ([`controller`]), fans each Deployment out to the desired keys of the devices its selector
 //! matches, aggregates what devices report ([`fleet`]), and serves the HTTP API, a status page
-//! and Prometheus metrics ([`api`]). `fleetctl` ([`ctl`]) talks to that API only.
+//! and Prometheus metrics ([`api`]). `fleetctl` ([`ctl`]) talks to that API only. It is also
+//! the fleet's identity authority: it holds the NATS account keys ([`identity`]), enrolls
+//! devices ([`enroll`]) and blacklists them ([`blacklist`]).
 //!
-//! The operator writes resources and desired state; it never writes a device's reported keys.
+//! The operator writes resources and desired state; it never writes a device's reported keys
+//! (its own NATS user is denied them).
 
 pub mod api;
 pub mod blacklist;

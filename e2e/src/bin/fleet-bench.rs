@@ -202,7 +202,11 @@ fn memory_kib(pid: u32) -> Result<(u64, u64)> {
 }
 
 /// Blacklist -> disconnect, and un-blacklist -> reconnected and converged, 10 times.
-async fn blacklist_figures(fleet: &Fleet, agent: &Agent, reported: &async_nats::jetstream::kv::Store) -> Result<()> {
+async fn blacklist_figures(
+    fleet: &Fleet,
+    agent: &Agent,
+    reported: &async_nats::jetstream::kv::Store,
+) -> Result<()> {
     let seed = std::fs::read_to_string(agent.state_dir.join("identity/device.nk"))?;
     let jwt = std::fs::read_to_string(agent.state_dir.join("identity/device.jwt"))?;
     let key = std::sync::Arc::new(nkeys::KeyPair::from_seed(seed.trim())?);
@@ -232,7 +236,9 @@ async fn blacklist_figures(fleet: &Fleet, agent: &Agent, reported: &async_nats::
         .await?;
         let sent = Instant::now();
         api.blacklist(DEVICE, true, "bench", "measuring")?;
-        let at = tokio::time::timeout(WAIT, rx.recv()).await?.context("observer closed")?;
+        let at = tokio::time::timeout(WAIT, rx.recv())
+            .await?
+            .context("observer closed")?;
         cut.push(at.duration_since(sent));
 
         // A change while it is out, then let it back in and wait until it runs the change.
@@ -261,9 +267,19 @@ async fn blacklist_figures(fleet: &Fleet, agent: &Agent, reported: &async_nats::
         back.push(sent.elapsed());
     }
     println!("blacklist command -> device disconnected, n=10");
-    println!("  median {:>8.1} ms   max {:>8.1} ms", ms(percentile(&cut, 50.0)), ms(percentile(&cut, 100.0)));
+    println!(
+        "  median {:>8.1} ms   max {:>8.1} ms",
+        ms(percentile(&cut, 50.0)),
+        ms(percentile(&cut, 100.0))
+    );
     println!("un-blacklist -> device reconnected and running a change made meanwhile, n=10");
-    println!("  median {:>8.1} ms   max {:>8.1} ms", ms(percentile(&back, 50.0)), ms(percentile(&back, 100.0)));
-    println!("  (anchors: a token-expiry cut-off waits up to an hour; Mender device tokens last a week)");
+    println!(
+        "  median {:>8.1} ms   max {:>8.1} ms",
+        ms(percentile(&back, 50.0)),
+        ms(percentile(&back, 100.0))
+    );
+    println!(
+        "  (anchors: a token-expiry cut-off waits up to an hour; Mender device tokens last a week)"
+    );
     Ok(())
 }

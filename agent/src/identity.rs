@@ -209,6 +209,78 @@ pub async fn enroll(
     }
 }
 
+/// The `iat` and `exp` of the stored JWT, in unix seconds.
+fn jwt_times(state_dir: &Path) -> Option<(u64, u64)> {
+    let jwt = std::fs::read_to_string(jwt_path(state_dir)).ok()?;
+    let payload = jwt.trim().split('.').nth(1)?;
+    let bytes = data_encoding::BASE64URL_NOPAD
+        .decode(payload.as_bytes())
+        .ok()?;
+    #[derive(serde::Deserialize)]
+    struct Times {
+        iat: u64,
+        exp: Option<u64>,
+    }
+    let t: Times = serde_json::from_slice(&bytes).ok()?;
+    Some((t.iat, t.exp?))
+}
+
+/// When to renew a JWT issued at `iat` that expires at `exp`: once two thirds have passed.
+pub fn renew_at(iat: u64, exp: u64) -> u64 {
+    iat + exp.saturating_sub(iat) * 2 / 3
+}
+
+/// Keeps the device's JWT fresh for as long as the agent runs: asks the operator on
+/// `fleet.renew.<device>` once two thirds of its lifetime have passed, and stores the answer for
+/// the next (re)connect. A refusal (blacklisted, deleted) is logged and asked again later.
+pub async fn renew_forever(client: async_nats::Client, state_dir: PathBuf, device: String) {
+    let mut retry = Duration::from_secs(1);
+    loop {
+        let now = now_secs();
+        let Some((iat, exp)) = jwt_times(&state_dir) else {
+            // No expiry: nothing to renew (or an unreadable file: check again later).
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            continue;
+        };
+        let due = renew_at(iat, exp);
+        if now < due {
+            tokio::time::sleep(Duration::from_secs((due - now).clamp(1, 3600))).await;
+            continue;
+        }
+        let answer = client
+            .request(names::renew_subject(&device), "".into())
+            .await;
+        let result = match answer {
+            Ok(msg) => match serde_json::from_slice::<EnrollReply>(&msg.payload) {
+                Ok(EnrollReply::Enrolled { jwt, expires_at }) => save_jwt(&state_dir, &jwt)
+                    .map(|()| expires_at)
+                    .map_err(|e| e.to_string()),
+                Ok(EnrollReply::Refused { reason }) => Err(format!("refused: {reason}")),
+                Err(e) => Err(format!("unreadable answer: {e}")),
+            },
+            Err(e) => Err(format!("no answer: {e}")),
+        };
+        match result {
+            Ok(expires_at) => {
+                tracing::info!(%device, expires_at, "NATS credentials renewed");
+                retry = Duration::from_secs(1);
+            }
+            Err(e) => {
+                let left = exp.saturating_sub(now_secs());
+                tracing::warn!(%device, error = %e, expires_in_secs = left, retry_in = ?retry, "cannot renew the NATS credentials");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(300));
+            }
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Connect options that authenticate as this device, reading the JWT at every (re)connect.
 pub fn connect_options(state_dir: &Path, key: KeyPair) -> async_nats::ConnectOptions {
     let key = Arc::new(key);
@@ -248,6 +320,13 @@ mod tests {
         assert!(!is_enrolled(dir.path()));
         save_jwt(dir.path(), "x.y.z").unwrap();
         assert!(is_enrolled(dir.path()));
+    }
+
+    #[test]
+    fn renewal_is_due_after_two_thirds() {
+        assert_eq!(renew_at(1000, 1000 + 30 * 86_400), 1000 + 20 * 86_400);
+        assert_eq!(renew_at(10, 16), 14);
+        assert_eq!(renew_at(10, 10), 10);
     }
 
     #[test]

@@ -210,6 +210,11 @@ async fn start_nats(
         .timeout(JETSTREAM_TIMEOUT)
         .build(client);
     let _ = js_tx.send(js.clone());
+    tokio::spawn(identity::renew_forever(
+        js.client(),
+        config.state_dir.clone(),
+        config.device_id.clone(),
+    ));
     sync::follow_desired(js, config.device_id, desired_tx).await;
 }
 

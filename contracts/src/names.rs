@@ -19,6 +19,12 @@ pub fn enroll_subject(token_id: &str) -> String {
     format!("fleet.enroll.{token_id}")
 }
 
+/// Where an enrolled device asks for a fresh JWT before its current one expires; answered with
+/// an [`crate::api::EnrollReply`].
+pub fn renew_subject(device: &str) -> String {
+    format!("fleet.renew.{device}")
+}
+
 /// The inbox prefix of a connection made with enrollment token `token_id`.
 pub fn enroll_inbox(token_id: &str) -> String {
     format!("_INBOX.enroll.{token_id}")

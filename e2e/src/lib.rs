@@ -319,7 +319,8 @@ pub struct Operator {
 }
 
 impl Operator {
-    pub async fn start(dir: &Path, nats: &Nats) -> Result<Operator> {
+    /// Starts `fleet-operator` with `extra` flags added to the test defaults.
+    pub async fn start(dir: &Path, nats: &Nats, extra: &[&str]) -> Result<Operator> {
         let port = free_port();
         let mut cmd = Command::new(binary("fleet-operator"));
         cmd.args([
@@ -332,6 +333,7 @@ impl Operator {
         ])
         .arg("--identity")
         .arg(&nats.identity)
+        .args(extra)
         .env("FLEET_LOG", "info,fleet_operator=debug");
         let proc = Proc::spawn("fleet-operator", cmd, dir.join("operator.log"))?;
         let op = Operator {
@@ -600,9 +602,14 @@ pub struct Fleet {
 
 impl Fleet {
     pub async fn start() -> Result<Fleet> {
+        Fleet::start_with(&[]).await
+    }
+
+    /// Like [`Fleet::start`], with extra `fleet-operator` flags.
+    pub async fn start_with(operator_flags: &[&str]) -> Result<Fleet> {
         let dir = tempfile::Builder::new().prefix("fleet-e2e-").tempdir()?;
         let nats = Nats::start(dir.path()).await?;
-        let operator = Operator::start(dir.path(), &nats).await?;
+        let operator = Operator::start(dir.path(), &nats, operator_flags).await?;
         Ok(Fleet {
             nats,
             operator,

@@ -79,6 +79,8 @@ pub struct Shared {
     pub identity: Arc<crate::identity::Identity>,
     /// A connection in the system account, for pushing the fleet account's JWT.
     pub sys: async_nats::Client,
+    /// How long the device JWTs the operator mints are valid.
+    pub device_jwt_ttl: std::time::Duration,
     /// Woken whenever fan-out may have work.
     pub changed: Notify,
     watches_current: [AtomicBool; 4],
@@ -105,12 +107,14 @@ impl Shared {
         buckets: Buckets,
         identity: Arc<crate::identity::Identity>,
         sys: async_nats::Client,
+        device_jwt_ttl: std::time::Duration,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             fleet: RwLock::new(Fleet::default()),
             buckets,
             identity,
             sys,
+            device_jwt_ttl,
             changed: Notify::new(),
             watches_current: Default::default(),
             metrics: Metrics::default(),

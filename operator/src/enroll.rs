@@ -5,6 +5,9 @@
 //! record in `fleet-enrollment` (`token.<id>`) makes it single-use (compare-and-set on the
 //! revision), expiring and revocable; the device's key is recorded as `device.<name>`, and a
 //! different key for the same device is refused until an admin deletes the device.
+//!
+//! Renewal: an enrolled device asks on `fleet.renew.<device>` (NATS lets only that device
+//! publish there) and gets a fresh JWT for the key it enrolled with, unless it is blacklisted.
 
 use std::{sync::Arc, time::Duration};
 
@@ -23,7 +26,7 @@ use crate::{
     identity::Identity,
 };
 
-/// How long a device JWT is valid; the agent renews it before then.
+/// How long a device JWT is valid by default; the agent renews it once two thirds have passed.
 pub const DEVICE_JWT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -148,7 +151,7 @@ async fn try_enroll(
                 .map_err(|_| format!("enrollment token {token_id} was used concurrently"))?;
         }
     }
-    let expires_at = (now / 1000) + DEVICE_JWT_TTL.as_secs();
+    let expires_at = (now / 1000) + shared.device_jwt_ttl.as_secs();
     let jwt = identity
         .device_jwt(&req.device, &req.public_key, expires_at)
         .map_err(|e| e.to_string())?;
@@ -196,4 +199,62 @@ async fn create_device(resources: &kv::Store, name: &str, labels: &Labels) -> Re
             "cannot create the Device resource (try again): {e}"
         )),
     }
+}
+
+/// Answers renewal requests until the connection closes.
+pub async fn serve_renewals(client: async_nats::Client, shared: Arc<Shared>) {
+    let mut sub = match client.subscribe("fleet.renew.*").await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot serve renewal requests");
+            return;
+        }
+    };
+    while let Some(msg) = sub.next().await {
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        // The subject names the device, and NATS lets only that device publish on it.
+        let device = msg
+            .subject
+            .as_str()
+            .trim_start_matches("fleet.renew.")
+            .to_owned();
+        let answer = match renew(&shared, &device).await {
+            Ok(reply) => reply,
+            Err(reason) => {
+                warn!(%device, %reason, "renewal refused");
+                EnrollReply::Refused { reason }
+            }
+        };
+        let bytes = serde_json::to_vec(&answer).expect("replies serialize");
+        if let Err(e) = client.publish(reply, bytes.into()).await {
+            warn!(error = %e, "cannot answer a renewal request");
+        }
+    }
+}
+
+async fn renew(shared: &Shared, device: &str) -> Result<EnrollReply, String> {
+    check_name(device).map_err(|e| format!("invalid device id {device:?}: {e}"))?;
+    let identity: DeviceIdentity = shared
+        .buckets
+        .enrollment
+        .get(identity_key(device))
+        .await
+        .map_err(|e| format!("cannot read the device's identity (try again): {e}"))?
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| format!("device {device} is not enrolled"))?;
+    if let Some(b) = &identity.blacklist {
+        return Err(format!(
+            "device {device} is blacklisted (by {}: {})",
+            b.by, b.reason
+        ));
+    }
+    let expires_at = now_ms() / 1000 + shared.device_jwt_ttl.as_secs();
+    let jwt = shared
+        .identity
+        .device_jwt(device, &identity.public_key, expires_at)
+        .map_err(|e| e.to_string())?;
+    info!(%device, expires_at, "device JWT renewed");
+    Ok(EnrollReply::Enrolled { jwt, expires_at })
 }

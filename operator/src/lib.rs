@@ -30,6 +30,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// How often fan-out re-checks the desired bucket even without a change.
     pub resync: Duration,
+    /// How long minted device JWTs are valid.
+    pub device_jwt_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +124,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             url: config.nats_url.clone(),
             source,
         })?;
-    let shared = controller::Shared::new(buckets, identity.clone(), sys);
+    let shared = controller::Shared::new(buckets, identity.clone(), sys, config.device_jwt_ttl);
     let pusher = shared.clone();
     reconnected.notify_one(); // And once at start.
     tokio::spawn(async move {
@@ -134,7 +136,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     });
     controller::spawn(shared.clone(), config.resync);
-    tokio::spawn(enroll::serve(client, shared.clone(), identity));
+    tokio::spawn(enroll::serve(client.clone(), shared.clone(), identity));
+    tokio::spawn(enroll::serve_renewals(client, shared.clone()));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Listen {

@@ -28,6 +28,10 @@ struct Args {
     /// Seconds between fan-out checks when nothing changed.
     #[arg(long, default_value_t = 10)]
     resync_secs: u64,
+    /// How long the NATS credentials minted for devices are valid, in seconds (agents renew
+    /// them once two thirds have passed).
+    #[arg(long, default_value_t = fleet_operator::enroll::DEVICE_JWT_TTL.as_secs())]
+    device_jwt_ttl_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +70,7 @@ async fn main() -> ExitCode {
         identity_dir: args.identity,
         listen: args.listen,
         resync: Duration::from_secs(args.resync_secs.max(1)),
+        device_jwt_ttl: Duration::from_secs(args.device_jwt_ttl_secs.max(2)),
     };
     match fleet_operator::run(config).await {
         Ok(()) => ExitCode::SUCCESS,

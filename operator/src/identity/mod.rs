@@ -308,12 +308,17 @@ impl Identity {
                     "$KV.>".into(),
                     "$JS.FC.>".into(),
                     "fleet.dev.>".into(),
-                    // Replies to enrollment requests.
+                    // Replies to enrollment and renewal requests.
                     "_INBOX.enroll.>".into(),
+                    "_INBOX.dev.>".into(),
                 ],
                 deny: vec![format!("$KV.{REPORTED_BUCKET}.>")],
             },
-            subscribe: Permission::allow(&[&format!("{OPERATOR_INBOX}.>"), "fleet.enroll.*"]),
+            subscribe: Permission::allow(&[
+                &format!("{OPERATOR_INBOX}.>"),
+                "fleet.enroll.*",
+                "fleet.renew.*",
+            ]),
             resp: None,
             subs: Some(-1),
             data: Some(-1),
@@ -438,6 +443,7 @@ pub fn device_template() -> UserPermissions {
                 ),
                 format!("$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_BUCKET}.{{{{name()}}}}.>"),
                 format!("$KV.{REPORTED_BUCKET}.{{{{name()}}}}.>"),
+                "fleet.renew.{{name()}}".into(),
                 format!("$JS.FC.{desired}.>"),
             ],
             deny: vec![],

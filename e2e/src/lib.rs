@@ -65,17 +65,9 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Tools from `scripts/bootstrap.sh` live here.
+/// A tool `scripts/bootstrap.sh` unpacked (nats-server).
 pub fn tool(name: &str) -> PathBuf {
-    let cache = std::env::var_os("FLEET_CACHE")
-        .map_or_else(|| PathBuf::from("/var/cache/fleet"), PathBuf::from);
-    let path = cache.join("tools/bin").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/bootstrap.sh",
-        path.display()
-    );
-    path
+    tool_path(&format!("tools/bin/{name}"))
 }
 
 /// A path under the cache folder of `scripts/bootstrap.sh` (e.g. `venv/bin/python`).

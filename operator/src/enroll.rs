@@ -48,12 +48,19 @@ pub fn new_token_id() -> String {
         .collect()
 }
 
-/// Answers enrollment requests until the connection closes.
-pub async fn serve(client: async_nats::Client, shared: Arc<Shared>, identity: Arc<Identity>) {
-    let mut sub = match client.subscribe("fleet.enroll.*").await {
+/// Answers requests on `fleet.<verb>.*` until the connection closes: `answer` gets the last
+/// subject token (a token id, a device id) and the payload. NATS permissions decide who may
+/// publish on each subject, so the token is trustworthy.
+async fn respond<F, Fut>(client: async_nats::Client, verb: &str, answer: F)
+where
+    F: Fn(String, bytes::Bytes) -> Fut,
+    Fut: std::future::Future<Output = EnrollReply>,
+{
+    let prefix = format!("fleet.{verb}.");
+    let mut sub = match client.subscribe(format!("{prefix}*")).await {
         Ok(s) => s,
         Err(e) => {
-            warn!(error = %e, "cannot serve enrollment requests");
+            warn!(error = %e, verb, "cannot serve requests");
             return;
         }
     };
@@ -61,28 +68,48 @@ pub async fn serve(client: async_nats::Client, shared: Arc<Shared>, identity: Ar
         let Some(reply) = msg.reply.clone() else {
             continue;
         };
-        let token_id = msg
-            .subject
-            .as_str()
-            .trim_start_matches("fleet.enroll.")
-            .to_owned();
-        let answer = match serde_json::from_slice::<EnrollRequest>(&msg.payload) {
-            Ok(req) => enroll(&shared, &identity, &token_id, &req).await,
-            Err(e) => EnrollReply::Refused {
-                reason: format!("malformed enrollment request: {e}"),
-            },
-        };
+        let token = msg.subject.as_str().trim_start_matches(&prefix).to_owned();
+        let answer = answer(token.clone(), msg.payload).await;
         match &answer {
-            EnrollReply::Enrolled { .. } => info!(token = %token_id, "device enrolled"),
-            EnrollReply::Refused { reason } => {
-                warn!(token = %token_id, %reason, "enrollment refused")
+            EnrollReply::Enrolled { expires_at, .. } => {
+                info!(verb, %token, expires_at, "credentials issued")
             }
+            EnrollReply::Refused { reason } => warn!(verb, %token, %reason, "refused"),
         }
         let bytes = serde_json::to_vec(&answer).expect("replies serialize");
         if let Err(e) = client.publish(reply, bytes.into()).await {
-            warn!(error = %e, "cannot answer an enrollment request");
+            warn!(error = %e, verb, "cannot answer a request");
         }
     }
+}
+
+/// Answers enrollment requests (`fleet.enroll.<token id>`) until the connection closes.
+pub async fn serve(client: async_nats::Client, shared: Arc<Shared>, identity: Arc<Identity>) {
+    respond(client, "enroll", |token_id, payload| {
+        let (shared, identity) = (shared.clone(), identity.clone());
+        async move {
+            match serde_json::from_slice::<EnrollRequest>(&payload) {
+                Ok(req) => enroll(&shared, &identity, &token_id, &req).await,
+                Err(e) => EnrollReply::Refused {
+                    reason: format!("malformed enrollment request: {e}"),
+                },
+            }
+        }
+    })
+    .await
+}
+
+/// Answers renewal requests (`fleet.renew.<device>`) until the connection closes.
+pub async fn serve_renewals(client: async_nats::Client, shared: Arc<Shared>) {
+    respond(client, "renew", |device, _| {
+        let shared = shared.clone();
+        async move {
+            renew(&shared, &device)
+                .await
+                .unwrap_or_else(|reason| EnrollReply::Refused { reason })
+        }
+    })
+    .await
 }
 
 async fn enroll(
@@ -201,39 +228,6 @@ async fn create_device(resources: &kv::Store, name: &str, labels: &Labels) -> Re
     }
 }
 
-/// Answers renewal requests until the connection closes.
-pub async fn serve_renewals(client: async_nats::Client, shared: Arc<Shared>) {
-    let mut sub = match client.subscribe("fleet.renew.*").await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot serve renewal requests");
-            return;
-        }
-    };
-    while let Some(msg) = sub.next().await {
-        let Some(reply) = msg.reply.clone() else {
-            continue;
-        };
-        // The subject names the device, and NATS lets only that device publish on it.
-        let device = msg
-            .subject
-            .as_str()
-            .trim_start_matches("fleet.renew.")
-            .to_owned();
-        let answer = match renew(&shared, &device).await {
-            Ok(reply) => reply,
-            Err(reason) => {
-                warn!(%device, %reason, "renewal refused");
-                EnrollReply::Refused { reason }
-            }
-        };
-        let bytes = serde_json::to_vec(&answer).expect("replies serialize");
-        if let Err(e) = client.publish(reply, bytes.into()).await {
-            warn!(error = %e, "cannot answer a renewal request");
-        }
-    }
-}
-
 async fn renew(shared: &Shared, device: &str) -> Result<EnrollReply, String> {
     check_name(device).map_err(|e| format!("invalid device id {device:?}: {e}"))?;
     let identity: DeviceIdentity = shared
@@ -255,6 +249,5 @@ async fn renew(shared: &Shared, device: &str) -> Result<EnrollReply, String> {
         .identity
         .device_jwt(device, &identity.public_key, expires_at)
         .map_err(|e| e.to_string())?;
-    info!(%device, expires_at, "device JWT renewed");
     Ok(EnrollReply::Enrolled { jwt, expires_at })
 }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use fleet_contracts::resource::{Container, RestartPolicy};
+use fleet_contracts::resource::{Container, EnvVar, InitContainer, RestartPolicy, VolumeMount};
 use serde::Deserialize;
 
 use crate::{
@@ -226,6 +226,129 @@ impl<R: CommandRunner> Podman<R> {
     }
 }
 
+/// How an init container ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitOutcome {
+    Exited { code: i32, log_tail: String },
+    TimedOut { log_tail: String },
+}
+
+/// The container name of a deployment's init container.
+pub fn init_container_name(deployment: &str, init: &str) -> String {
+    format!("fleet-{deployment}-init-{init}")
+}
+
+impl<R: CommandRunner> Podman<R> {
+    /// Runs an init container to completion (or its timeout) and removes it; its volumes are
+    /// the deployment's, so what it prepares is there for the main container.
+    pub async fn run_init(
+        &self,
+        device: &str,
+        deployment: &str,
+        init: &InitContainer,
+    ) -> Result<InitOutcome, PodmanError> {
+        let name = init_container_name(deployment, &init.name);
+        // A leftover from a crash mid-run would hold the name.
+        self.remove(&name, 0).await.ok();
+        let mut args: Vec<String> = vec!["--name".into(), name.clone()];
+        args.extend(["--label".into(), format!("{}={device}", labels::DEVICE)]);
+        args.extend(["--label".into(), format!("fleet.init-of={deployment}")]);
+        push_env_and_volumes(&mut args, deployment, &init.env, &init.volumes);
+        if !init.command.is_empty() {
+            let entrypoint = serde_json::to_string(&init.command).unwrap_or_default();
+            args.push(format!("--entrypoint={entrypoint}"));
+        }
+        args.push(init.image.clone());
+        args.extend(init.args.iter().cloned());
+        let mut all = self.global.clone();
+        all.push("run".into());
+        all.extend(args);
+        let timeout = std::time::Duration::from_secs(u64::from(init.timeout_seconds));
+        let run = tokio::time::timeout(timeout, self.runner.run(&self.program, &all)).await;
+        let outcome = match run {
+            Err(_elapsed) => InitOutcome::TimedOut {
+                log_tail: self.logs_tail(&name).await,
+            },
+            Ok(Err(source)) => {
+                return Err(PodmanError::Spawn {
+                    program: self.program.clone(),
+                    source,
+                });
+            }
+            Ok(Ok(out)) => {
+                // podman itself failing (no such image) exits 125 with its own message and
+                // leaves no container behind.
+                if out.code == Some(125) && !self.exists(&name).await {
+                    return Err(PodmanError::Failed {
+                        subcommand: "run",
+                        message: out.error_line(),
+                    });
+                }
+                let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.push_str(&String::from_utf8_lossy(&out.stderr));
+                InitOutcome::Exited {
+                    code: out.code.unwrap_or(-1),
+                    log_tail: tail(&text, 10),
+                }
+            }
+        };
+        self.remove(&name, 0).await.ok();
+        Ok(outcome)
+    }
+
+    async fn exists(&self, name: &str) -> bool {
+        self.call("container", vec!["exists".into(), name.to_owned()])
+            .await
+            .is_ok()
+    }
+
+    async fn logs_tail(&self, name: &str) -> String {
+        match self
+            .call("logs", vec!["--tail".into(), "10".into(), name.to_owned()])
+            .await
+        {
+            Ok(out) => {
+                let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.push_str(&String::from_utf8_lossy(&out.stderr));
+                tail(&text, 10)
+            }
+            Err(_) => String::new(),
+        }
+    }
+}
+
+/// The last `n` non-empty lines of `text`, joined with " | " for a one-line status message.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+fn push_env_and_volumes(
+    a: &mut Vec<String>,
+    deployment: &str,
+    env: &[EnvVar],
+    volumes: &[VolumeMount],
+) {
+    for e in env {
+        a.extend(["--env".into(), format!("{}={}", e.name, e.value)]);
+    }
+    for v in volumes {
+        let source = v
+            .host_path
+            .clone()
+            .unwrap_or_else(|| volume_name(deployment, &v.name));
+        let mode = if v.read_only { ":ro" } else { "" };
+        a.extend([
+            "--volume".into(),
+            format!("{source}:{}{mode}", v.mount_path),
+        ]);
+    }
+}
+
 pub fn parse_ps(stdout: &[u8]) -> Result<Vec<Observed>, PodmanError> {
     // podman 4 prints `[]` for no containers; older versions printed nothing.
     if stdout.iter().all(u8::is_ascii_whitespace) {
@@ -256,9 +379,7 @@ fn create_args(s: &CreateSpec<'_>) -> Vec<String> {
         RestartPolicy::Never => "no",
     };
     a.push(format!("--restart={restart}"));
-    for e in &c.env {
-        a.extend(["--env".into(), format!("{}={}", e.name, e.value)]);
-    }
+    push_env_and_volumes(&mut a, s.deployment, &c.env, &c.volumes);
     for p in &c.ports {
         a.extend([
             "--publish".into(),
@@ -268,17 +389,6 @@ fn create_args(s: &CreateSpec<'_>) -> Vec<String> {
                 p.container_port,
                 p.protocol.as_str()
             ),
-        ]);
-    }
-    for v in &c.volumes {
-        let source = v
-            .host_path
-            .clone()
-            .unwrap_or_else(|| volume_name(s.deployment, &v.name));
-        let mode = if v.read_only { ":ro" } else { "" };
-        a.extend([
-            "--volume".into(),
-            format!("{source}:{}{mode}", v.mount_path),
         ]);
     }
     if !c.command.is_empty() {
@@ -385,8 +495,8 @@ mod tests {
                 "podman --root /r --runtime runc create --name fleet-web \
                  --label fleet.device=pi-01 --label fleet.deployment=web \
                  --label fleet.generation=2 --label fleet.spec-hash=h --restart=on-failure \
-                 --env A=b c --publish 8080:80/udp --volume fleet-web-data:/data \
-                 --volume /dev/x:/d:ro --entrypoint=[\"/bin/sh\",\"-c\"] localhost/http:1 echo hi there"
+                 --env A=b c --volume fleet-web-data:/data --volume /dev/x:/d:ro \
+                 --publish 8080:80/udp --entrypoint=[\"/bin/sh\",\"-c\"] localhost/http:1 echo hi there"
             ]
         );
     }

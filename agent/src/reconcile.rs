@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::{
     plan::{self, Action, Wanted},
-    podman::{CreateSpec, Observed, Podman, PodmanError},
+    podman::{CreateSpec, InitOutcome, Observed, Podman},
     runner::CommandRunner,
     sync::{DesiredEvent, DesiredValue},
 };
@@ -135,10 +135,19 @@ impl<R: CommandRunner> Reconciler<R> {
         }
         for action in actions {
             if let Some(deployment) = creates(&action) {
+                let has_init = matches!(
+                    self.desired.as_ref().and_then(|d| d.get(deployment)),
+                    Some(Ok(d)) if !d.spec.init_containers.is_empty()
+                );
+                let phase = if has_init {
+                    Phase::Initializing
+                } else {
+                    Phase::Creating
+                };
                 self.report_one(
                     deployment,
                     &wanted[deployment],
-                    Phase::Creating,
+                    phase,
                     String::new(),
                     None,
                     reporter,
@@ -208,17 +217,45 @@ impl<R: CommandRunner> Reconciler<R> {
         action: &Action,
         d: &DesiredDeployment,
         w: &Wanted,
-    ) -> Result<(), PodmanError> {
+    ) -> Result<(), String> {
         if let Action::Replace { old_id, .. } = action {
             info!(deployment = %d.deployment, generation = d.generation, "replacing the container with the new spec");
-            self.podman.remove(old_id, self.grace_secs).await?;
+            self.podman
+                .remove(old_id, self.grace_secs)
+                .await
+                .map_err(|e| e.to_string())?;
         } else {
             info!(deployment = %d.deployment, generation = d.generation, "creating the container");
         }
-        let container = d.spec.containers.first().ok_or(PodmanError::Failed {
-            subcommand: "create",
-            message: "the desired spec has no container".into(),
-        })?;
+        let container = d
+            .spec
+            .containers
+            .first()
+            .ok_or("the desired spec has no container")?;
+        // Init containers, in order, each to completion: before every fresh main container.
+        for init in &d.spec.init_containers {
+            info!(deployment = %d.deployment, init = %init.name, "running init container");
+            match self
+                .podman
+                .run_init(&self.device, &d.deployment, init)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                InitOutcome::Exited { code: 0, .. } => {}
+                InitOutcome::Exited { code, log_tail } => {
+                    return Err(format!(
+                        "init container {:?} exited with code {code}: {log_tail}",
+                        init.name
+                    ));
+                }
+                InitOutcome::TimedOut { log_tail } => {
+                    return Err(format!(
+                        "init container {:?} did not finish within {}s: {log_tail}",
+                        init.name, init.timeout_seconds
+                    ));
+                }
+            }
+        }
         let id = self
             .podman
             .create(&CreateSpec {
@@ -229,11 +266,12 @@ impl<R: CommandRunner> Reconciler<R> {
                 container,
                 restart: d.spec.restart_policy,
             })
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         if let Err(e) = self.podman.start(&id).await {
             // Leave nothing half-made: a created-but-unstartable container would hold the name.
             let _ = self.podman.remove(&id, 0).await;
-            return Err(e);
+            return Err(e.to_string());
         }
         Ok(())
     }

@@ -70,10 +70,92 @@ impl LabelSelector {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodTemplate {
+    /// Run in order, each to completion, before every fresh main container (first start,
+    /// upgrade, reboot). They must be idempotent: they run again and again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<InitContainer>,
     pub containers: Vec<Container>,
     #[serde(default)]
     pub restart_policy: RestartPolicy,
 }
+
+impl PodTemplate {
+    /// Advice on init containers that are unlikely to be idempotent. They run again before
+    /// every fresh main container, so `mkdir` without `-p` fails the second time and `>`
+    /// rewrites a file every time.
+    pub fn idempotency_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &self.init_containers {
+            let script = c
+                .command
+                .iter()
+                .chain(&c.args)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" ");
+            let words: Vec<&str> = script
+                .split(|ch: char| ch.is_whitespace() || ch == ';' || ch == '&')
+                .collect();
+            for (i, w) in words.iter().enumerate() {
+                if *w == "mkdir"
+                    && !words[i + 1..]
+                        .iter()
+                        .take_while(|a| a.starts_with('-'))
+                        .any(|a| a.contains('p'))
+                {
+                    out.push(format!(
+                        "init container {:?}: `mkdir` without -p fails when it runs again (init containers rerun before every fresh main container)",
+                        c.name
+                    ));
+                }
+            }
+            let truncates = script.match_indices('>').any(|(i, _)| {
+                let before = script[..i].chars().last();
+                let after = script[i + 1..].chars().next();
+                before != Some('>')
+                    && after != Some('>')
+                    && after != Some('&')
+                    && before != Some('2')
+                    && before != Some('&')
+            });
+            if truncates {
+                out.push(format!(
+                    "init container {:?}: `>` rewrites the file each time it runs; if the main container also writes it, use `>>` or write only when missing",
+                    c.name
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// A container that prepares the main one: it must exit 0 within its timeout, or the
+/// Deployment fails on the device with its name, exit code and the tail of its output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitContainer {
+    pub name: String,
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Mounts; a named volume is the same one the main container gets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+    /// How long it may run, in seconds (default 300).
+    #[serde(default = "default_init_timeout")]
+    pub timeout_seconds: u32,
+}
+
+fn default_init_timeout() -> u32 {
+    300
+}
+
+/// The longest an init container may be given.
+pub const MAX_INIT_TIMEOUT_SECONDS: u32 = 3600;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -113,6 +195,7 @@ impl PodTemplate {
     /// One container, restarted always: the common case.
     pub fn single(container: Container) -> PodTemplate {
         PodTemplate {
+            init_containers: vec![],
             containers: vec![container],
             restart_policy: RestartPolicy::Always,
         }
@@ -437,40 +520,26 @@ impl Validator {
         for (i, c) in spec.template.containers.iter().enumerate() {
             self.container(&format!("spec.template.containers[{i}]"), c);
         }
+        let mut names: BTreeSet<&str> = spec
+            .template
+            .containers
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        for (i, c) in spec.template.init_containers.iter().enumerate() {
+            let path = format!("spec.template.initContainers[{i}]");
+            self.init_container(&path, c);
+            if !names.insert(&c.name) {
+                self.err(
+                    format!("{path}.name"),
+                    format!("duplicate container name {:?}", c.name),
+                );
+            }
+        }
     }
 
     fn container(&mut self, path: &str, c: &Container) {
-        if let Err(e) = check_name(&c.name) {
-            self.err(format!("{path}.name"), e);
-        }
-        if c.image.trim().is_empty() {
-            self.err(format!("{path}.image"), "must not be empty");
-        } else if c.image.chars().any(char::is_whitespace) {
-            self.err(format!("{path}.image"), "must not contain whitespace");
-        }
-        let mut env_names = BTreeSet::new();
-        for (i, e) in c.env.iter().enumerate() {
-            let ok = e
-                .name
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && e.name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !ok {
-                self.err(
-                    format!("{path}.env[{i}].name"),
-                    "must be letters, digits and '_', not starting with a digit",
-                );
-            }
-            if !env_names.insert(&e.name) {
-                self.err(
-                    format!("{path}.env[{i}].name"),
-                    format!("duplicate {:?}", e.name),
-                );
-            }
-        }
+        self.common(path, &c.name, &c.image, &c.env, &c.volumes);
         let mut host_ports = BTreeMap::new();
         for (i, p) in c.ports.iter().enumerate() {
             if p.container_port == 0 {
@@ -494,8 +563,60 @@ impl Validator {
                 );
             }
         }
+    }
+
+    fn init_container(&mut self, path: &str, c: &InitContainer) {
+        self.common(path, &c.name, &c.image, &c.env, &c.volumes);
+        if c.timeout_seconds == 0 || c.timeout_seconds > MAX_INIT_TIMEOUT_SECONDS {
+            self.err(
+                format!("{path}.timeoutSeconds"),
+                format!("must be 1-{MAX_INIT_TIMEOUT_SECONDS}"),
+            );
+        }
+    }
+
+    /// What main and init containers share: name, image, env and volumes.
+    fn common(
+        &mut self,
+        path: &str,
+        name: &str,
+        image: &str,
+        env: &[EnvVar],
+        volumes: &[VolumeMount],
+    ) {
+        if let Err(e) = check_name(name) {
+            self.err(format!("{path}.name"), e);
+        }
+        if image.trim().is_empty() {
+            self.err(format!("{path}.image"), "must not be empty");
+        } else if image.chars().any(char::is_whitespace) {
+            self.err(format!("{path}.image"), "must not contain whitespace");
+        }
+        let mut env_names = BTreeSet::new();
+        for (i, e) in env.iter().enumerate() {
+            let ok = e
+                .name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && e.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                self.err(
+                    format!("{path}.env[{i}].name"),
+                    "must be letters, digits and '_', not starting with a digit",
+                );
+            }
+            if !env_names.insert(&e.name) {
+                self.err(
+                    format!("{path}.env[{i}].name"),
+                    format!("duplicate {:?}", e.name),
+                );
+            }
+        }
         let mut mounts = BTreeSet::new();
-        for (i, m) in c.volumes.iter().enumerate() {
+        for (i, m) in volumes.iter().enumerate() {
             if let Err(e) = check_name(&m.name) {
                 self.err(format!("{path}.volumes[{i}].name"), e);
             }
@@ -638,6 +759,19 @@ mod tests {
             ],
         );
         check(
+            |d| {
+                d["spec"]["template"]["initContainers"] = json!([
+                    {"name": "setup", "image": "img", "command": ["sh", "-c", "true"]},
+                    {"name": "web", "image": "", "timeoutSeconds": 0}
+                ])
+            },
+            &[
+                "spec.template.initContainers[1].image: must not be empty",
+                "spec.template.initContainers[1].timeoutSeconds: must be 1-3600",
+                "spec.template.initContainers[1].name: duplicate container name \"web\"",
+            ],
+        );
+        check(
             |d| d["apiVersion"] = json!("v1"),
             &["apiVersion: must be \"fleet.dev/v1\", got \"v1\""],
         );
@@ -666,6 +800,38 @@ mod tests {
         doc["spec"]["template"]["containers"][0]["fromTheFuture"] = json!(1);
         let d: Deployment = serde_json::from_value(doc).unwrap();
         assert_eq!(d.metadata.name, "web");
+    }
+
+    #[test]
+    fn idempotency_warnings() {
+        let warn = |script: &str| {
+            let t = PodTemplate {
+                init_containers: vec![InitContainer {
+                    name: "i".into(),
+                    image: "img".into(),
+                    command: vec!["sh".into(), "-c".into(), script.into()],
+                    args: vec![],
+                    env: vec![],
+                    volumes: vec![],
+                    timeout_seconds: 5,
+                }],
+                ..PodTemplate::single(Container::new("m", "img"))
+            };
+            t.idempotency_warnings()
+                .iter()
+                .map(|w| w.split(':').nth(1).unwrap_or("").trim().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert!(warn("mkdir -p /data && touch /data/x").is_empty());
+        assert!(warn("echo a >> /data/log 2>&1").is_empty());
+        assert_eq!(
+            warn("mkdir /data"),
+            [
+                "`mkdir` without -p fails when it runs again (init containers rerun before every fresh main container)"
+            ]
+        );
+        assert_eq!(warn("mkdir -v /data").len(), 1);
+        assert_eq!(warn("echo 1 > /data/state").len(), 1);
     }
 
     #[test]

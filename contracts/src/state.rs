@@ -50,6 +50,8 @@ pub struct ReportedDeployment {
 pub enum Phase {
     /// Desired state received, nothing done yet.
     Pending,
+    /// The init containers run, in order.
+    Initializing,
     /// The container is being created (image lookup, create, start).
     Creating,
     /// The container runs.

@@ -232,6 +232,7 @@ fn warnings(shared: &Shared, resource: &Resource) -> Vec<String> {
     let fleet = shared.fleet.read().unwrap();
     let mut out = Vec::new();
     if let Resource::Deployment(d) = resource {
+        out.extend(d.spec.template.idempotency_warnings());
         if fleet.matching_devices(d).next().is_none() {
             out.push(format!(
                 "no device matches the selector {:?} yet; the Deployment waits for one",

@@ -47,9 +47,6 @@ pub struct Config {
     /// How often the agent compares podman with the desired state even without a change.
     #[serde(default = "default_resync")]
     pub resync_interval_secs: u64,
-    /// Grace period before SIGKILL when a container is stopped.
-    #[serde(default = "default_grace")]
-    pub stop_grace_secs: u32,
     /// A one-time enrollment token (`fleetctl enroll-token create`), used on the first start to
     /// obtain the device's NATS credentials. Ignored once the device is enrolled.
     pub enrollment_token: Option<String>,
@@ -91,9 +88,6 @@ fn default_heartbeat() -> u64 {
 }
 fn default_resync() -> u64 {
     5
-}
-fn default_grace() -> u32 {
-    10
 }
 fn default_podman() -> String {
     "podman".into()

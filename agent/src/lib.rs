@@ -69,7 +69,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     })?;
 
     let podman = Podman::new(TokioRunner, &config.podman);
-    let mut reconciler = Reconciler::new(config.device_id.clone(), podman, config.stop_grace_secs);
+    let mut reconciler = Reconciler::new(config.device_id.clone(), podman);
     let mut cache_error = None;
     match cache::load(&config.state_dir, &config.device_id) {
         Ok(Some(cached)) => {

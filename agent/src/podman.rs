@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use fleet_contracts::resource::{Container, EnvVar, InitContainer, RestartPolicy, VolumeMount};
+use fleet_contracts::resource::{
+    Container, EnvVar, InitContainer, Lifecycle, RestartPolicy, VolumeMount,
+};
 use serde::Deserialize;
 
 use crate::{
@@ -124,6 +126,7 @@ pub struct CreateSpec<'a> {
     pub spec_hash: &'a str,
     pub container: &'a Container,
     pub restart: RestartPolicy,
+    pub lifecycle: &'a Lifecycle,
 }
 
 #[derive(Debug)]
@@ -210,19 +213,44 @@ impl<R: CommandRunner> Podman<R> {
         self.call("start", vec![id.to_owned()]).await.map(drop)
     }
 
-    /// Stops (signal, then SIGKILL after `grace_secs`) and removes a container.
-    pub async fn remove(&self, id: &str, grace_secs: u32) -> Result<(), PodmanError> {
+    /// Stops a container the way it was created to stop (its stop signal, then SIGKILL after
+    /// its stop timeout) and removes it.
+    pub async fn remove(&self, id: &str) -> Result<(), PodmanError> {
+        self.call("stop", vec![id.to_owned()]).await?;
+        self.remove_now(id).await
+    }
+
+    /// Removes a container, killing it if it still runs.
+    pub async fn remove_now(&self, id: &str) -> Result<(), PodmanError> {
         self.call(
             "rm",
-            vec![
-                "--force".into(),
-                "--time".into(),
-                grace_secs.to_string(),
-                id.to_owned(),
-            ],
+            vec!["--force".into(), "--time".into(), "0".into(), id.to_owned()],
         )
         .await
         .map(drop)
+    }
+
+    /// Sends the container its stop signal and waits up to `lifecycle.grace_seconds` for it
+    /// to exit; then SIGKILL if `sigkill_fallback`. Returns whether it stopped.
+    pub async fn stop(&self, id: &str, lifecycle: &Lifecycle) -> Result<bool, PodmanError> {
+        let grace = lifecycle.grace_seconds;
+        if lifecycle.sigkill_fallback {
+            self.call(
+                "stop",
+                vec!["--time".into(), grace.to_string(), id.to_owned()],
+            )
+            .await?;
+            return Ok(true);
+        }
+        // No SIGKILL: send the signal ourselves and wait for the exit up to the grace. (A
+        // `podman stop` cut short would leave the container marked "stopping".)
+        let signal = format!("--signal={}", lifecycle.stop_signal);
+        self.call("kill", vec![signal, id.to_owned()]).await?;
+        let wait = std::time::Duration::from_secs(u64::from(grace));
+        match tokio::time::timeout(wait, self.call("wait", vec![id.to_owned()])).await {
+            Ok(result) => result.map(|_| true),
+            Err(_elapsed) => Ok(false),
+        }
     }
 }
 
@@ -249,7 +277,7 @@ impl<R: CommandRunner> Podman<R> {
     ) -> Result<InitOutcome, PodmanError> {
         let name = init_container_name(deployment, &init.name);
         // A leftover from a crash mid-run would hold the name.
-        self.remove(&name, 0).await.ok();
+        self.remove_now(&name).await.ok();
         let mut args: Vec<String> = vec!["--name".into(), name.clone()];
         args.extend(["--label".into(), format!("{}={device}", labels::DEVICE)]);
         args.extend(["--label".into(), format!("fleet.init-of={deployment}")]);
@@ -292,7 +320,7 @@ impl<R: CommandRunner> Podman<R> {
                 }
             }
         };
-        self.remove(&name, 0).await.ok();
+        self.remove_now(&name).await.ok();
         Ok(outcome)
     }
 
@@ -379,6 +407,8 @@ fn create_args(s: &CreateSpec<'_>) -> Vec<String> {
         RestartPolicy::Never => "no",
     };
     a.push(format!("--restart={restart}"));
+    a.push(format!("--stop-signal={}", s.lifecycle.stop_signal));
+    a.push(format!("--stop-timeout={}", s.lifecycle.grace_seconds));
     push_env_and_volumes(&mut a, s.deployment, &c.env, &c.volumes);
     for p in &c.ports {
         a.extend([
@@ -485,6 +515,7 @@ mod tests {
                 spec_hash: "h",
                 container: &container,
                 restart: RestartPolicy::OnFailure,
+                lifecycle: &Lifecycle::default(),
             })
             .await
             .unwrap();
@@ -495,7 +526,7 @@ mod tests {
                 "podman --root /r --runtime runc create --name fleet-web \
                  --label fleet.device=pi-01 --label fleet.deployment=web \
                  --label fleet.generation=2 --label fleet.spec-hash=h --restart=on-failure \
-                 --env A=b c --volume fleet-web-data:/data --volume /dev/x:/d:ro \
+                 --stop-signal=SIGTERM --stop-timeout=30 --env A=b c --volume fleet-web-data:/data --volume /dev/x:/d:ro \
                  --publish 8080:80/udp --entrypoint=[\"/bin/sh\",\"-c\"] localhost/http:1 echo hi there"
             ]
         );

@@ -53,7 +53,6 @@ impl Reporter for crate::sync::Outbox {
 pub struct Reconciler<R> {
     device: String,
     podman: Podman<R>,
-    grace_secs: u32,
     /// `None` until the desired state is known (from the cache or a complete replay): the
     /// agent does not touch containers while it does not know what should run.
     desired: Option<BTreeMap<String, DesiredValue>>,
@@ -67,11 +66,10 @@ pub struct Reconciler<R> {
 }
 
 impl<R: CommandRunner> Reconciler<R> {
-    pub fn new(device: String, podman: Podman<R>, grace_secs: u32) -> Self {
+    pub fn new(device: String, podman: Podman<R>) -> Self {
         Reconciler {
             device,
             podman,
-            grace_secs,
             desired: None,
             failures: HashMap::new(),
             reported: BTreeMap::new(),
@@ -139,10 +137,10 @@ impl<R: CommandRunner> Reconciler<R> {
                     self.desired.as_ref().and_then(|d| d.get(deployment)),
                     Some(Ok(d)) if !d.spec.init_containers.is_empty()
                 );
-                let phase = if has_init {
-                    Phase::Initializing
-                } else {
-                    Phase::Creating
+                let phase = match (&action, has_init) {
+                    (Action::Replace { .. }, _) => Phase::Upgrading,
+                    (_, true) => Phase::Initializing,
+                    _ => Phase::Creating,
                 };
                 self.report_one(
                     deployment,
@@ -170,7 +168,7 @@ impl<R: CommandRunner> Reconciler<R> {
         let result = match &action {
             Action::Remove { id, name } => {
                 info!(container = %name, "removing a container no deployment wants");
-                self.podman.remove(id, self.grace_secs).await
+                self.podman.remove(id).await
             }
             Action::Start { deployment, id } => {
                 info!(%deployment, "starting a stopped container");
@@ -219,9 +217,21 @@ impl<R: CommandRunner> Reconciler<R> {
         w: &Wanted,
     ) -> Result<(), String> {
         if let Action::Replace { old_id, .. } = action {
-            info!(deployment = %d.deployment, generation = d.generation, "replacing the container with the new spec");
+            let lc = &d.spec.lifecycle;
+            info!(deployment = %d.deployment, generation = d.generation, signal = %lc.stop_signal, grace = lc.grace_seconds, "stopping the old container for the new spec");
+            let stopped = self
+                .podman
+                .stop(old_id, lc)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !stopped {
+                return Err(format!(
+                    "the old container did not exit within {}s of its stop signal and sigkillFallback is off; it keeps running",
+                    lc.grace_seconds
+                ));
+            }
             self.podman
-                .remove(old_id, self.grace_secs)
+                .remove_now(old_id)
                 .await
                 .map_err(|e| e.to_string())?;
         } else {
@@ -265,12 +275,13 @@ impl<R: CommandRunner> Reconciler<R> {
                 spec_hash: &w.hash,
                 container,
                 restart: d.spec.restart_policy,
+                lifecycle: &d.spec.lifecycle,
             })
             .await
             .map_err(|e| e.to_string())?;
         if let Err(e) = self.podman.start(&id).await {
             // Leave nothing half-made: a created-but-unstartable container would hold the name.
-            let _ = self.podman.remove(&id, 0).await;
+            let _ = self.podman.remove_now(&id).await;
             return Err(e.to_string());
         }
         Ok(())
@@ -424,7 +435,6 @@ mod tests {
         Reconciler::new(
             "pi-01".into(),
             Podman::new(runner, &PodmanConfig::default()),
-            10,
         )
     }
 

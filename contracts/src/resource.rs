@@ -77,7 +77,51 @@ pub struct PodTemplate {
     pub containers: Vec<Container>,
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// How the container is stopped when it is replaced or removed.
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
 }
+
+/// How a container is stopped: `stopSignal`, then up to `graceSeconds` to exit, then SIGKILL
+/// unless `sigkillFallback` is off (then a replacement waits, and fails, rather than kill).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    #[serde(default = "default_grace")]
+    pub grace_seconds: u32,
+    #[serde(default = "default_true")]
+    pub sigkill_fallback: bool,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            stop_signal: default_stop_signal(),
+            grace_seconds: default_grace(),
+            sigkill_fallback: true,
+        }
+    }
+}
+
+fn default_stop_signal() -> String {
+    "SIGTERM".into()
+}
+fn default_grace() -> u32 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Signals a container may be asked to stop with.
+pub const STOP_SIGNALS: &[&str] = &[
+    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGKILL",
+];
+
+/// The longest grace a container may be given to stop.
+pub const MAX_GRACE_SECONDS: u32 = 3600;
 
 impl PodTemplate {
     /// Advice on init containers that are unlikely to be idempotent. They run again before
@@ -198,6 +242,7 @@ impl PodTemplate {
             init_containers: vec![],
             containers: vec![container],
             restart_policy: RestartPolicy::Always,
+            lifecycle: Lifecycle::default(),
         }
     }
 }
@@ -520,6 +565,19 @@ impl Validator {
         for (i, c) in spec.template.containers.iter().enumerate() {
             self.container(&format!("spec.template.containers[{i}]"), c);
         }
+        let lc = &spec.template.lifecycle;
+        if !STOP_SIGNALS.contains(&lc.stop_signal.as_str()) {
+            self.err(
+                "spec.template.lifecycle.stopSignal",
+                format!("must be one of {}", STOP_SIGNALS.join(", ")),
+            );
+        }
+        if lc.grace_seconds > MAX_GRACE_SECONDS {
+            self.err(
+                "spec.template.lifecycle.graceSeconds",
+                format!("must be at most {MAX_GRACE_SECONDS}"),
+            );
+        }
         let mut names: BTreeSet<&str> = spec
             .template
             .containers
@@ -756,6 +814,16 @@ mod tests {
             &[
                 "spec.template.containers[0].volumes[0].mountPath: must be an absolute path",
                 "spec.template.containers[0].volumes[0].hostPath: must be an absolute path",
+            ],
+        );
+        check(
+            |d| {
+                d["spec"]["template"]["lifecycle"] =
+                    json!({"stopSignal": "TERM", "graceSeconds": 7200})
+            },
+            &[
+                "spec.template.lifecycle.stopSignal: must be one of SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGKILL",
+                "spec.template.lifecycle.graceSeconds: must be at most 3600",
             ],
         );
         check(

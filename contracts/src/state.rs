@@ -50,6 +50,9 @@ pub struct ReportedDeployment {
 pub enum Phase {
     /// Desired state received, nothing done yet.
     Pending,
+    /// The old container is being stopped (its stop signal, its grace) to make way for a new
+    /// spec.
+    Upgrading,
     /// The init containers run, in order.
     Initializing,
     /// The container is being created (image lookup, create, start).

@@ -509,7 +509,7 @@ impl Agent {
             format!(
                 "device_id = {device:?}\nnats_url = {nats_url:?}\nstate_dir = {:?}\n\
                  heartbeat_interval_secs = {heartbeat_secs}\nresync_interval_secs = {resync_secs}\n\
-                 stop_grace_secs = 5\nenrollment_token = {token:?}\nnats_ca_file = {:?}\n\
+                 enrollment_token = {token:?}\nnats_ca_file = {:?}\n\
                  [podman]\nroot = {:?}\nrunroot = {:?}\nruntime = \"runc\"\n",
                 state_dir.display().to_string(),
                 ca.display().to_string(),

@@ -38,14 +38,14 @@ fn graceful(signal: &str) -> String {
 /// Ignores SIGTERM (and its children do too): only SIGKILL ends it.
 const STUBBORN: &str = "trap '' TERM; sleep 3600 & wait; sleep 3600";
 
-async fn stops(sandbox: &PodmanSandbox) -> Result<String> {
-    Ok(sandbox.podman(&[
+fn stops(sandbox: &PodmanSandbox) -> Result<String> {
+    sandbox.podman(&[
         "exec",
         "fleet-app",
         "sh",
         "-c",
         "cat /data/stops 2>/dev/null || true",
-    ])?)
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -66,7 +66,7 @@ async fn an_upgrade_stops_the_old_container_with_its_signal_and_it_exits_cleanly
         .wait_phase("app", 2, RolloutPhase::Running)
         .await?;
     // v1 got SIGINT and had time to record it before v2 started.
-    assert_eq!(stops(&sandbox).await?, "v1 stopped on INT\n");
+    assert_eq!(stops(&sandbox)?, "v1 stopped on INT\n");
     Ok(())
 }
 

@@ -16,6 +16,7 @@ pub mod config;
 pub mod identity;
 pub mod plan;
 pub mod podman;
+pub mod probe;
 pub mod reconcile;
 pub mod runner;
 pub mod sync;

@@ -114,7 +114,14 @@ fn should_start(state: &ContainerState, restart: RestartPolicy) -> bool {
 
 /// The phase to report for a deployment whose container (if any) podman shows as `observed`,
 /// and whose last create failed with `failure` (for the current spec).
-pub fn phase(w: &Wanted, observed: Option<&Observed>, failure: Option<&str>) -> (Phase, String) {
+/// `probe_failure` says why the running container is not ready yet (`None`: every probe
+/// passes, or it has none).
+pub fn phase(
+    w: &Wanted,
+    observed: Option<&Observed>,
+    failure: Option<&str>,
+    probe_failure: Option<&str>,
+) -> (Phase, String) {
     if let Some(message) = failure {
         return (Phase::Failed, message.to_owned());
     }
@@ -122,7 +129,10 @@ pub fn phase(w: &Wanted, observed: Option<&Observed>, failure: Option<&str>) -> 
         return (Phase::Pending, String::new());
     };
     match (&o.state, w.restart) {
-        (ContainerState::Running, _) => (Phase::Running, String::new()),
+        (ContainerState::Running, _) => match probe_failure {
+            None => (Phase::Ready, String::new()),
+            Some(why) => (Phase::Running, why.to_owned()),
+        },
         (ContainerState::Exited { code: 0 }, RestartPolicy::Never | RestartPolicy::OnFailure) => {
             (Phase::Completed, "exited with code 0".into())
         }
@@ -275,11 +285,20 @@ mod tests {
             restart,
             hold: false,
         };
-        let p = |w: Wanted, o: Option<Observed>, f: Option<&str>| phase(&w, o.as_ref(), f);
+        let p = |w: Wanted, o: Option<Observed>, f: Option<&str>| phase(&w, o.as_ref(), f, None);
         assert_eq!(p(w(Always), None, None), (Phase::Pending, String::new()));
         assert_eq!(
             p(w(Always), Some(obs("web", "h", Running)), None).0,
-            Phase::Running
+            Phase::Ready
+        );
+        assert_eq!(
+            phase(
+                &w(Always),
+                Some(&obs("web", "h", Running)),
+                None,
+                Some("probe \"http\" failing")
+            ),
+            (Phase::Running, "probe \"http\" failing".into())
         );
         assert_eq!(
             p(w(Always), Some(obs("web", "old", Running)), None).0,

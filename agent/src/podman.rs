@@ -213,6 +213,31 @@ impl<R: CommandRunner> Podman<R> {
         self.call("start", vec![id.to_owned()]).await.map(drop)
     }
 
+    /// Runs `command` in a running container; fails with its exit code and output.
+    pub async fn exec(&self, id: &str, command: &[String]) -> Result<(), String> {
+        let mut args = vec![id.to_owned()];
+        args.extend(command.iter().cloned());
+        let mut all = self.global.clone();
+        all.push("exec".into());
+        all.extend(args);
+        let out = self
+            .runner
+            .run(&self.program, &all)
+            .await
+            .map_err(|e| e.to_string())?;
+        if out.success() {
+            return Ok(());
+        }
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        Err(format!(
+            "{:?} exited with code {}: {}",
+            command.join(" "),
+            out.code.unwrap_or(-1),
+            tail(&text, 3)
+        ))
+    }
+
     /// Stops a container the way it was created to stop (its stop signal, then SIGKILL after
     /// its stop timeout) and removes it.
     pub async fn remove(&self, id: &str) -> Result<(), PodmanError> {
@@ -506,6 +531,7 @@ mod tests {
                     read_only: true,
                 },
             ],
+            probes: vec![],
         };
         let id = podman
             .create(&CreateSpec {

@@ -63,6 +63,9 @@ pub struct Reconciler<R> {
     pub podman_error: Option<String>,
     /// When the last complete pass ended.
     pub last_pass_ms: Option<u64>,
+    probes: crate::probe::Probes,
+    /// Why each running deployment is not ready, from the last probe round.
+    not_ready: HashMap<String, String>,
 }
 
 impl<R: CommandRunner> Reconciler<R> {
@@ -75,6 +78,8 @@ impl<R: CommandRunner> Reconciler<R> {
             reported: BTreeMap::new(),
             podman_error: None,
             last_pass_ms: None,
+            probes: Default::default(),
+            not_ready: HashMap::new(),
         }
     }
 
@@ -126,11 +131,59 @@ impl<R: CommandRunner> Reconciler<R> {
         self.podman_error = None;
         let wanted = wanted(desired, &observed, &self.failures);
         let actions = plan::plan(&wanted, &observed);
-        if actions.is_empty() {
-            self.report(&wanted, &observed, reporter, now_ms);
-            self.last_pass_ms = Some(now_ms);
-            return;
+        let observed = if actions.is_empty() {
+            observed
+        } else {
+            self.act(actions, &wanted, reporter, now_ms).await;
+            match self.podman.list(&self.device).await {
+                Ok(observed) => observed,
+                Err(e) => {
+                    self.podman_error = Some(e.to_string());
+                    return;
+                }
+            }
+        };
+        self.probe(&wanted, &observed).await;
+        self.report(&wanted, &observed, reporter, now_ms);
+        self.last_pass_ms = Some(now_ms);
+    }
+
+    /// Runs the due probes of every running container with the current spec.
+    async fn probe(&mut self, wanted: &BTreeMap<String, Wanted>, observed: &[Observed]) {
+        let Some(desired) = &self.desired else { return };
+        self.not_ready.clear();
+        for (deployment, w) in wanted {
+            let Some(Ok(d)) = desired.get(deployment) else {
+                continue;
+            };
+            let Some(container) = d.spec.containers.first() else {
+                continue;
+            };
+            let running = observed.iter().find(|o| {
+                &o.deployment == deployment
+                    && o.spec_hash == w.hash
+                    && o.state == crate::podman::ContainerState::Running
+            });
+            if let (Some(o), false) = (running, container.probes.is_empty()) {
+                if let Some(why) = self
+                    .probes
+                    .check(&self.podman, deployment, &o.id, container)
+                    .await
+                {
+                    self.not_ready.insert(deployment.clone(), why);
+                }
+            }
         }
+        self.probes.retain(|d| wanted.contains_key(d));
+    }
+
+    async fn act(
+        &mut self,
+        actions: Vec<Action>,
+        wanted: &BTreeMap<String, Wanted>,
+        reporter: &mut impl Reporter,
+        now_ms: u64,
+    ) {
         for action in actions {
             if let Some(deployment) = creates(&action) {
                 let has_init = matches!(
@@ -152,14 +205,7 @@ impl<R: CommandRunner> Reconciler<R> {
                     now_ms,
                 );
             }
-            self.execute(action, &wanted).await;
-        }
-        match self.podman.list(&self.device).await {
-            Ok(observed) => {
-                self.report(&wanted, &observed, reporter, now_ms);
-                self.last_pass_ms = Some(now_ms);
-            }
-            Err(e) => self.podman_error = Some(e.to_string()),
+            self.execute(action, wanted).await;
         }
     }
 
@@ -307,7 +353,8 @@ impl<R: CommandRunner> Reconciler<R> {
                         .get(deployment)
                         .filter(|f| f.hash == w.hash)
                         .map(|f| f.message.as_str());
-                    plan::phase(w, o, failure)
+                    let not_ready = self.not_ready.get(deployment).map(String::as_str);
+                    plan::phase(w, o, failure, not_ready)
                 }
             };
             let container_id = o.filter(|o| o.spec_hash == w.hash).map(|o| o.id.clone());

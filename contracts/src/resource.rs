@@ -218,6 +218,97 @@ pub struct Container {
     pub ports: Vec<Port>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeMount>,
+    /// Checks that gate `Ready`: all must pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<Probe>,
+}
+
+/// A readiness check, run by the agent on the device. Exactly one of `httpGet`, `tcp`, `exec`,
+/// `running` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    /// Named in the status when it fails.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<HttpGetProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecProbe>,
+    /// Passes while the container runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<RunningProbe>,
+    #[serde(default = "default_period")]
+    pub period_seconds: u32,
+    #[serde(default = "default_probe_timeout")]
+    pub timeout_seconds: u32,
+    /// Consecutive failures before a passing probe counts as failing.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+}
+
+fn default_period() -> u32 {
+    10
+}
+fn default_probe_timeout() -> u32 {
+    2
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+
+/// `GET http://127.0.0.1:<host port of containerPort><path>` must answer within the timeout
+/// with a status in `[statusMin, statusMax]`. The port must be published in `ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpGetProbe {
+    pub port: u16,
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default = "default_status_min")]
+    pub status_min: u16,
+    #[serde(default = "default_status_max")]
+    pub status_max: u16,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+fn default_status_min() -> u16 {
+    200
+}
+fn default_status_max() -> u16 {
+    399
+}
+
+/// A TCP connection to the host port of `port` must open within the timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpProbe {
+    pub port: u16,
+}
+
+/// The command, run in the container, must exit 0 within the timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecProbe {
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningProbe {}
+
+impl Probe {
+    /// What kind of check this is, for messages.
+    pub fn kind(&self) -> &'static str {
+        match (&self.http_get, &self.tcp, &self.exec, &self.running) {
+            (Some(_), ..) => "httpGet",
+            (_, Some(_), ..) => "tcp",
+            (_, _, Some(_), _) => "exec",
+            _ => "running",
+        }
+    }
 }
 
 impl Container {
@@ -231,6 +322,7 @@ impl Container {
             env: vec![],
             ports: vec![],
             volumes: vec![],
+            probes: vec![],
         }
     }
 }
@@ -618,6 +710,63 @@ impl Validator {
                         key.0,
                         p.protocol.as_str()
                     ),
+                );
+            }
+        }
+        let mut probe_names = BTreeSet::new();
+        for (i, p) in c.probes.iter().enumerate() {
+            let path = format!("{path}.probes[{i}]");
+            if let Err(e) = check_name(&p.name) {
+                self.err(format!("{path}.name"), e);
+            } else if !probe_names.insert(&p.name) {
+                self.err(
+                    format!("{path}.name"),
+                    format!("duplicate probe {:?}", p.name),
+                );
+            }
+            let set = [
+                p.http_get.is_some(),
+                p.tcp.is_some(),
+                p.exec.is_some(),
+                p.running.is_some(),
+            ];
+            if set.iter().filter(|s| **s).count() != 1 {
+                self.err(
+                    path.clone(),
+                    "must set exactly one of httpGet, tcp, exec, running",
+                );
+            }
+            let port = p
+                .http_get
+                .as_ref()
+                .map(|h| h.port)
+                .or(p.tcp.as_ref().map(|t| t.port));
+            if let Some(port) = port {
+                if !c.ports.iter().any(|x| x.container_port == port) {
+                    self.err(
+                        format!("{path}.{}.port", p.kind()),
+                        format!("{port} is not a containerPort in ports; the agent probes the published port"),
+                    );
+                }
+            }
+            if let Some(h) = &p.http_get {
+                if !h.path.starts_with('/') {
+                    self.err(format!("{path}.httpGet.path"), "must start with /");
+                }
+                if h.status_min > h.status_max {
+                    self.err(
+                        format!("{path}.httpGet.statusMin"),
+                        "must not exceed statusMax",
+                    );
+                }
+            }
+            if p.exec.as_ref().is_some_and(|e| e.command.is_empty()) {
+                self.err(format!("{path}.exec.command"), "must not be empty");
+            }
+            if p.period_seconds == 0 || p.timeout_seconds == 0 || p.failure_threshold == 0 {
+                self.err(
+                    path.clone(),
+                    "periodSeconds, timeoutSeconds and failureThreshold must be at least 1",
                 );
             }
         }

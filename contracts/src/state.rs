@@ -57,8 +57,12 @@ pub enum Phase {
     Initializing,
     /// The container is being created (image lookup, create, start).
     Creating,
-    /// The container runs.
+    /// The container runs, but its probes do not all pass (yet); the message names the
+    /// failing one.
     Running,
+    /// The container runs and every probe passes (a container without probes is ready as soon
+    /// as it runs).
+    Ready,
     /// The container ran to completion with exit code 0 and is not restarted (`Never`,
     /// `OnFailure`).
     Completed,

@@ -312,7 +312,7 @@ pub fn progress_line(d: &Deployment) -> String {
     for dev in &s.devices {
         match &dev.reported {
             Some(r) if r.observed_generation == d.metadata.generation => {
-                if !matches!(r.phase, Phase::Running | Phase::Completed) {
+                if !matches!(r.phase, Phase::Ready | Phase::Completed) {
                     line.push_str(&format!("; {} {}", dev.device, r.phase));
                     if !r.message.is_empty() {
                         line.push_str(&format!(" ({})", r.message));

@@ -175,7 +175,7 @@ impl Fleet {
                 .filter(|r| r.observed_generation == generation)
             {
                 match r.phase {
-                    Phase::Running | Phase::Completed => status.running_devices += 1,
+                    Phase::Ready | Phase::Completed => status.running_devices += 1,
                     Phase::Failed => status.failed_devices += 1,
                     _ => {}
                 }
@@ -331,16 +331,16 @@ mod tests {
         let mut f = fleet();
         let d = f.deployments["web"].clone();
         assert_eq!(f.deployment_status(&d, 0).phase, RolloutPhase::Progressing);
-        f.apply_reported("a.web", Some(&report(Phase::Running, 1)), 0)
+        f.apply_reported("a.web", Some(&report(Phase::Ready, 1)), 0)
             .unwrap();
-        f.apply_reported("b.web", Some(&report(Phase::Running, 0)), 0)
+        f.apply_reported("b.web", Some(&report(Phase::Ready, 0)), 0)
             .unwrap();
         let s = f.deployment_status(&d, 0);
         assert_eq!(
             (s.phase, s.running_devices, s.desired_devices),
             (RolloutPhase::Progressing, 1, 2)
         );
-        f.apply_reported("b.web", Some(&report(Phase::Running, 1)), 0)
+        f.apply_reported("b.web", Some(&report(Phase::Ready, 1)), 0)
             .unwrap();
         assert_eq!(f.deployment_status(&d, 0).phase, RolloutPhase::Running);
         f.apply_reported("b.web", Some(&report(Phase::Failed, 1)), 0)

@@ -57,7 +57,7 @@ async fn main() -> Result<()> {
                 let entry = entry?;
                 if let Ok(r) = serde_json::from_slice::<ReportedDeployment>(&entry.value) {
                     match r.phase {
-                        Phase::Running if r.observed_generation == 1 => return Ok(()),
+                        Phase::Ready if r.observed_generation == 1 => return Ok(()),
                         Phase::Failed => bail!("{name} failed: {}", r.message),
                         _ => {}
                     }
@@ -255,7 +255,7 @@ async fn blacklist_figures(
             while let Some(entry) = watch.next().await {
                 let entry = entry?;
                 if let Ok(r) = serde_json::from_slice::<ReportedDeployment>(&entry.value) {
-                    if r.phase == Phase::Running && r.observed_generation == generation {
+                    if r.phase == Phase::Ready && r.observed_generation == generation {
                         return Ok(());
                     }
                 }

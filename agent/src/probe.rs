@@ -1,0 +1,189 @@
+//! Readiness probes: HTTP GET, TCP connect, a command in the container, or "running", each with
+//! a timeout, a period and a failure threshold; a deployment is `Ready` when all pass.
+//!
+//! HTTP and TCP probes go to the published host port on 127.0.0.1 (the agent runs on the
+//! device); the HTTP client is a few lines over a TCP stream, enough for a status line.
+
+use std::{collections::HashMap, time::Duration};
+
+use fleet_contracts::resource::{Container, Probe};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::Instant,
+};
+
+use crate::{podman::Podman, runner::CommandRunner};
+
+/// What the agent remembers of one probe of one container.
+#[derive(Debug, Clone)]
+struct State {
+    container_id: String,
+    next_run: Instant,
+    passing: bool,
+    consecutive_failures: u32,
+    last_error: String,
+}
+
+/// Probe results across passes, keyed by (deployment, probe name).
+#[derive(Debug, Default)]
+pub struct Probes {
+    states: HashMap<(String, String), State>,
+}
+
+impl Probes {
+    /// Runs the probes of `container` (running as `container_id`) that are due, and returns
+    /// `None` when all pass, or why the first one does not.
+    pub async fn check<R: CommandRunner>(
+        &mut self,
+        podman: &Podman<R>,
+        deployment: &str,
+        container_id: &str,
+        container: &Container,
+    ) -> Option<String> {
+        let now = Instant::now();
+        let mut verdict = None;
+        for probe in &container.probes {
+            let key = (deployment.to_owned(), probe.name.clone());
+            let state = self.states.entry(key).or_insert_with(|| State {
+                container_id: container_id.to_owned(),
+                next_run: now,
+                passing: false,
+                consecutive_failures: 0,
+                last_error: "not run yet".into(),
+            });
+            if state.container_id != container_id {
+                // A new container starts from scratch: it has to pass again.
+                *state = State {
+                    container_id: container_id.to_owned(),
+                    next_run: now,
+                    passing: false,
+                    consecutive_failures: 0,
+                    last_error: "not run yet".into(),
+                };
+            }
+            if now >= state.next_run {
+                state.next_run = now + Duration::from_secs(u64::from(probe.period_seconds));
+                match run(podman, container_id, container, probe).await {
+                    Ok(()) => {
+                        state.passing = true;
+                        state.consecutive_failures = 0;
+                    }
+                    Err(e) => {
+                        state.consecutive_failures += 1;
+                        state.last_error = e;
+                        if !state.passing || state.consecutive_failures >= probe.failure_threshold {
+                            state.passing = false;
+                        }
+                    }
+                }
+            }
+            if !state.passing && verdict.is_none() {
+                verdict = Some(format!(
+                    "probe {:?} ({}) failing: {}",
+                    probe.name,
+                    probe.kind(),
+                    state.last_error
+                ));
+            }
+        }
+        verdict
+    }
+
+    /// Forgets the probes of deployments that are gone.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.states.retain(|(deployment, _), _| keep(deployment));
+    }
+}
+
+async fn run<R: CommandRunner>(
+    podman: &Podman<R>,
+    container_id: &str,
+    container: &Container,
+    probe: &Probe,
+) -> Result<(), String> {
+    let timeout = Duration::from_secs(u64::from(probe.timeout_seconds));
+    let host_port = |port: u16| {
+        container
+            .ports
+            .iter()
+            .find(|p| p.container_port == port)
+            .map(|p| p.effective_host_port())
+            .ok_or_else(|| format!("port {port} is not published"))
+    };
+    let check = async {
+        if let Some(h) = &probe.http_get {
+            let status = http_status(host_port(h.port)?, &h.path).await?;
+            if (h.status_min..=h.status_max).contains(&status) {
+                Ok(())
+            } else {
+                Err(format!("GET {} answered {status}", h.path))
+            }
+        } else if let Some(t) = &probe.tcp {
+            let port = host_port(t.port)?;
+            TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map(drop)
+                .map_err(|e| format!("connect to port {port}: {e}"))
+        } else if let Some(e) = &probe.exec {
+            podman.exec(container_id, &e.command).await
+        } else {
+            // `running`: the agent only probes running containers.
+            Ok(())
+        }
+    };
+    match tokio::time::timeout(timeout, check).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no answer within {}s", probe.timeout_seconds)),
+    }
+}
+
+/// The status code of `GET path` on 127.0.0.1:`port`.
+async fn http_status(port: u16, path: &str) -> Result<u16, String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("connect to port {port}: {e}"))?;
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut head = [0u8; 64];
+    let mut len = 0;
+    while len < head.len() {
+        match stream.read(&mut head[len..]).await {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) => return Err(format!("read: {e}")),
+        }
+        if head[..len].contains(&b'\n') {
+            break;
+        }
+    }
+    parse_status(&head[..len]).ok_or_else(|| "no HTTP status line in the answer".into())
+}
+
+/// `HTTP/1.x NNN ...` -> NNN.
+fn parse_status(head: &[u8]) -> Option<u16> {
+    let line = std::str::from_utf8(head).ok()?.lines().next()?;
+    let mut parts = line.split_whitespace();
+    parts.next().filter(|v| v.starts_with("HTTP/"))?;
+    parts.next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status(b"HTTP/1.0 200 OK\r\n"), Some(200));
+        assert_eq!(
+            parse_status(b"HTTP/1.1 503 Service Unavailable\r\nx"),
+            Some(503)
+        );
+        assert_eq!(parse_status(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(parse_status(b""), None);
+    }
+}

@@ -19,9 +19,13 @@ pub mod podman;
 pub mod probe;
 pub mod reconcile;
 pub mod runner;
+pub mod serve;
 pub mod sync;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use fleet_contracts::{
     SCHEMA_VERSION, names,
@@ -211,6 +215,12 @@ async fn start_nats(
         .timeout(JETSTREAM_TIMEOUT)
         .build(client);
     let _ = js_tx.send(js.clone());
+    let requests = Arc::new(Podman::new(TokioRunner, &config.podman));
+    tokio::spawn(serve::serve(
+        js.client(),
+        config.device_id.clone(),
+        requests,
+    ));
     tokio::spawn(identity::renew_forever(
         js.client(),
         config.state_dir.clone(),

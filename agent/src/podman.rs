@@ -213,6 +213,46 @@ impl<R: CommandRunner> Podman<R> {
         self.call("start", vec![id.to_owned()]).await.map(drop)
     }
 
+    /// The last `tail` lines a container wrote (its standard output, then its standard error:
+    /// podman gives them apart).
+    pub async fn logs(&self, name: &str, tail: u32) -> Result<Vec<String>, PodmanError> {
+        let out = self
+            .call(
+                "logs",
+                vec!["--tail".into(), tail.to_string(), name.to_owned()],
+            )
+            .await?;
+        let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.extend(
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .map(str::to_owned),
+        );
+        Ok(lines)
+    }
+
+    /// Runs `command` in a container and returns how it ended, whatever its exit code.
+    pub async fn exec_output(
+        &self,
+        id: &str,
+        command: &[String],
+    ) -> Result<CmdOutput, PodmanError> {
+        let mut all = self.global.clone();
+        all.push("exec".into());
+        all.push(id.to_owned());
+        all.extend(command.iter().cloned());
+        self.runner
+            .run(&self.program, &all)
+            .await
+            .map_err(|source| PodmanError::Spawn {
+                program: self.program.clone(),
+                source,
+            })
+    }
+
     /// Runs `command` in a running container; fails with its exit code and output.
     pub async fn exec(&self, id: &str, command: &[String]) -> Result<(), String> {
         let mut args = vec![id.to_owned()];
@@ -349,7 +389,7 @@ impl<R: CommandRunner> Podman<R> {
         Ok(outcome)
     }
 
-    async fn exists(&self, name: &str) -> bool {
+    pub async fn exists(&self, name: &str) -> bool {
         self.call("container", vec!["exists".into(), name.to_owned()])
             .await
             .is_ok()

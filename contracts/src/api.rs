@@ -236,3 +236,81 @@ mod tests {
         );
     }
 }
+
+/// Largest reply body a device sends for logs or exec output (NATS carries at most 1 MiB).
+pub const MAX_REPLY_BYTES: usize = 512 * 1024;
+
+/// Sent to `fleet.dev.<device>.logs`: the last `tail` lines of a deployment's container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsRequest {
+    pub schema: u32,
+    pub deployment: String,
+    pub tail: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogsReply {
+    /// Oldest first; `truncated` when the byte cap dropped the oldest lines.
+    Lines {
+        lines: Vec<String>,
+        truncated: bool,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Sent to `fleet.dev.<device>.exec`: run a command once in a deployment's container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub schema: u32,
+    pub deployment: String,
+    pub command: Vec<String>,
+    pub timeout_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecReply {
+    Done {
+        exit_code: i32,
+        stdout: String,
+        stderr: String,
+        truncated: bool,
+    },
+    TimedOut {
+        after_secs: u32,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// `POST /api/v1/deployments/<name>/exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecCommand {
+    pub device: String,
+    pub command: Vec<String>,
+    #[serde(default = "default_exec_timeout")]
+    pub timeout_secs: u32,
+    /// Who runs it (recorded in the audit log).
+    pub by: String,
+}
+
+fn default_exec_timeout() -> u32 {
+    30
+}
+
+/// `fleet-audit` `exec.<unix ms>.<device>`: who ran what, where, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecAudit {
+    pub schema: u32,
+    pub by: String,
+    pub device: String,
+    pub deployment: String,
+    pub command: Vec<String>,
+    pub at_ms: u64,
+    /// `exit 0`, `timed out after 30s`, or the error.
+    pub outcome: String,
+}

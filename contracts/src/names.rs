@@ -19,6 +19,19 @@ pub fn enroll_subject(token_id: &str) -> String {
     format!("fleet.enroll.{token_id}")
 }
 
+/// KV bucket of audit records (exec), written by the operator only.
+pub const AUDIT_BUCKET: &str = "fleet-audit";
+
+/// Where a device answers log requests.
+pub fn logs_subject(device: &str) -> String {
+    format!("fleet.dev.{device}.logs")
+}
+
+/// Where a device answers exec requests.
+pub fn exec_subject(device: &str) -> String {
+    format!("fleet.dev.{device}.exec")
+}
+
 /// Where an enrolled device asks for a fresh JWT before its current one expires; answered with
 /// an [`crate::api::EnrollReply`].
 pub fn renew_subject(device: &str) -> String {

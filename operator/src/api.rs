@@ -18,7 +18,8 @@ use fleet_contracts::{
     SCHEMA_VERSION,
     api::{
         ApplyOutcome, ApplyResult, BlacklistRequest, BlacklistResult, CreateEnrollmentToken,
-        CreatedEnrollmentToken, EnrollmentToken, ErrorBody, OperatorStatus, RecoveryState,
+        CreatedEnrollmentToken, EnrollmentToken, ErrorBody, ExecAudit, ExecCommand, ExecReply,
+        ExecRequest, LogsReply, LogsRequest, OperatorStatus, RecoveryState,
     },
     names,
     resource::{Deployment, Device, Resource},
@@ -44,6 +45,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/api/v1/devices/{name}",
             get(get_device).delete(delete_device),
         )
+        .route("/api/v1/deployments/{name}/logs", get(deployment_logs))
+        .route("/api/v1/deployments/{name}/exec", post(deployment_exec))
         .route("/api/v1/devices/{name}/blacklist", post(blacklist_device))
         .route(
             "/api/v1/devices/{name}/unblacklist",
@@ -742,4 +745,173 @@ async fn set_blacklist(
             };
             ApiError::new(status, e.to_string())
         })
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LogsQuery {
+    device: String,
+    #[serde(default = "default_tail")]
+    tail: u32,
+}
+
+fn default_tail() -> u32 {
+    100
+}
+
+/// Checks that `deployment` exists and `device` is one of its devices.
+fn check_target(shared: &Shared, deployment: &str, device: &str) -> Result<(), ApiError> {
+    let fleet = shared.fleet.read().unwrap();
+    let d = fleet
+        .deployments
+        .get(deployment)
+        .ok_or_else(|| not_found("Deployment", deployment))?;
+    if !fleet
+        .matching_devices(d)
+        .any(|dev| dev.metadata.name == device)
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("Deployment {deployment:?} does not run on device {device:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Sends a request to a device and reads its answer; a device that is not connected is a 503.
+async fn ask_device<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    subject: String,
+    device: &str,
+    body: Vec<u8>,
+    timeout: std::time::Duration,
+) -> Result<T, ApiError> {
+    let request = async_nats::Request::new()
+        .payload(body.into())
+        .timeout(Some(timeout));
+    let reply = shared
+        .nats
+        .send_request(subject, request)
+        .await
+        .map_err(|e| {
+            let why = match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    format!("device {device:?} is not connected")
+                }
+                async_nats::RequestErrorKind::TimedOut => {
+                    format!("device {device:?} did not answer within {timeout:?}")
+                }
+                _ => format!("cannot reach device {device:?}: {e}"),
+            };
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why)
+        })?;
+    serde_json::from_slice(&reply.payload).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("unreadable answer from device {device:?}: {e}"),
+        )
+    })
+}
+
+async fn deployment_logs(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+) -> ApiResult<LogsReply> {
+    require_converged(&shared)?;
+    check_target(&shared, &name, &q.device)?;
+    let req = LogsRequest {
+        schema: SCHEMA_VERSION,
+        deployment: name,
+        tail: q.tail.min(100_000),
+    };
+    let body = serde_json::to_vec(&req).expect("serializes");
+    let reply: LogsReply = ask_device(
+        &shared,
+        names::logs_subject(&q.device),
+        &q.device,
+        body,
+        std::time::Duration::from_secs(15),
+    )
+    .await?;
+    match reply {
+        LogsReply::Error { message } => Err(ApiError::new(StatusCode::NOT_FOUND, message)),
+        lines => Ok(Json(lines)),
+    }
+}
+
+async fn deployment_exec(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<ExecReply> {
+    require_converged(&shared)?;
+    let cmd: ExecCommand = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))?;
+    if cmd.command.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "command: must not be empty",
+        ));
+    }
+    if cmd.timeout_secs == 0 || cmd.timeout_secs > 3600 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "timeout_secs: must be 1-3600",
+        ));
+    }
+    check_target(&shared, &name, &cmd.device)?;
+    let req = ExecRequest {
+        schema: SCHEMA_VERSION,
+        deployment: name.clone(),
+        command: cmd.command.clone(),
+        timeout_secs: cmd.timeout_secs,
+    };
+    let wait = std::time::Duration::from_secs(u64::from(cmd.timeout_secs) + 5);
+    let body = serde_json::to_vec(&req).expect("serializes");
+    let result: Result<ExecReply, ApiError> = ask_device(
+        &shared,
+        names::exec_subject(&cmd.device),
+        &cmd.device,
+        body,
+        wait,
+    )
+    .await;
+    // Every attempt is audited, whatever its outcome.
+    let outcome = match &result {
+        Ok(ExecReply::Done { exit_code, .. }) => format!("exit {exit_code}"),
+        Ok(ExecReply::TimedOut { after_secs }) => format!("timed out after {after_secs}s"),
+        Ok(ExecReply::Error { message }) => format!("error: {message}"),
+        Err(e) => format!("error: {}", e.1.error),
+    };
+    let at_ms = now_ms();
+    let audit = ExecAudit {
+        schema: SCHEMA_VERSION,
+        by: if cmd.by.is_empty() {
+            "unknown".into()
+        } else {
+            cmd.by.clone()
+        },
+        device: cmd.device.clone(),
+        deployment: name,
+        command: cmd.command,
+        at_ms,
+        outcome,
+    };
+    info!(by = %audit.by, device = %audit.device, deployment = %audit.deployment, command = ?audit.command, outcome = %audit.outcome, "exec");
+    let key = format!("exec.{at_ms}.{}", audit.device);
+    shared
+        .buckets
+        .audit
+        .put(key, serde_json::to_vec(&audit).expect("serializes").into())
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot record the audit entry: {e}"),
+            )
+        })?;
+    match result? {
+        ExecReply::Error { message } => Err(ApiError::new(StatusCode::NOT_FOUND, message)),
+        reply => Ok(Json(reply)),
+    }
 }

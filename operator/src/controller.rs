@@ -18,7 +18,7 @@ use async_nats::jetstream::{
     kv::{self, Operation},
 };
 use fleet_contracts::{
-    names::{DESIRED_BUCKET, ENROLLMENT_BUCKET, REPORTED_BUCKET, RESOURCES_BUCKET},
+    names::{AUDIT_BUCKET, DESIRED_BUCKET, ENROLLMENT_BUCKET, REPORTED_BUCKET, RESOURCES_BUCKET},
     resource::{Deployment, Device},
 };
 use futures::StreamExt;
@@ -43,6 +43,7 @@ pub struct Buckets {
     pub desired: kv::Store,
     pub reported: kv::Store,
     pub enrollment: kv::Store,
+    pub audit: kv::Store,
 }
 
 /// Creates the buckets if missing (idempotent) and opens them.
@@ -68,6 +69,7 @@ pub async fn open_buckets(js: &jetstream::Context) -> Result<Buckets, SetupError
         desired: open(DESIRED_BUCKET, 5).await?,
         reported: open(REPORTED_BUCKET, 1).await?,
         enrollment: open(ENROLLMENT_BUCKET, 5).await?,
+        audit: open(AUDIT_BUCKET, 1).await?,
     })
 }
 
@@ -79,6 +81,8 @@ pub struct Shared {
     pub identity: Arc<crate::identity::Identity>,
     /// A connection in the system account, for pushing the fleet account's JWT.
     pub sys: async_nats::Client,
+    /// The operator's own connection, for requests to devices (logs, exec).
+    pub nats: async_nats::Client,
     /// How long the device JWTs the operator mints are valid.
     pub device_jwt_ttl: std::time::Duration,
     /// Woken whenever fan-out may have work.
@@ -107,6 +111,7 @@ impl Shared {
         buckets: Buckets,
         identity: Arc<crate::identity::Identity>,
         sys: async_nats::Client,
+        nats: async_nats::Client,
         device_jwt_ttl: std::time::Duration,
     ) -> Arc<Shared> {
         Arc::new(Shared {
@@ -114,6 +119,7 @@ impl Shared {
             buckets,
             identity,
             sys,
+            nats,
             device_jwt_ttl,
             changed: Notify::new(),
             watches_current: Default::default(),

@@ -226,6 +226,28 @@ impl Client {
         self.answer(&url, self.agent.delete(&url).call())
     }
 
+    /// The last `tail` lines of a Deployment's container on `device`.
+    pub fn logs(
+        &self,
+        deployment: &str,
+        device: &str,
+        tail: u32,
+    ) -> Result<fleet_contracts::api::LogsReply, CtlError> {
+        self.get(&format!(
+            "/api/v1/deployments/{deployment}/logs?device={device}&tail={tail}"
+        ))
+    }
+
+    /// Runs `command` once in a Deployment's container on `device` (audited as `by`).
+    pub fn exec(
+        &self,
+        deployment: &str,
+        cmd: &fleet_contracts::api::ExecCommand,
+    ) -> Result<fleet_contracts::api::ExecReply, CtlError> {
+        let url = self.url(&format!("/api/v1/deployments/{deployment}/exec"));
+        self.answer(&url, self.agent.post(&url).send_json(cmd))
+    }
+
     /// Blacklists (`on`) or un-blacklists a device.
     pub fn blacklist(
         &self,

@@ -124,7 +124,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             url: config.nats_url.clone(),
             source,
         })?;
-    let shared = controller::Shared::new(buckets, identity.clone(), sys, config.device_jwt_ttl);
+    let shared = controller::Shared::new(
+        buckets,
+        identity.clone(),
+        sys,
+        client.clone(),
+        config.device_jwt_ttl,
+    );
     let pusher = shared.clone();
     reconnected.notify_one(); // And once at start.
     tokio::spawn(async move {

@@ -57,6 +57,29 @@ enum Command {
     Delete { kind: Kind, name: String },
     /// Show whether the operator has finished reading the fleet's state.
     Status,
+    /// Print the last lines a Deployment's container wrote on a device.
+    Logs {
+        deployment: String,
+        #[arg(long)]
+        device: String,
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+    },
+    /// Run a command once in a Deployment's container on a device (audited); exits with the
+    /// command's exit code.
+    Exec {
+        deployment: String,
+        #[arg(long)]
+        device: String,
+        #[arg(long, default_value_t = 30)]
+        timeout: u32,
+        /// Who runs it (recorded in the audit log); defaults to $USER.
+        #[arg(long = "as", env = "USER", default_value = "unknown")]
+        by: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// One-time tokens that let a new device enroll (get its NATS credentials).
     #[command(subcommand)]
     EnrollToken(TokenCommand),
@@ -258,6 +281,62 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
         Command::Device(DeviceCommand::Unblacklist { name, reason, by }) => {
             println!("{}", client.blacklist(&name, false, &by, &reason)?.message);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs {
+            deployment,
+            device,
+            tail,
+        } => match client.logs(&deployment, &device, tail)? {
+            fleet_contracts::api::LogsReply::Lines { lines, truncated } => {
+                if truncated {
+                    eprintln!("(older lines dropped: the answer is capped at 512 KiB)");
+                }
+                for line in lines {
+                    println!("{line}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            fleet_contracts::api::LogsReply::Error { message } => {
+                eprintln!("error: {message}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Exec {
+            deployment,
+            device,
+            timeout,
+            by,
+            command,
+        } => {
+            let cmd = fleet_contracts::api::ExecCommand {
+                device,
+                command,
+                timeout_secs: timeout,
+                by,
+            };
+            match client.exec(&deployment, &cmd)? {
+                fleet_contracts::api::ExecReply::Done {
+                    exit_code,
+                    stdout,
+                    stderr,
+                    truncated,
+                } => {
+                    print!("{stdout}");
+                    eprint!("{stderr}");
+                    if truncated {
+                        eprintln!("(output truncated at 256 KiB per stream)");
+                    }
+                    Ok(ExitCode::from(u8::try_from(exit_code).unwrap_or(1)))
+                }
+                fleet_contracts::api::ExecReply::TimedOut { after_secs } => {
+                    eprintln!("error: the command did not finish within {after_secs}s");
+                    Ok(ExitCode::FAILURE)
+                }
+                fleet_contracts::api::ExecReply::Error { message } => {
+                    eprintln!("error: {message}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::Status => {
             let s = client.status()?;

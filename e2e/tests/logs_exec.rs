@@ -1,0 +1,166 @@
+//! Logs and exec over NATS request/reply, through the operator's API, against a real agent and
+//! real containers; every exec is audited.
+
+use anyhow::{Context, Result, bail};
+use fleet_contracts::{
+    api::{ExecAudit, ExecCommand, ExecReply, LogsReply},
+    names,
+    resource::RolloutPhase,
+};
+use fleet_e2e::{Fleet, WAIT, eventually};
+use fleet_operator::ctl::CtlError;
+
+fn chatty() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "fleet.dev/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "chatty"},
+        "spec": {
+            "selector": {"matchLabels": {"role": "logs"}},
+            "template": {"containers": [{
+                "name": "chatty",
+                "image": "localhost/fleet-busybox:1",
+                "command": ["/bin/sh", "-c", "seq 1 500; trap 'exit 0' TERM; sleep 3600 & wait"]
+            }]}
+        }
+    })
+}
+
+async fn setup() -> Result<(Fleet, fleet_e2e::PodmanSandbox, fleet_e2e::Agent)> {
+    let fleet = Fleet::start().await?;
+    let (sandbox, agent) = fleet.device("pi-01", &[("role", "logs")]).await?;
+    fleet.operator.apply(&chatty())?;
+    fleet
+        .operator
+        .wait_phase("chatty", 1, RolloutPhase::Running)
+        .await?;
+    Ok((fleet, sandbox, agent))
+}
+
+fn exec(command: &[&str], timeout_secs: u32) -> ExecCommand {
+    ExecCommand {
+        device: "pi-01".into(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        timeout_secs,
+        by: "tester".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_tail_returns_exactly_the_last_lines() -> Result<()> {
+    let (fleet, _sandbox, _agent) = setup().await?;
+    let client = fleet.operator.client();
+    let lines = eventually("500 lines written", WAIT, || async {
+        match client.logs("chatty", "pi-01", 10)? {
+            LogsReply::Lines { lines, .. } if lines.last().map(String::as_str) == Some("500") => {
+                Ok(Some(lines))
+            }
+            other => bail!("{other:?}"),
+        }
+    })
+    .await?;
+    let expected: Vec<String> = (491..=500).map(|n| n.to_string()).collect();
+    assert_eq!(lines, expected);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_of_a_missing_deployment_or_device_are_clear_errors() -> Result<()> {
+    let (fleet, _sandbox, _agent) = setup().await?;
+    let client = fleet.operator.client();
+    let err = client.logs("nope", "pi-01", 10).unwrap_err();
+    assert!(
+        matches!(&err, CtlError::Api { status: 404, message, .. } if message == "Deployment \"nope\" not found"),
+        "{err}"
+    );
+    let err = client.logs("chatty", "pi-99", 10).unwrap_err();
+    assert!(
+        matches!(&err, CtlError::Api { status: 404, message, .. } if message == "Deployment \"chatty\" does not run on device \"pi-99\""),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_returns_output_and_exit_code_and_is_audited() -> Result<()> {
+    let (fleet, _sandbox, _agent) = setup().await?;
+    let client = fleet.operator.client();
+    let reply = client.exec(
+        "chatty",
+        &exec(&["sh", "-c", "echo out; echo err >&2; exit 3"], 10),
+    )?;
+    assert_eq!(
+        reply,
+        ExecReply::Done {
+            exit_code: 3,
+            stdout: "out\n".into(),
+            stderr: "err\n".into(),
+            truncated: false
+        }
+    );
+    // A missing binary is the command's failure, reported as such.
+    let ExecReply::Done {
+        exit_code, stderr, ..
+    } = client.exec("chatty", &exec(&["/no/such/tool"], 10))?
+    else {
+        bail!("not a finished exec")
+    };
+    assert_eq!(exit_code, 127, "{stderr}");
+    assert!(stderr.contains("/no/such/tool"), "{stderr}");
+
+    // Both are in the audit log: who ran what where, and how it ended.
+    let js = async_nats::jetstream::new(fleet.nats.client().await?);
+    let audit = js.get_key_value(names::AUDIT_BUCKET).await?;
+    let mut outcomes = Vec::new();
+    let mut keys = audit.keys().await?;
+    use futures::StreamExt;
+    while let Some(key) = keys.next().await {
+        let bytes = audit.get(key?).await?.context("audit entry vanished")?;
+        let entry: ExecAudit = serde_json::from_slice(&bytes)?;
+        assert_eq!(
+            (
+                entry.by.as_str(),
+                entry.device.as_str(),
+                entry.deployment.as_str()
+            ),
+            ("tester", "pi-01", "chatty")
+        );
+        outcomes.push((entry.command.join(" "), entry.outcome));
+    }
+    outcomes.sort();
+    assert_eq!(
+        outcomes,
+        [
+            ("/no/such/tool".to_owned(), "exit 127".to_owned()),
+            (
+                "sh -c echo out; echo err >&2; exit 3".to_owned(),
+                "exit 3".to_owned()
+            )
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_times_out_cleanly_and_an_offline_device_is_named() -> Result<()> {
+    let (fleet, _sandbox, mut agent) = setup().await?;
+    let client = fleet.operator.client();
+    assert_eq!(
+        client.exec("chatty", &exec(&["sleep", "30"], 1))?,
+        ExecReply::TimedOut { after_secs: 1 }
+    );
+    // The agent stays healthy: the next request is answered.
+    let reply = client.exec("chatty", &exec(&["echo", "still here"], 10))?;
+    assert!(
+        matches!(&reply, ExecReply::Done { exit_code: 0, stdout, .. } if stdout == "still here\n"),
+        "{reply:?}"
+    );
+
+    agent.kill();
+    let err = client.exec("chatty", &exec(&["true"], 5)).unwrap_err();
+    assert!(
+        matches!(&err, CtlError::Api { status: 503, message, .. } if message == "device \"pi-01\" is not connected"),
+        "{err}"
+    );
+    Ok(())
+}

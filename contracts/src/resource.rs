@@ -48,6 +48,45 @@ pub struct Deployment {
 pub struct DeploymentSpec {
     pub selector: LabelSelector,
     pub template: PodTemplate,
+    /// Roll a new generation out in waves; without it every device gets it at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutPolicy>,
+}
+
+/// Staged rollout of a new generation: a wave of devices at a time, the next wave only once
+/// every device of the earlier waves reports the new generation `Ready` (its probes pass) and
+/// the pause has passed. A device that fails, or is not Ready within the progress deadline,
+/// halts the rollout; the remaining devices keep the old generation until a new spec (a fix)
+/// or `fleetctl rollout resume`. Devices that run nothing of this Deployment yet get the new
+/// generation at once: there is nothing to protect on them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutPolicy {
+    /// Devices per wave (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave_size: Option<u32>,
+    /// Devices per wave as a percentage of the matching devices (rounded up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave_percent: Option<u32>,
+    #[serde(default)]
+    pub pause_seconds: u32,
+    #[serde(default = "default_progress_deadline")]
+    pub progress_deadline_seconds: u32,
+}
+
+fn default_progress_deadline() -> u32 {
+    300
+}
+
+impl RolloutPolicy {
+    /// Devices per wave out of `total`.
+    pub fn wave(&self, total: usize) -> usize {
+        match (self.wave_size, self.wave_percent) {
+            (Some(n), _) => n.max(1) as usize,
+            (None, Some(p)) => (total * p as usize).div_ceil(100).max(1),
+            (None, None) => total.max(1),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -432,6 +471,19 @@ pub struct DeploymentStatus {
     pub running_devices: usize,
     pub failed_devices: usize,
     pub devices: Vec<DeviceDeploymentStatus>,
+    /// For a staged rollout: how far it got and why it stopped, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// Devices given the current generation so far.
+    pub updated_devices: usize,
+    pub wave_size: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -445,6 +497,8 @@ pub enum RolloutPhase {
     Running,
     /// At least one device reports the current generation failed.
     Failed,
+    /// A staged rollout stopped: a device of an admitted wave failed or missed its deadline.
+    Halted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -656,6 +710,21 @@ impl Validator {
         }
         for (i, c) in spec.template.containers.iter().enumerate() {
             self.container(&format!("spec.template.containers[{i}]"), c);
+        }
+        if let Some(r) = &spec.rollout {
+            match (r.wave_size, r.wave_percent) {
+                (Some(_), Some(_)) | (None, None) => {
+                    self.err("spec.rollout", "set exactly one of waveSize, wavePercent")
+                }
+                (Some(0), _) => self.err("spec.rollout.waveSize", "must be at least 1"),
+                (_, Some(p)) if p == 0 || p > 100 => {
+                    self.err("spec.rollout.wavePercent", "must be 1-100")
+                }
+                _ => {}
+            }
+            if r.progress_deadline_seconds == 0 {
+                self.err("spec.rollout.progressDeadlineSeconds", "must be at least 1");
+            }
         }
         let lc = &spec.template.lifecycle;
         if !STOP_SIGNALS.contains(&lc.stop_signal.as_str()) {

@@ -287,12 +287,14 @@ fn apply_resource(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
 
 fn apply_reported(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
     let stored_at_ms = (entry.created.unix_timestamp_nanos() / 1_000_000) as u64;
-    shared
-        .fleet
-        .write()
-        .unwrap()
-        .apply_reported(&entry.key, value(entry), stored_at_ms)?;
-    Ok(false)
+    let mut fleet = shared.fleet.write().unwrap();
+    fleet.apply_reported(&entry.key, value(entry), stored_at_ms)?;
+    // A deployment's report can move a staged rollout on; heartbeats cannot.
+    let is_deployment = matches!(
+        fleet_contracts::names::parse_device_key(&entry.key),
+        Some(fleet_contracts::names::DeviceKey::Deployment { .. })
+    );
+    Ok(is_deployment && fleet.deployments.values().any(|d| d.spec.rollout.is_some()))
 }
 
 fn apply_desired(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
@@ -332,7 +334,7 @@ async fn fan_out_loop(shared: Arc<Shared>, resync: Duration) {
         if !shared.converged() {
             continue;
         }
-        let work = shared.fleet.read().unwrap().fan_out();
+        let work = shared.fleet.write().unwrap().fan_out(now_ms());
         if work.put.is_empty() && work.delete.is_empty() {
             continue;
         }

@@ -293,7 +293,9 @@ impl Client {
                     let status = d.status.clone().unwrap_or_default();
                     match status.phase {
                         RolloutPhase::Running => return Ok(d),
-                        RolloutPhase::Failed => return Err(WaitError::Failed(failure_reasons(&d))),
+                        RolloutPhase::Failed | RolloutPhase::Halted => {
+                            return Err(WaitError::Failed(failure_reasons(&d)));
+                        }
                         _ => {}
                     }
                 }
@@ -328,6 +330,15 @@ pub fn progress_line(d: &Deployment) -> String {
         "{} gen {}: {}/{} running",
         d.metadata.name, d.metadata.generation, s.running_devices, s.desired_devices
     );
+    if let Some(r) = &s.rollout {
+        line.push_str(&format!(
+            " (rollout: {}/{} updated, waves of {})",
+            r.updated_devices, s.desired_devices, r.wave_size
+        ));
+        if let Some(h) = &r.halted {
+            line.push_str(&format!(" HALTED: {h}"));
+        }
+    }
     if s.phase == RolloutPhase::NoDevices {
         line.push_str(" (no device matches the selector)");
     }
@@ -356,6 +367,7 @@ pub fn progress_line(d: &Deployment) -> String {
 
 fn failure_reasons(d: &Deployment) -> String {
     let s = d.status.clone().unwrap_or_default();
+    let halted = s.rollout.as_ref().and_then(|r| r.halted.clone());
     s.devices
         .iter()
         .filter_map(|dev| {
@@ -363,6 +375,7 @@ fn failure_reasons(d: &Deployment) -> String {
             (r.phase == Phase::Failed && r.observed_generation == d.metadata.generation)
                 .then(|| format!("  {}: {}", dev.device, r.message))
         })
+        .chain(halted.map(|h| format!("  rollout halted: {h}")))
         .collect::<Vec<_>>()
         .join("\n")
 }

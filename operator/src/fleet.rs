@@ -4,7 +4,7 @@
 //!
 //! Nothing here does I/O; [`crate::controller`] feeds it from KV watches and acts on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use fleet_contracts::{
     api::DeviceIdentity,
@@ -37,6 +37,20 @@ pub struct Fleet {
     pub desired: BTreeMap<String, Vec<u8>>,
     /// Enrolled devices' identity records (`fleet-enrollment` `device.<name>`).
     pub identities: BTreeMap<String, DeviceIdentity>,
+    /// Staged rollouts: when this operator gave a device a generation, (deployment, device) ->
+    /// (generation, unix ms). Lost on restart, which only restarts deadlines and pauses.
+    pub admitted: BTreeMap<(String, String), (u64, u64)>,
+}
+
+/// Where a staged rollout stands, derived from the desired and reported state.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rollout {
+    /// Devices that have the current generation (or get it now: they run nothing older).
+    pub updated: BTreeSet<String>,
+    /// Devices admitted in this round (the next wave).
+    pub admit: Vec<String>,
+    pub wave: usize,
+    pub halted: Option<String>,
 }
 
 /// What the desired bucket must change to match the resources.
@@ -61,28 +75,140 @@ impl Fleet {
     ///
     /// The bytes are canonical (struct field order, sorted maps), so two operators computing
     /// this from the same resources write identical values.
-    pub fn wanted_desired(&self) -> BTreeMap<String, Vec<u8>> {
+    ///
+    /// A Deployment with a rollout policy gives the current generation only to the devices
+    /// its rollout has reached ([`Fleet::rollout`]); the others keep the bytes they have.
+    pub fn wanted_desired(&self, now_ms: u64) -> BTreeMap<String, Vec<u8>> {
         let mut wanted = BTreeMap::new();
         for d in self.deployments.values() {
-            let value = DesiredDeployment::new(
-                &d.metadata.name,
-                d.metadata.generation,
-                d.spec.template.clone(),
-            );
-            let bytes = serde_json::to_vec(&value).expect("desired state serializes");
+            let bytes = desired_bytes(d);
+            let rollout = d
+                .spec
+                .rollout
+                .as_ref()
+                .map(|_| self.rollout(d, &bytes, now_ms));
             for dev in self.matching_devices(d) {
-                wanted.insert(
-                    names::deployment_key(&dev.metadata.name, &d.metadata.name),
-                    bytes.clone(),
-                );
+                let key = names::deployment_key(&dev.metadata.name, &d.metadata.name);
+                let value = match &rollout {
+                    Some(r)
+                        if !r.updated.contains(&dev.metadata.name)
+                            && !r.admit.contains(&dev.metadata.name) =>
+                    {
+                        self.desired
+                            .get(&key)
+                            .cloned()
+                            .unwrap_or_else(|| bytes.clone())
+                    }
+                    _ => bytes.clone(),
+                };
+                wanted.insert(key, value);
             }
         }
         wanted
     }
 
-    /// The writes that bring the desired bucket in line; empty when it already is.
-    pub fn fan_out(&self) -> FanOut {
-        let wanted = self.wanted_desired();
+    /// Where the staged rollout of `d`'s current generation (`bytes`) stands at `now_ms`.
+    pub fn rollout(&self, d: &Deployment, bytes: &[u8], now_ms: u64) -> Rollout {
+        let Some(policy) = &d.spec.rollout else {
+            return Rollout::default();
+        };
+        let (name, generation) = (&d.metadata.name, d.metadata.generation);
+        let devices: Vec<&str> = self
+            .matching_devices(d)
+            .map(|x| x.metadata.name.as_str())
+            .collect();
+        let mut r = Rollout {
+            wave: policy.wave(devices.len()),
+            ..Default::default()
+        };
+        let mut waiting = Vec::new();
+        for dev in devices {
+            match self.desired.get(&names::deployment_key(dev, name)) {
+                Some(current) if current.as_slice() != bytes => waiting.push(dev),
+                _ => {
+                    r.updated.insert(dev.to_owned());
+                }
+            }
+        }
+        let deadline_ms = u64::from(policy.progress_deadline_seconds) * 1000;
+        let mut all_ready = true;
+        for dev in &r.updated {
+            let report = self
+                .reported
+                .get(dev)
+                .and_then(|m| m.get(name))
+                .filter(|x| x.observed_generation == generation);
+            match report.map(|x| x.phase) {
+                Some(Phase::Ready | Phase::Completed) => continue,
+                Some(Phase::Failed) => {
+                    let message = report.map_or("", |x| x.message.as_str());
+                    r.halted = Some(format!("{dev} failed: {message}"));
+                }
+                _ => {
+                    let since = self
+                        .admitted
+                        .get(&(name.clone(), dev.clone()))
+                        .filter(|(g, _)| *g == generation);
+                    if let Some((_, at)) = since {
+                        if now_ms.saturating_sub(*at) > deadline_ms {
+                            let why = report.map_or("not reported".to_owned(), |x| {
+                                format!("{}: {}", x.phase, x.message)
+                            });
+                            r.halted = Some(format!(
+                                "{dev} not Ready within {}s ({why})",
+                                policy.progress_deadline_seconds
+                            ));
+                        }
+                    }
+                }
+            }
+            all_ready = false;
+            if r.halted.is_some() {
+                break;
+            }
+        }
+        let last_wave = self
+            .admitted
+            .iter()
+            .filter(|((dep, _), (g, _))| dep == name && *g == generation)
+            .map(|(_, (_, at))| *at)
+            .max();
+        let paused =
+            last_wave.is_some_and(|at| now_ms < at + u64::from(policy.pause_seconds) * 1000);
+        if r.halted.is_none() && all_ready && !paused {
+            r.admit = waiting
+                .into_iter()
+                .take(r.wave)
+                .map(str::to_owned)
+                .collect();
+        }
+        r
+    }
+
+    /// The writes that bring the desired bucket in line; empty when it already is. Records
+    /// the devices a staged rollout admits now.
+    pub fn fan_out(&mut self, now_ms: u64) -> FanOut {
+        let wanted = self.wanted_desired(now_ms);
+        let mut admitted = Vec::new();
+        for d in self
+            .deployments
+            .values()
+            .filter(|d| d.spec.rollout.is_some())
+        {
+            let bytes = desired_bytes(d);
+            for dev in self.rollout(d, &bytes, now_ms).admit {
+                admitted.push((
+                    (d.metadata.name.clone(), dev),
+                    (d.metadata.generation, now_ms),
+                ));
+            }
+        }
+        self.admitted.retain(|(dep, _), (g, _)| {
+            self.deployments
+                .get(dep)
+                .is_some_and(|d| d.metadata.generation == *g)
+        });
+        self.admitted.extend(admitted);
         let put = wanted
             .iter()
             .filter(|(k, v)| self.desired.get(*k) != Some(*v))
@@ -187,8 +313,19 @@ impl Fleet {
             });
         }
         status.desired_devices = status.devices.len();
+        if d.spec.rollout.is_some() {
+            let r = self.rollout(d, &desired_bytes(d), now_ms);
+            status.rollout = Some(fleet_contracts::resource::RolloutStatus {
+                updated_devices: r.updated.len(),
+                wave_size: r.wave,
+                halted: r.halted,
+            });
+        }
+        let halted = status.rollout.as_ref().is_some_and(|r| r.halted.is_some());
         status.phase = if status.desired_devices == 0 {
             RolloutPhase::NoDevices
+        } else if halted {
+            RolloutPhase::Halted
         } else if status.failed_devices > 0 {
             RolloutPhase::Failed
         } else if status.running_devices == status.desired_devices {
@@ -226,6 +363,16 @@ impl Fleet {
     }
 }
 
+/// The canonical desired value of a Deployment's current generation.
+fn desired_bytes(d: &Deployment) -> Vec<u8> {
+    let value = DesiredDeployment::new(
+        &d.metadata.name,
+        d.metadata.generation,
+        d.spec.template.clone(),
+    );
+    serde_json::to_vec(&value).expect("desired state serializes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +405,7 @@ mod tests {
                 generation,
             },
             spec: DeploymentSpec {
+                rollout: None,
                 selector: LabelSelector {
                     match_labels: [("role".into(), role.into())].into(),
                 },
@@ -284,29 +432,29 @@ mod tests {
     #[test]
     fn fan_out_follows_selectors_and_writes_only_differences() {
         let mut f = fleet();
-        let out = f.fan_out();
+        let out = f.fan_out(0);
         assert_eq!(keys(&out.put), ["a.web", "b.web"]);
         assert!(out.delete.is_empty());
         // Once the bucket holds those bytes, nothing more is written.
         f.desired = out.put.into_iter().collect();
-        assert_eq!(f.fan_out(), FanOut::default());
+        assert_eq!(f.fan_out(0), FanOut::default());
         // Device b stops matching; a stray key from a deleted Deployment is cleaned up.
         f.devices.insert("b".into(), device("b", "core"));
         f.desired.insert("c.old".into(), b"{}".to_vec());
-        let out = f.fan_out();
+        let out = f.fan_out(0);
         assert!(out.put.is_empty());
         assert_eq!(out.delete, ["b.web", "c.old"]);
         // A new generation rewrites each device's key.
         f.deployments
             .insert("web".into(), deployment("web", "edge", "img:2", 2));
-        assert_eq!(keys(&f.fan_out().put), ["a.web"]);
+        assert_eq!(keys(&f.fan_out(0).put), ["a.web"]);
     }
 
     #[test]
     fn fan_out_bytes_are_deterministic() {
-        assert_eq!(fleet().wanted_desired(), fleet().wanted_desired());
+        assert_eq!(fleet().wanted_desired(0), fleet().wanted_desired(0));
         let v: DesiredDeployment =
-            serde_json::from_slice(&fleet().wanted_desired()["a.web"]).unwrap();
+            serde_json::from_slice(&fleet().wanted_desired(0)["a.web"]).unwrap();
         assert_eq!(
             (v.deployment.as_str(), v.generation, v.schema),
             ("web", 1, SCHEMA_VERSION)
@@ -377,5 +525,117 @@ mod tests {
         assert_eq!(f.health("a", 22_001), (Health::Offline, Some(12_001)));
         assert!(f.apply_reported("a._info", Some(b"garbage"), 0).is_err());
         assert!(f.apply_reported("nonsense", Some(b"{}"), 0).is_err());
+    }
+
+    /// A fleet of three devices running `web` generation 1 everywhere, now at generation 2
+    /// with waves of one.
+    fn rolling() -> Fleet {
+        let mut f = Fleet::default();
+        for n in ["a", "b", "c"] {
+            f.devices.insert(n.into(), device(n, "edge"));
+        }
+        let v1 = deployment("web", "edge", "img:1", 1);
+        let v1_bytes = desired_bytes(&v1);
+        for n in ["a", "b", "c"] {
+            f.desired.insert(format!("{n}.web"), v1_bytes.clone());
+        }
+        let mut v2 = deployment("web", "edge", "img:2", 2);
+        v2.spec.rollout = Some(fleet_contracts::resource::RolloutPolicy {
+            wave_size: Some(1),
+            wave_percent: None,
+            pause_seconds: 10,
+            progress_deadline_seconds: 60,
+        });
+        f.deployments.insert("web".into(), v2);
+        f
+    }
+
+    /// Applies the fan-out as if the writes succeeded.
+    fn step(f: &mut Fleet, now: u64) -> Vec<String> {
+        let out = f.fan_out(now);
+        let keys = out.put.iter().map(|(k, _)| k.clone()).collect();
+        f.desired.extend(out.put);
+        keys
+    }
+
+    #[test]
+    fn a_staged_rollout_advances_wave_by_wave_on_ready_devices_after_the_pause() {
+        let mut f = rolling();
+        assert_eq!(step(&mut f, 0), ["a.web"]);
+        // Nothing more until a reports the new generation Ready.
+        assert!(step(&mut f, 1_000).is_empty());
+        f.apply_reported("a.web", Some(&report(Phase::Running, 2)), 0)
+            .unwrap();
+        assert!(
+            step(&mut f, 2_000).is_empty(),
+            "running but not ready must not advance"
+        );
+        f.apply_reported("a.web", Some(&report(Phase::Ready, 2)), 0)
+            .unwrap();
+        assert!(
+            step(&mut f, 5_000).is_empty(),
+            "the pause holds the next wave"
+        );
+        assert_eq!(step(&mut f, 10_000), ["b.web"]);
+        f.apply_reported("b.web", Some(&report(Phase::Ready, 2)), 0)
+            .unwrap();
+        assert_eq!(step(&mut f, 20_000), ["c.web"]);
+        let d = f.deployments["web"].clone();
+        assert_eq!(
+            f.deployment_status(&d, 20_000)
+                .rollout
+                .unwrap()
+                .updated_devices,
+            3
+        );
+    }
+
+    #[test]
+    fn a_failure_or_a_missed_deadline_halts_the_rollout() {
+        let mut f = rolling();
+        step(&mut f, 0);
+        f.apply_reported("a.web", Some(&report(Phase::Failed, 2)), 0)
+            .unwrap();
+        assert!(step(&mut f, 60_000).is_empty());
+        let d = f.deployments["web"].clone();
+        let status = f.deployment_status(&d, 60_000);
+        assert_eq!(status.phase, RolloutPhase::Halted);
+        assert_eq!(
+            status.rollout.unwrap().halted.as_deref(),
+            Some("a failed: ")
+        );
+
+        let mut f = rolling();
+        step(&mut f, 0);
+        f.apply_reported("a.web", Some(&report(Phase::Running, 2)), 0)
+            .unwrap();
+        assert!(
+            f.deployment_status(&d, 60_000)
+                .rollout
+                .unwrap()
+                .halted
+                .is_none()
+        );
+        let halted = f
+            .deployment_status(&d, 60_001)
+            .rollout
+            .unwrap()
+            .halted
+            .unwrap();
+        assert_eq!(halted, "a not Ready within 60s (Running: )");
+        // The other devices keep generation 1.
+        assert_eq!(
+            f.desired["b.web"],
+            desired_bytes(&deployment("web", "edge", "img:1", 1))
+        );
+    }
+
+    #[test]
+    fn devices_without_the_deployment_get_the_new_generation_at_once() {
+        let mut f = rolling();
+        f.desired.clear();
+        let mut keys = step(&mut f, 0);
+        keys.sort();
+        assert_eq!(keys, ["a.web", "b.web", "c.web"]);
     }
 }

@@ -180,6 +180,17 @@ pub struct Revoked {
     pub at_secs: u64,
 }
 
+/// `fleet-resources` `rollout.<deployment>`: an operator's decision to continue a halted
+/// rollout of `generation` (`fleetctl rollout resume`): devices given that generation before
+/// `at_ms` no longer hold it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutResume {
+    pub schema: u32,
+    pub generation: u64,
+    pub by: String,
+    pub at_ms: u64,
+}
+
 /// `POST /api/v1/devices/<name>/blacklist` and `.../unblacklist`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlacklistRequest {

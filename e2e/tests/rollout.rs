@@ -88,6 +88,22 @@ async fn a_rollout_halts_on_a_failing_probe_after_the_first_wave_and_a_fix_rolls
         );
     }
 
+    // An operator waves pi-a through: the next wave (pi-b) gets v2, and halts the rollout again.
+    let resumed = fleet.operator.client().resume_rollout("svc", "tester")?;
+    assert_eq!(resumed.generation, 2);
+    eventually("the rollout to halt again at pi-b", WAIT, || async {
+        let d = fleet.operator.client().deployment("svc")?;
+        let r = d
+            .status
+            .and_then(|s| s.rollout)
+            .context("no rollout status")?;
+        match r.halted {
+            Some(h) if r.updated_devices == 2 && h.starts_with("pi-b not Ready") => Ok(Some(())),
+            other => bail!("{} updated, halted: {other:?}", r.updated_devices),
+        }
+    })
+    .await?;
+
     // The fix rolls out to every device.
     fleet.operator.apply(&service("v3", true))?;
     fleet

@@ -47,6 +47,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/v1/deployments/{name}/logs", get(deployment_logs))
         .route("/api/v1/deployments/{name}/exec", post(deployment_exec))
+        .route(
+            "/api/v1/deployments/{name}/rollout/resume",
+            post(resume_rollout),
+        )
         .route("/api/v1/devices/{name}/blacklist", post(blacklist_device))
         .route(
             "/api/v1/devices/{name}/unblacklist",
@@ -376,6 +380,16 @@ async fn delete(shared: &Shared, kind: &str, name: &str) -> Result<StatusCode, A
             format!("cannot delete {key} in NATS: {e}"),
         )
     })?;
+    if kind == "Deployment" {
+        // A resume belongs to the Deployment's generations: it goes with it.
+        let key = names::resource_key("rollout", name);
+        shared.buckets.resources.delete(&key).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot delete {key} in NATS: {e}"),
+            )
+        })?;
+    }
     if kind == "Device" {
         // Forget the enrolled key too: the device id may now be enrolled again, with a new key.
         let key = crate::enroll::identity_key(name);
@@ -914,4 +928,61 @@ async fn deployment_exec(
         ExecReply::Error { message } => Err(ApiError::new(StatusCode::NOT_FOUND, message)),
         reply => Ok(Json(reply)),
     }
+}
+
+/// Continues a halted rollout of the Deployment's current generation past the devices that
+/// hold it back now (`fleetctl rollout resume`).
+async fn resume_rollout(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<fleet_contracts::api::RolloutResume> {
+    require_converged(&shared)?;
+    let req: BlacklistRequest = if body.is_empty() {
+        BlacklistRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))?
+    };
+    let generation = {
+        let fleet = shared.fleet.read().unwrap();
+        let d = fleet
+            .deployments
+            .get(&name)
+            .ok_or_else(|| not_found("Deployment", &name))?;
+        if d.spec.rollout.is_none() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("Deployment {name:?} has no rollout policy: there is nothing to resume"),
+            ));
+        }
+        d.metadata.generation
+    };
+    let resume = fleet_contracts::api::RolloutResume {
+        schema: SCHEMA_VERSION,
+        generation,
+        by: if req.by.is_empty() {
+            "unknown".into()
+        } else {
+            req.by
+        },
+        at_ms: now_ms(),
+    };
+    let key = names::resource_key("rollout", &name);
+    shared
+        .buckets
+        .resources
+        .put(
+            &key,
+            serde_json::to_vec(&resume).expect("serializes").into(),
+        )
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot record the resume: {e}"),
+            )
+        })?;
+    info!(deployment = %name, generation, by = %resume.by, "rollout resumed");
+    Ok(Json(resume))
 }

@@ -248,6 +248,7 @@ fn clear(shared: &Shared, index: usize) {
         0 => {
             fleet.deployments.clear();
             fleet.devices.clear();
+            fleet.resumes.clear();
         }
         1 => {
             fleet.reported.clear();
@@ -270,6 +271,13 @@ fn apply_resource(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
     match (kind, value(entry)) {
         ("deployment", None) => fleet.deployments.remove(name).is_some(),
         ("device", None) => fleet.devices.remove(name).is_some(),
+        ("rollout", None) => fleet.resumes.remove(name).is_some(),
+        ("rollout", Some(bytes)) => {
+            let r: fleet_contracts::api::RolloutResume =
+                serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            fleet.resumes.insert(name.to_owned(), r);
+            true
+        }
         ("deployment", Some(bytes)) => {
             let d: Deployment = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
             fleet.deployments.insert(name.to_owned(), d);

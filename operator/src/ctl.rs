@@ -248,6 +248,20 @@ impl Client {
         self.answer(&url, self.agent.post(&url).send_json(cmd))
     }
 
+    /// Continues a halted rollout past the devices holding it back now.
+    pub fn resume_rollout(
+        &self,
+        deployment: &str,
+        by: &str,
+    ) -> Result<fleet_contracts::api::RolloutResume, CtlError> {
+        let url = self.url(&format!("/api/v1/deployments/{deployment}/rollout/resume"));
+        let req = fleet_contracts::api::BlacklistRequest {
+            by: by.to_owned(),
+            reason: String::new(),
+        };
+        self.answer(&url, self.agent.post(&url).send_json(&req))
+    }
+
     /// Blacklists (`on`) or un-blacklists a device.
     pub fn blacklist(
         &self,

@@ -40,6 +40,8 @@ pub struct Fleet {
     /// Staged rollouts: when this operator gave a device a generation, (deployment, device) ->
     /// (generation, unix ms). Lost on restart, which only restarts deadlines and pauses.
     pub admitted: BTreeMap<(String, String), (u64, u64)>,
+    /// `fleetctl rollout resume` decisions, per Deployment.
+    pub resumes: BTreeMap<String, fleet_contracts::api::RolloutResume>,
 }
 
 /// Where a staged rollout stands, derived from the desired and reported state.
@@ -131,8 +133,24 @@ impl Fleet {
             }
         }
         let deadline_ms = u64::from(policy.progress_deadline_seconds) * 1000;
+        let resumed_at = self
+            .resumes
+            .get(name)
+            .filter(|x| x.generation == generation)
+            .map(|x| x.at_ms);
         let mut all_ready = true;
         for dev in &r.updated {
+            let admitted_at = self
+                .admitted
+                .get(&(name.clone(), dev.clone()))
+                .filter(|(g, _)| *g == generation);
+            if let Some(resumed) = resumed_at {
+                // Waved through by an operator: devices given the generation before the resume
+                // no longer hold the rollout back.
+                if admitted_at.is_none_or(|(_, at)| *at <= resumed) {
+                    continue;
+                }
+            }
             let report = self
                 .reported
                 .get(dev)
@@ -145,11 +163,7 @@ impl Fleet {
                     r.halted = Some(format!("{dev} failed: {message}"));
                 }
                 _ => {
-                    let since = self
-                        .admitted
-                        .get(&(name.clone(), dev.clone()))
-                        .filter(|(g, _)| *g == generation);
-                    if let Some((_, at)) = since {
+                    if let Some((_, at)) = admitted_at {
                         if now_ms.saturating_sub(*at) > deadline_ms {
                             let why = report.map_or("not reported".to_owned(), |x| {
                                 format!("{}: {}", x.phase, x.message)

@@ -86,6 +86,22 @@ enum Command {
     /// Quarantine a device, or lift the quarantine.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Staged rollouts: where one stands, and continuing a halted one.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// How far the current generation got, and why it halted if it did.
+    Status { deployment: String },
+    /// Continue a halted rollout past the devices holding it back now (a new spec, a fix,
+    /// restarts the rollout by itself).
+    Resume {
+        deployment: String,
+        #[arg(long = "as", env = "USER", default_value = "unknown")]
+        by: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -337,6 +353,24 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Command::Rollout(RolloutCommand::Status { deployment }) => {
+            let d = client.deployment(&deployment)?;
+            println!("{}", ctl::progress_line(&d));
+            let halted = d.status.and_then(|s| s.rollout).and_then(|r| r.halted);
+            Ok(if halted.is_some() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Rollout(RolloutCommand::Resume { deployment, by }) => {
+            let r = client.resume_rollout(&deployment, &by)?;
+            println!(
+                "rollout of {deployment} generation {} resumed: the next wave goes out when its devices are Ready",
+                r.generation
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
             let s = client.status()?;

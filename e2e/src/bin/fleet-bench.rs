@@ -5,6 +5,8 @@
 //!   device reports the generation Running; baseline: `podman run -d` of the same image on the
 //!   same storage, the floor any agent pays;
 //! - the agent's peak and current RSS and its idle CPU while it manages 10 containers;
+//! - cutover downtime of an upgrade: last answer from v1 to first answer from v2 of an HTTP
+//!   service polled every 5 ms, median and max over 10 upgrades;
 //! - blacklist command to disconnect, and un-blacklist to the device reconnected and converged
 //!   (a change made while it was out), median over 10 runs;
 //! - the size of the stripped static aarch64 agent, when built.
@@ -125,6 +127,7 @@ async fn main() -> Result<()> {
     println!(
         "  CPU {own:.2}% of one core (agent alone), {with_podman:.2}% including the podman processes it runs"
     );
+    cutover_figures(&fleet).await?;
     blacklist_figures(&fleet, &agent, &reported).await?;
     let aarch64 =
         fleet_e2e::workspace().join("target/aarch64-unknown-linux-musl/release/fleet-agent");
@@ -281,5 +284,61 @@ async fn blacklist_figures(
     println!(
         "  (anchors: a token-expiry cut-off waits up to an hour; Mender device tokens last a week)"
     );
+    Ok(())
+}
+
+/// Upgrades an HTTP service 10 times while polling it, and prints the gap between the last
+/// answer of the old version and the first of the new one.
+async fn cutover_figures(fleet: &Fleet) -> Result<()> {
+    let port = free_port();
+    fleet
+        .operator
+        .apply(&http_deployment("cutover", "bench", port, "c0"))?;
+    fleet
+        .operator
+        .wait_phase(
+            "cutover",
+            1,
+            fleet_contracts::resource::RolloutPhase::Running,
+        )
+        .await?;
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut gaps = Vec::new();
+    for round in 1..=10u64 {
+        let (old, new) = (format!("c{}", round - 1), format!("c{round}"));
+        let poll_url = url.clone();
+        let poller = tokio::task::spawn_blocking(move || -> Result<Duration> {
+            let deadline = Instant::now() + WAIT;
+            let mut last_old = Instant::now();
+            while Instant::now() < deadline {
+                if let Ok((200, body)) = fleet_e2e::http_get(&poll_url) {
+                    let body = body.trim();
+                    if body == old {
+                        last_old = Instant::now();
+                    } else if body == new {
+                        return Ok(Instant::now().duration_since(last_old));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            bail!("{new} never answered")
+        });
+        fleet.operator.apply(&http_deployment(
+            "cutover",
+            "bench",
+            port,
+            &format!("c{round}"),
+        ))?;
+        gaps.push(poller.await??);
+    }
+    println!(
+        "cutover downtime of an upgrade (last v1 answer -> first v2 answer, default lifecycle), n=10"
+    );
+    println!(
+        "  median {:>8.1} ms   max {:>8.1} ms",
+        ms(percentile(&gaps, 50.0)),
+        ms(percentile(&gaps, 100.0))
+    );
+    fleet.operator.client().delete("deployments", "cutover")?;
     Ok(())
 }

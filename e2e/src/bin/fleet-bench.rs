@@ -103,7 +103,7 @@ async fn main() -> Result<()> {
     let p99 = percentile(&latencies, 99.0);
     let floor = percentile(&baseline, 50.0);
     println!();
-    println!("apply-to-Running (API call -> device reports Running), n={n}");
+    println!("apply-to-Ready (API call -> device reports the deployment Ready), n={n}");
     println!("  p50 {:>8.1} ms   p99 {:>8.1} ms", ms(p50), ms(p99));
     println!("baseline: podman run -d of the same image, same storage, n={n}");
     println!(
@@ -112,7 +112,7 @@ async fn main() -> Result<()> {
         ms(percentile(&baseline, 99.0))
     );
     println!(
-        "  ratio p50 apply-to-Running / podman run: {:.2}x",
+        "  ratio p50 apply-to-Ready / podman run: {:.2}x",
         p50.as_secs_f64() / floor.as_secs_f64()
     );
     println!(

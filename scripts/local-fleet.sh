@@ -16,6 +16,8 @@ NATS_PORT=${FLEET_NATS_PORT:-4222}
 HTTP_PORT=${FLEET_HTTP_PORT:-8080}
 MON_PORT=${FLEET_NATS_MONITOR_PORT:-8222}
 export FLEET_SERVER="http://127.0.0.1:$HTTP_PORT"
+# fleetctl authenticates with the operator's admin token (created with the identity).
+export FLEET_TOKEN_FILE="$STATE/identity/admin.token"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
@@ -58,10 +60,11 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
+auth=()  # curl arguments for the operator's API, once its token exists
 wait_for() { # wait_for WHAT URL [JQ-CONDITION]
   local what=$1 url=$2 cond=${3:-.} i
   for i in $(seq 1 200); do
-    if out=$(curl -fsS "$url" 2>/dev/null) && jq -e "$cond" >/dev/null 2>&1 <<<"$out"; then return 0; fi
+    if out=$(curl -fsS "${auth[@]}" "$url" 2>/dev/null) && jq -e "$cond" >/dev/null 2>&1 <<<"$out"; then return 0; fi
     sleep 0.1
   done
   echo "local-fleet: $what did not come up; see $STATE/logs" >&2
@@ -78,6 +81,7 @@ say "starting fleet-operator on $FLEET_SERVER"
   --identity "$STATE/identity" \
   >"$STATE/logs/operator.log" 2>&1 &
 pids+=($!)
+auth=(-H "Authorization: Bearer $(cat "$FLEET_TOKEN_FILE")")
 wait_for fleet-operator "$FLEET_SERVER/api/v1/status" '.state == "converged"'
 
 if [ ! -f "$STATE/agent/identity/device.jwt" ]; then
@@ -115,7 +119,7 @@ cat <<MSG
     hello           http://127.0.0.1:18080/  -> $(curl -fsS http://127.0.0.1:18080/ 2>/dev/null || echo "not answering yet")
 
   Try (in another shell, from $ROOT):
-    export PATH=\$PWD/target/debug:\$PATH FLEET_SERVER=$FLEET_SERVER
+    export PATH=\$PWD/target/debug:\$PATH FLEET_SERVER=$FLEET_SERVER FLEET_TOKEN_FILE=$FLEET_TOKEN_FILE
     fleetctl get devices
     fleetctl enroll-token list
     fleetctl get deployments

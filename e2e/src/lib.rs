@@ -307,6 +307,8 @@ pub fn http_get(url: &str) -> Result<(u16, String)> {
 #[derive(Debug)]
 pub struct Operator {
     pub url: String,
+    /// The admin token the API requires.
+    pub token: String,
     pub proc: Proc,
 }
 
@@ -328,8 +330,12 @@ impl Operator {
         .args(extra)
         .env("FLEET_LOG", "info,fleet_operator=debug");
         let proc = Proc::spawn("fleet-operator", cmd, dir.join("operator.log"))?;
+        let token = std::fs::read_to_string(nats.identity.join("admin.token"))?
+            .trim()
+            .to_owned();
         let op = Operator {
             url: format!("http://127.0.0.1:{port}"),
+            token,
             proc,
         };
         let client = op.client();
@@ -347,7 +353,7 @@ impl Operator {
     }
 
     pub fn client(&self) -> ctl::Client {
-        ctl::Client::new(&self.url)
+        ctl::Client::new(&self.url, Some(&self.token))
     }
 
     /// Applies a JSON document through the API.

@@ -477,3 +477,32 @@ async fn a_client_that_does_not_pin_the_fleet_ca_cannot_connect() -> Result<()> 
     fleet.nats.client().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_refuses_calls_without_the_admin_token() -> Result<()> {
+    let fleet = Fleet::start().await?;
+    let url = &fleet.operator.url;
+    for token in [None, Some("not-the-token")] {
+        let client = fleet_operator::ctl::Client::new(url, token);
+        for err in [
+            client.deployments().unwrap_err(),
+            client
+                .create_enrollment_token(&Default::default())
+                .unwrap_err(),
+            client
+                .apply(&fleet_e2e::http_deployment("web", "x", 8080, "x"))
+                .unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, fleet_operator::ctl::CtlError::Api { status: 401, message, .. } if message.starts_with("missing or wrong admin token")),
+                "{err}"
+            );
+        }
+    }
+    // Nothing was created by the refused calls; the right token works.
+    assert!(fleet.operator.client().deployments()?.is_empty());
+    assert!(fleet.operator.client().enrollment_tokens()?.is_empty());
+    // The read-only status page stays open.
+    assert_eq!(fleet_e2e::http_get(&format!("{url}/"))?.0, 200);
+    Ok(())
+}

@@ -30,9 +30,7 @@ use tracing::info;
 use crate::controller::{Shared, now_ms};
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/", get(page))
-        .route("/metrics", get(metrics))
+    let api = Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/deployments", get(list_deployments))
@@ -64,7 +62,43 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/api/v1/enrollment-tokens/{id}",
             axum::routing::delete(revoke_token),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics))
+        .merge(api)
         .with_state(shared)
+}
+
+/// Every `/api/` call must carry the admin token (`Authorization: Bearer <token>`), until the
+/// OIDC login with the `fleet-admin` role replaces it. The status page and `/metrics` are
+/// read-only and stay open.
+async fn require_token(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if crate::identity::constant_time_eq(
+        presented.as_bytes(),
+        shared.identity.admin_token().as_bytes(),
+    ) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token: pass it as `Authorization: Bearer <token>` (fleetctl reads FLEET_TOKEN or FLEET_TOKEN_FILE)",
+        )
+        .into_response()
+    }
 }
 
 /// An API error: status code plus the JSON body `fleetctl` prints.

@@ -125,10 +125,13 @@ pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, CtlErro
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// `Authorization: Bearer <token>` for the API.
+    authorization: Option<String>,
 }
 
 impl Client {
-    pub fn new(base: &str) -> Client {
+    /// A client of the operator at `base`, authenticating with the admin `token`.
+    pub fn new(base: &str, token: Option<&str>) -> Client {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
@@ -137,6 +140,14 @@ impl Client {
         Client {
             base: base.trim_end_matches('/').to_owned(),
             agent,
+            authorization: token.map(|t| format!("Bearer {}", t.trim())),
+        }
+    }
+
+    fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.authorization {
+            Some(value) => request.header("Authorization", value),
+            None => request,
         }
     }
 
@@ -181,12 +192,12 @@ impl Client {
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CtlError> {
         let url = self.url(path);
-        self.answer(&url, self.agent.get(&url).call())
+        self.answer(&url, self.auth(self.agent.get(&url)).call())
     }
 
     pub fn apply(&self, doc: &serde_json::Value) -> Result<ApplyResult, CtlError> {
         let url = self.url("/api/v1/apply");
-        self.answer(&url, self.agent.post(&url).send_json(doc))
+        self.answer(&url, self.auth(self.agent.post(&url)).send_json(doc))
     }
 
     pub fn status(&self) -> Result<OperatorStatus, CtlError> {
@@ -214,7 +225,7 @@ impl Client {
         req: &CreateEnrollmentToken,
     ) -> Result<CreatedEnrollmentToken, CtlError> {
         let url = self.url("/api/v1/enrollment-tokens");
-        self.answer(&url, self.agent.post(&url).send_json(req))
+        self.answer(&url, self.auth(self.agent.post(&url)).send_json(req))
     }
 
     pub fn enrollment_tokens(&self) -> Result<Vec<EnrollmentToken>, CtlError> {
@@ -223,7 +234,7 @@ impl Client {
 
     pub fn revoke_enrollment_token(&self, id: &str) -> Result<EnrollmentToken, CtlError> {
         let url = self.url(&format!("/api/v1/enrollment-tokens/{id}"));
-        self.answer(&url, self.agent.delete(&url).call())
+        self.answer(&url, self.auth(self.agent.delete(&url)).call())
     }
 
     /// The last `tail` lines of a Deployment's container on `device`.
@@ -245,7 +256,7 @@ impl Client {
         cmd: &fleet_contracts::api::ExecCommand,
     ) -> Result<fleet_contracts::api::ExecReply, CtlError> {
         let url = self.url(&format!("/api/v1/deployments/{deployment}/exec"));
-        self.answer(&url, self.agent.post(&url).send_json(cmd))
+        self.answer(&url, self.auth(self.agent.post(&url)).send_json(cmd))
     }
 
     /// Continues a halted rollout past the devices holding it back now.
@@ -259,7 +270,7 @@ impl Client {
             by: by.to_owned(),
             reason: String::new(),
         };
-        self.answer(&url, self.agent.post(&url).send_json(&req))
+        self.answer(&url, self.auth(self.agent.post(&url)).send_json(&req))
     }
 
     /// Blacklists (`on`) or un-blacklists a device.
@@ -276,13 +287,13 @@ impl Client {
             by: by.to_owned(),
             reason: reason.to_owned(),
         };
-        self.answer(&url, self.agent.post(&url).send_json(&req))
+        self.answer(&url, self.auth(self.agent.post(&url)).send_json(&req))
     }
 
     /// Deletes `kind` (`deployments` or `devices`) `name`.
     pub fn delete(&self, kind: &str, name: &str) -> Result<(), CtlError> {
         let url = self.url(&format!("/api/v1/{kind}/{name}"));
-        self.answer::<()>(&url, self.agent.delete(&url).call())
+        self.answer::<()>(&url, self.auth(self.agent.delete(&url)).call())
     }
 
     /// Waits until the Deployment runs its current generation on every matching device, calling

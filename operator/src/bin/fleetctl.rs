@@ -24,6 +24,12 @@ struct Args {
         default_value = "http://127.0.0.1:8080"
     )]
     server: String,
+    /// The operator's admin token (`<identity>/admin.token`).
+    #[arg(long, global = true, env = "FLEET_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the admin token, read when --token is not given.
+    #[arg(long, global = true, env = "FLEET_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -160,7 +166,18 @@ enum Kind {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let client = Client::new(&args.server);
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("error: cannot read the token file {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => None,
+    };
+    let client = Client::new(&args.server, token.as_deref());
     match run(&client, args.command) {
         Ok(code) => code,
         Err(e) => {

@@ -77,6 +77,8 @@ pub struct Identity {
     device_signing: KeyPair,
     /// Scoped signing key `enroll` of the fleet account: signs enrollment-token users.
     enroll_signing: KeyPair,
+    /// The secret the HTTP API requires (`<dir>/admin.token`), until OIDC replaces it.
+    admin_token: String,
 }
 
 fn now_secs() -> u64 {
@@ -122,7 +124,13 @@ impl Identity {
                 "account",
                 KeyPair::new_account,
             )?,
+            admin_token: admin_token(&dir.join("admin.token"))?,
         })
+    }
+
+    /// The HTTP API's admin token.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
     }
 
     pub fn fleet_account_key(&self) -> String {
@@ -500,6 +508,31 @@ fn seed(path: &Path, kind: &'static str, new: fn() -> KeyPair) -> Result<KeyPair
             source,
         }),
     }
+}
+
+/// Reads the admin token at `path`, creating a random one (256 bits) if missing or empty.
+fn admin_token(path: &Path) -> Result<String, IdentityError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(IdentityError::Io {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
+    let mut b = [0u8; 32];
+    getrandom::getrandom(&mut b).expect("the OS random source works");
+    let token = data_encoding::BASE64URL_NOPAD.encode(&b);
+    write_private(path, token.as_bytes())?;
+    Ok(token)
+}
+
+/// Compares secrets without leaking through timing where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Creates `path` with mode 0600 (never readable by others, not even briefly) and syncs it.

@@ -1,8 +1,8 @@
 //! `fleet-bench`: the figures of the local fleet, against real nats-server, operator, agent and
 //! podman, with a baseline measured in the same run.
 //!
-//! - apply-to-Running latency (p50, p99) over N Deployments, from the API call until the
-//!   device reports the generation Running; baseline: `podman run -d` of the same image on the
+//! - apply-to-Ready latency (p50, p99) over N Deployments, from the API call until the
+//!   device reports the generation Ready; baseline: `podman run -d` of the same image on the
 //!   same storage, the floor any agent pays;
 //! - the agent's peak and current RSS and its idle CPU while it manages 10 containers;
 //! - cutover downtime of an upgrade: last answer from v1 to first answer from v2 of an HTTP

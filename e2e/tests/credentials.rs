@@ -13,8 +13,8 @@ fn jwt_exp(jwt: &str) -> Result<u64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_renews_its_credentials_and_outlives_its_first_jwt() -> Result<()> {
-    // Six-second device JWTs, so the agent renews every four seconds.
-    let fleet = Fleet::start_with(&["--device-jwt-ttl-secs", "6"]).await?;
+    // Nine-second device JWTs, so the agent renews every six seconds.
+    let fleet = Fleet::start_with(&["--device-jwt-ttl-secs", "9"]).await?;
     let (_sandbox, agent) = fleet.device("pi-01", &[("role", "r")]).await?;
     let jwt_file = agent.state_dir.join("identity/device.jwt");
     let first = eventually("the agent to enroll", WAIT, || async {

@@ -19,7 +19,7 @@ fn service(v: &str, healthy: bool) -> serde_json::Value {
         "metadata": {"name": "svc"},
         "spec": {
             "selector": {"matchLabels": {"role": "fleet"}},
-            "rollout": {"waveSize": 1, "pauseSeconds": 0, "progressDeadlineSeconds": 4},
+            "rollout": {"waveSize": 1, "pauseSeconds": 0, "progressDeadlineSeconds": 10},
             "template": {
                 "lifecycle": {"graceSeconds": 2},
                 "containers": [{
@@ -65,7 +65,7 @@ async fn a_rollout_halts_on_a_failing_probe_after_the_first_wave_and_a_fix_rolls
     assert_eq!(rollout.updated_devices, 1);
     let halted = rollout.halted.unwrap();
     assert!(
-        halted.starts_with("pi-a not Ready within 4s (Running: probe \"ok-file\" (exec) failing"),
+        halted.starts_with("pi-a not Ready within 10s (Running: probe \"ok-file\" (exec) failing"),
         "{halted}"
     );
     let js = async_nats::jetstream::new(fleet.nats.client().await?);

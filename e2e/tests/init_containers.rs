@@ -119,7 +119,7 @@ async fn an_init_container_that_overruns_its_timeout_fails_the_deployment() -> R
     let fleet = Fleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "init")]).await?;
     let mut slow = init("wait-for-db", "echo waiting; sleep 600");
-    slow["timeoutSeconds"] = 2.into();
+    slow["timeoutSeconds"] = 5.into();
     fleet
         .operator
         .apply(&deployment(serde_json::json!([slow]), "v1"))?;
@@ -130,7 +130,7 @@ async fn an_init_container_that_overruns_its_timeout_fails_the_deployment() -> R
     let report = d.status.unwrap().devices[0].reported.clone().unwrap();
     assert_eq!(
         report.message,
-        "init container \"wait-for-db\" did not finish within 2s: waiting"
+        "init container \"wait-for-db\" did not finish within 5s: waiting"
     );
     // Nothing is left running.
     eventually("the overrun init container to be removed", WAIT, || async {

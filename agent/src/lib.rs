@@ -105,10 +105,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let mut resync = tokio::time::interval(config.resync_interval());
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut heartbeat = tokio::time::interval(config.heartbeat_interval());
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown_signal());
-    let os = os_name();
+    // The heartbeat has its own task: a long reconcile action (a 30 s stop grace, a slow init
+    // container) must not make a working device look stale. It reports what the loop last
+    // published; a reconcile time that stands still shows a stuck loop.
+    let (vitals_tx, vitals) = tokio::sync::watch::channel(Vitals {
+        cache_error: cache_error.clone(),
+        ..Default::default()
+    });
+    tokio::spawn(heartbeat(config.clone(), outbox.clone(), vitals, started));
 
     info!(device = %config.device_id, version = VERSION, nats = %config.nats_url, "agent started");
     loop {
@@ -131,32 +136,62 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 reconciler.pass(&mut outbox, now_ms()).await;
             }
             _ = resync.tick() => reconciler.pass(&mut outbox, now_ms()).await,
-            _ = heartbeat.tick() => {
-                let mut health_flags = Vec::new();
-                if let Some(message) = &reconciler.podman_error {
-                    health_flags.push(HealthFlag::PodmanUnavailable { message: message.clone() });
-                }
-                if let Some(message) = &cache_error {
-                    health_flags.push(HealthFlag::CacheWriteFailed { message: message.clone() });
-                }
-                let hb = Heartbeat {
-                    schema: SCHEMA_VERSION,
-                    device: config.device_id.clone(),
-                    agent_version: VERSION.to_owned(),
-                    os: os.clone(),
-                    uptime_secs: started.elapsed().as_secs(),
-                    sent_at_ms: now_ms(),
-                    interval_ms: config.heartbeat_interval().as_millis() as u64,
-                    health_flags,
-                    deployments: reconciler.deployment_count() as u32,
-                    last_reconcile_ms: reconciler.last_pass_ms,
-                };
-                outbox.put(names::info_key(&config.device_id), serde_json::to_vec(&hb).expect("a heartbeat serializes"));
-            }
         }
+        vitals_tx.send_replace(Vitals {
+            podman_error: reconciler.podman_error.clone(),
+            cache_error: cache_error.clone(),
+            deployments: reconciler.deployment_count() as u32,
+            last_reconcile_ms: reconciler.last_pass_ms,
+        });
     }
     info!("shutting down; containers keep running");
     Ok(())
+}
+
+/// What the heartbeat reports about the reconcile loop.
+#[derive(Debug, Clone, Default)]
+struct Vitals {
+    podman_error: Option<String>,
+    cache_error: Option<String>,
+    deployments: u32,
+    last_reconcile_ms: Option<u64>,
+}
+
+/// Sends a heartbeat every interval, whatever the reconcile loop is doing.
+async fn heartbeat(
+    config: Config,
+    outbox: Outbox,
+    vitals: tokio::sync::watch::Receiver<Vitals>,
+    started: tokio::time::Instant,
+) {
+    let os = os_name();
+    let mut tick = tokio::time::interval(config.heartbeat_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let v = vitals.borrow().clone();
+        let mut health_flags = Vec::new();
+        if let Some(message) = v.podman_error {
+            health_flags.push(HealthFlag::PodmanUnavailable { message });
+        }
+        if let Some(message) = v.cache_error {
+            health_flags.push(HealthFlag::CacheWriteFailed { message });
+        }
+        let hb = Heartbeat {
+            schema: SCHEMA_VERSION,
+            device: config.device_id.clone(),
+            agent_version: VERSION.to_owned(),
+            os: os.clone(),
+            uptime_secs: started.elapsed().as_secs(),
+            sent_at_ms: now_ms(),
+            interval_ms: config.heartbeat_interval().as_millis() as u64,
+            health_flags,
+            deployments: v.deployments,
+            last_reconcile_ms: v.last_reconcile_ms,
+        };
+        let bytes = serde_json::to_vec(&hb).expect("a heartbeat serializes");
+        outbox.put(names::info_key(&config.device_id), bytes);
+    }
 }
 
 /// Enrolls if needed, connects, and starts following the desired state.

@@ -132,3 +132,31 @@ async fn without_sigkill_fallback_a_stubborn_container_keeps_running_and_the_upg
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_stop_grace_does_not_make_the_device_look_stale() -> Result<()> {
+    let fleet = Fleet::start().await?;
+    let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "lc")]).await?;
+    // Heartbeats every second: three missed ones would make the device Stale.
+    let policy = serde_json::json!({"graceSeconds": 8});
+    fleet.operator.apply(&app("v1", STUBBORN, policy.clone()))?;
+    fleet
+        .operator
+        .wait_phase("app", 1, RolloutPhase::Running)
+        .await?;
+    fleet
+        .operator
+        .apply(&app("v2", &graceful("TERM"), policy))?;
+    let client = fleet.operator.client();
+    // Throughout the eight seconds the old container takes to die, the device stays Healthy.
+    eventually("v2 to run, the device Healthy all along", WAIT, || async {
+        let health = client.device("pi-01")?.status.unwrap_or_default().health;
+        if health != fleet_contracts::state::Health::Healthy {
+            panic!("the device turned {health} during the upgrade");
+        }
+        let d = client.deployment("app")?;
+        let status = d.status.unwrap_or_default();
+        Ok((d.metadata.generation == 2 && status.phase == RolloutPhase::Running).then_some(()))
+    })
+    .await
+}

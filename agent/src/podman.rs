@@ -234,6 +234,19 @@ impl<R: CommandRunner> Podman<R> {
         Ok(lines)
     }
 
+    /// Follows a container's log: the last `tail` lines, then every new one, until dropped.
+    pub fn follow(&self, name: &str, tail: u32) -> std::io::Result<crate::runner::Lines> {
+        let mut all = self.global.clone();
+        all.extend([
+            "logs".into(),
+            "--follow".into(),
+            "--tail".into(),
+            tail.to_string(),
+            name.to_owned(),
+        ]);
+        self.runner.spawn_lines(&self.program, &all)
+    }
+
     /// Runs `command` in a container and returns how it ended, whatever its exit code.
     pub async fn exec_output(
         &self,

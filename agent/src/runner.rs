@@ -44,6 +44,33 @@ pub trait CommandRunner: Send + Sync {
         program: &str,
         args: &[String],
     ) -> impl Future<Output = io::Result<CmdOutput>> + Send;
+
+    /// Starts a long-running program and hands back its output line by line (standard output
+    /// and standard error merged); dropping the [`Lines`] kills it.
+    fn spawn_lines(&self, program: &str, args: &[String]) -> io::Result<Lines>;
+}
+
+/// The output of a running program, line by line; the program dies with it.
+#[derive(Debug)]
+pub struct Lines {
+    rx: tokio::sync::mpsc::Receiver<String>,
+    _child: Option<tokio::process::Child>,
+}
+
+impl Lines {
+    /// The next line; `None` once the program's output ended.
+    pub async fn next(&mut self) -> Option<String> {
+        self.rx.recv().await
+    }
+
+    /// Lines from a script, for tests.
+    pub fn scripted(lines: Vec<String>) -> Lines {
+        let (tx, rx) = tokio::sync::mpsc::channel(lines.len().max(1));
+        for l in lines {
+            let _ = tx.try_send(l);
+        }
+        Lines { rx, _child: None }
+    }
 }
 
 /// Runs real processes with tokio.
@@ -51,6 +78,31 @@ pub trait CommandRunner: Send + Sync {
 pub struct TokioRunner;
 
 impl CommandRunner for TokioRunner {
+    fn spawn_lines(&self, program: &str, args: &[String]) -> io::Result<Lines> {
+        use tokio::io::BufReader;
+        #[allow(clippy::disallowed_methods)] // This is the seam.
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        // A small buffer: when the reader stops reading, the program blocks on its pipe, so a
+        // slow follower never makes this process buffer without bound.
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward_lines(BufReader::new(out), tx.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward_lines(BufReader::new(err), tx));
+        }
+        Ok(Lines {
+            rx,
+            _child: Some(child),
+        })
+    }
+
     async fn run(&self, program: &str, args: &[String]) -> io::Result<CmdOutput> {
         #[allow(clippy::disallowed_methods)] // This is the seam.
         let out = tokio::process::Command::new(program)
@@ -65,6 +117,58 @@ impl CommandRunner for TokioRunner {
             stderr: out.stderr,
         })
     }
+}
+
+async fn forward_lines<R: tokio::io::AsyncBufRead + Unpin>(
+    mut reader: R,
+    tx: tokio::sync::mpsc::Sender<String>,
+) {
+    while let Ok(Some(line)) =
+        read_bounded_line(&mut reader, fleet_contracts::api::MAX_LINE_BYTES).await
+    {
+        if tx.send(line).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Reads one line, keeping at most `max` bytes of it: a gigabyte without a newline costs
+/// `max` bytes of memory, not a gigabyte. A cut line ends with " [line cut at N bytes]".
+pub async fn read_bounded_line<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> io::Result<Option<String>> {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = Vec::new();
+    let mut cut = false;
+    let mut read_any = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            break;
+        }
+        read_any = true;
+        let (part, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (&available[..i], Some(i + 1)),
+            None => (available, None),
+        };
+        let room = max.saturating_sub(line.len());
+        line.extend_from_slice(&part[..part.len().min(room)]);
+        cut |= part.len() > room;
+        let used = done.unwrap_or(available.len());
+        reader.consume(used);
+        if done.is_some() {
+            break;
+        }
+    }
+    if !read_any {
+        return Ok(None);
+    }
+    let mut text = String::from_utf8_lossy(&line).into_owned();
+    if cut {
+        text.push_str(&format!(" [line cut at {max} bytes]"));
+    }
+    Ok(Some(text))
 }
 
 /// A fake runner for tests: records every call and answers from a script of outputs.
@@ -91,6 +195,16 @@ impl RecordingRunner {
 }
 
 impl CommandRunner for RecordingRunner {
+    fn spawn_lines(&self, program: &str, args: &[String]) -> io::Result<Lines> {
+        self.calls.lock().unwrap().push(
+            std::iter::once(program)
+                .chain(args.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        Ok(Lines::scripted(vec![]))
+    }
+
     async fn run(&self, program: &str, args: &[String]) -> io::Result<CmdOutput> {
         self.calls.lock().unwrap().push(
             std::iter::once(program)
@@ -108,5 +222,28 @@ impl CommandRunner for RecordingRunner {
                 code: Some(0),
                 ..Default::default()
             }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bounded_lines_cut_long_lines_and_keep_going() {
+        let mut input: &[u8] = b"short\nabcdefghij\n\nlast";
+        let mut got = Vec::new();
+        while let Some(l) = read_bounded_line(&mut input, 4).await.unwrap() {
+            got.push(l);
+        }
+        assert_eq!(
+            got,
+            [
+                "shor [line cut at 4 bytes]",
+                "abcd [line cut at 4 bytes]",
+                "",
+                "last"
+            ]
+        );
     }
 }

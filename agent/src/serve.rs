@@ -8,7 +8,10 @@
 use std::{sync::Arc, time::Duration};
 
 use fleet_contracts::{
-    api::{ExecReply, ExecRequest, LogsReply, LogsRequest, MAX_REPLY_BYTES},
+    api::{
+        ExecReply, ExecRequest, FOLLOW_ACK_TIMEOUT_SECS, FOLLOW_MAX_BYTES, FOLLOW_WINDOW,
+        FollowAck, LogsChunk, LogsReply, LogsRequest, MAX_REPLY_BYTES, follow_ack_subject,
+    },
     names,
 };
 use futures::StreamExt;
@@ -44,11 +47,25 @@ pub async fn serve<R: CommandRunner + 'static>(
         let Some(reply) = msg.reply.clone() else {
             continue;
         };
-        let (client, podman) = (client.clone(), podman.clone());
+        let (client, podman, device) = (client.clone(), podman.clone(), device.clone());
         // Each request on its own task: a slow exec must not hold up a logs request.
         tokio::spawn(async move {
             let body = if is_logs {
                 let answer = match serde_json::from_slice::<LogsRequest>(&msg.payload) {
+                    Ok(LogsRequest {
+                        follow_session: Some(session),
+                        deployment,
+                        tail,
+                        ..
+                    }) => {
+                        let f = Follow {
+                            client: &client,
+                            device: &device,
+                            session: &session,
+                            reply,
+                        };
+                        return f.run(&podman, &deployment, tail).await;
+                    }
                     Ok(req) => logs_reply(&podman, &req).await,
                     Err(e) => LogsReply::Error {
                         message: format!("malformed logs request: {e}"),
@@ -145,6 +162,104 @@ async fn exec_reply<R: CommandRunner>(podman: &Podman<R>, req: &ExecRequest) -> 
                 stderr: text(&out.stderr),
                 truncated,
             }
+        }
+    }
+}
+
+/// One live-follow session: `podman logs -f`, batched into [`LogsChunk`]s sent to the
+/// follower's inbox, at most [`FOLLOW_WINDOW`] chunks ahead of its acknowledgements. It ends
+/// when the follower says stop or goes quiet, the container's log ends, or a cap is reached.
+struct Follow<'a> {
+    client: &'a async_nats::Client,
+    device: &'a str,
+    session: &'a str,
+    reply: async_nats::Subject,
+}
+
+/// A follow session ends after this long (NATS lets a device answer a request for 10 minutes);
+/// the follower starts a new one.
+const FOLLOW_MAX_DURATION: Duration = Duration::from_secs(9 * 60);
+const BATCH_LINES: usize = 256;
+const BATCH_BYTES: usize = 32 * 1024;
+
+impl Follow<'_> {
+    async fn run<R: CommandRunner>(self, podman: &Podman<R>, deployment: &str, tail: u32) {
+        let name = container_name(deployment);
+        if names::check_name(deployment).is_err() || !podman.exists(&name).await {
+            let reason = format!("deployment {deployment} has no container on this device");
+            return self.send(0, vec![], Some(reason)).await;
+        }
+        let acks = self
+            .client
+            .subscribe(follow_ack_subject(self.device, self.session))
+            .await;
+        let (Ok(mut acks), Ok(mut lines)) = (acks, podman.follow(&name, tail)) else {
+            return self
+                .send(0, vec![], Some("cannot start following the log".into()))
+                .await;
+        };
+        info!(%deployment, session = %self.session, "following logs");
+        let started = tokio::time::Instant::now();
+        let (mut seq, mut acked, mut sent_bytes) = (0u64, 0u64, 0u64);
+        let mut last_ack = started;
+        let (mut batch, mut batch_bytes) = (Vec::new(), 0usize);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let end = loop {
+            let room = seq < acked + FOLLOW_WINDOW;
+            tokio::select! {
+                ack = acks.next() => match ack.map(|m| serde_json::from_slice::<FollowAck>(&m.payload)) {
+                    Some(Ok(a)) if a.stop => break "stopped by the follower".to_owned(),
+                    Some(Ok(a)) => {
+                        acked = acked.max(a.seq);
+                        last_ack = tokio::time::Instant::now();
+                    }
+                    Some(Err(_)) => {}
+                    None => break "the acknowledgement subscription closed".to_owned(),
+                },
+                line = lines.next(), if room => match line {
+                    Some(line) => {
+                        batch_bytes += line.len() + 1;
+                        batch.push(line);
+                        if batch.len() >= BATCH_LINES || batch_bytes >= BATCH_BYTES {
+                            seq += 1;
+                            sent_bytes += batch_bytes as u64;
+                            self.send(seq, std::mem::take(&mut batch), None).await;
+                            batch_bytes = 0;
+                        }
+                    }
+                    None => break "the container's log ended".to_owned(),
+                },
+                _ = tick.tick() => {
+                    if !batch.is_empty() && room {
+                        seq += 1;
+                        sent_bytes += batch_bytes as u64;
+                        self.send(seq, std::mem::take(&mut batch), None).await;
+                        batch_bytes = 0;
+                    }
+                    if last_ack.elapsed() > Duration::from_secs(FOLLOW_ACK_TIMEOUT_SECS) {
+                        break "the follower went away".to_owned();
+                    }
+                    if sent_bytes > FOLLOW_MAX_BYTES {
+                        break format!("the session reached its {FOLLOW_MAX_BYTES}-byte cap");
+                    }
+                    if started.elapsed() > FOLLOW_MAX_DURATION {
+                        break "the session reached its time limit; follow again".to_owned();
+                    }
+                }
+            }
+        };
+        // Dropping `lines` stops podman logs -f.
+        drop(lines);
+        info!(%deployment, session = %self.session, reason = %end, "follow ended");
+        self.send(seq + 1, std::mem::take(&mut batch), Some(end))
+            .await;
+    }
+
+    async fn send(&self, seq: u64, lines: Vec<String>, end: Option<String>) {
+        let chunk = LogsChunk { seq, lines, end };
+        let bytes = serde_json::to_vec(&chunk).expect("chunks serialize");
+        if let Err(e) = self.client.publish(self.reply.clone(), bytes.into()).await {
+            warn!(error = %e, "cannot send a log chunk");
         }
     }
 }

@@ -257,6 +257,41 @@ pub struct LogsRequest {
     pub schema: u32,
     pub deployment: String,
     pub tail: u32,
+    /// Keep sending new lines as [`LogsChunk`]s to the reply subject until told to stop on
+    /// `fleet.dev.<device>.logs.ack.<session>` or no ack arrives for [`FOLLOW_ACK_TIMEOUT_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_session: Option<String>,
+}
+
+/// A follower that has not acknowledged anything for this long is gone: the device stops.
+pub const FOLLOW_ACK_TIMEOUT_SECS: u64 = 10;
+/// Chunks a device sends ahead of the last acknowledged one (flow control).
+pub const FOLLOW_WINDOW: u64 = 16;
+/// Bytes one follow session may carry before the device ends it.
+pub const FOLLOW_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes of one line kept; the rest is cut and marked.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// Where a follower acknowledges chunks (`{"seq":N}`) or says stop (`{"stop":true}`).
+pub fn follow_ack_subject(device: &str, session: &str) -> String {
+    format!("fleet.dev.{device}.logs.ack.{session}")
+}
+
+/// One batch of a followed log, in order; `end` says why the session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsChunk {
+    pub seq: u64,
+    pub lines: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+}
+
+/// A follower's message on the ack subject.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowAck {
+    pub seq: u64,
+    #[serde(default)]
+    pub stop: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -164,3 +164,119 @@ async fn exec_times_out_cleanly_and_an_offline_device_is_named() -> Result<()> {
     );
     Ok(())
 }
+
+fn looping(name: &str, script: &str) -> serde_json::Value {
+    let mut doc = chatty();
+    doc["metadata"]["name"] = name.into();
+    doc["spec"]["template"]["containers"][0]["name"] = name.into();
+    doc["spec"]["template"]["containers"][0]["command"] =
+        serde_json::json!(["/bin/sh", "-c", script]);
+    doc
+}
+
+/// The `podman logs --follow` processes an agent runs for `container` on the storage `root`.
+fn followers(root: &std::path::Path, container: &str) -> usize {
+    #[allow(clippy::disallowed_methods)] // The test looks at the device's processes.
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", "--"])
+        .arg(format!(
+            "--root {} .*logs --follow .*{container}",
+            root.display()
+        ))
+        .output()
+        .expect("pgrep runs");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn follow_delivers_new_lines_and_stops_when_the_client_goes_away() -> Result<()> {
+    let fleet = Fleet::start().await?;
+    let (sandbox, _agent) = fleet.device("pi-01", &[("role", "logs")]).await?;
+    let script = "trap 'exit 0' TERM; i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done";
+    fleet.operator.apply(&looping("ticker", script))?;
+    fleet
+        .operator
+        .wait_phase("ticker", 1, RolloutPhase::Running)
+        .await?;
+    let client = fleet.operator.client();
+    let root = sandbox.root.clone();
+    let (ticks, while_following) =
+        tokio::task::spawn_blocking(move || -> Result<(Vec<u64>, usize)> {
+            let mut ticks = Vec::new();
+            let mut while_following = 0;
+            client.follow_logs("ticker", "pi-01", 0, |line| {
+                if let Some(n) = line.strip_prefix("tick ").and_then(|n| n.parse().ok()) {
+                    ticks.push(n);
+                }
+                if ticks.len() == 1 {
+                    while_following = followers(&root, "fleet-ticker");
+                }
+                ticks.len() < 5
+            })?;
+            Ok((ticks, while_following))
+        })
+        .await??;
+    // Control: while the client reads, the device runs exactly one follower.
+    assert_eq!(while_following, 1);
+    // Five consecutive new lines, in order.
+    assert_eq!(ticks.len(), 5);
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "{ticks:?}");
+    // The client went away: the device stops following.
+    eventually("the device to stop following", WAIT, || async {
+        Ok((followers(&sandbox.root, "fleet-ticker") == 0).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn follow_carries_a_burst_of_10000_lines_in_order_with_bounded_memory() -> Result<()> {
+    let fleet = Fleet::start().await?;
+    let (sandbox, agent) = fleet.device("pi-01", &[("role", "logs")]).await?;
+    let script =
+        "trap 'seq 1 10000' USR1; trap 'exit 0' TERM; echo ready; while :; do sleep 0.1; done";
+    fleet.operator.apply(&looping("burst", script))?;
+    fleet
+        .operator
+        .wait_phase("burst", 1, RolloutPhase::Running)
+        .await?;
+    let client = fleet.operator.client();
+    let podman_args = sandbox.global_args();
+    let numbers = tokio::task::spawn_blocking(move || -> Result<Vec<u64>> {
+        let mut numbers = Vec::new();
+        client.follow_logs("burst", "pi-01", 1, |line| {
+            if line == "ready" {
+                // The follower is attached: now the burst.
+                #[allow(clippy::disallowed_methods)] // The test drives the container.
+                let status = std::process::Command::new("podman")
+                    .args(&podman_args)
+                    .args(["kill", "--signal", "USR1", "fleet-burst"])
+                    .status();
+                assert!(status.is_ok_and(|s| s.success()));
+            } else if let Ok(n) = line.parse() {
+                numbers.push(n);
+            }
+            numbers.last() != Some(&10_000)
+        })?;
+        Ok(numbers)
+    })
+    .await??;
+    assert_eq!(numbers.len(), 10_000);
+    assert!(
+        numbers.iter().copied().eq(1..=10_000),
+        "lines out of order or missing"
+    );
+    let pid = agent
+        .proc
+        .as_ref()
+        .and_then(|p| p.pid())
+        .context("agent pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmHWM")?;
+    // Flow control keeps the agent small however fast the container writes.
+    assert!(peak_kib < 64 * 1024, "agent peak RSS {peak_kib} KiB");
+    Ok(())
+}

@@ -25,6 +25,7 @@ use fleet_contracts::{
     resource::{Deployment, Device, Resource},
     state::Health,
 };
+use futures::StreamExt;
 use tracing::info;
 
 use crate::controller::{Shared, now_ms};
@@ -800,6 +801,9 @@ struct LogsQuery {
     device: String,
     #[serde(default = "default_tail")]
     tail: u32,
+    /// Keep streaming new lines (plain text) until the client goes away.
+    #[serde(default)]
+    follow: bool,
 }
 
 fn default_tail() -> u32 {
@@ -864,13 +868,17 @@ async fn deployment_logs(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
     axum::extract::Query(q): axum::extract::Query<LogsQuery>,
-) -> ApiResult<LogsReply> {
+) -> Result<Response, ApiError> {
     require_converged(&shared)?;
     check_target(&shared, &name, &q.device)?;
+    if q.follow {
+        return follow_logs(shared, name, q).await;
+    }
     let req = LogsRequest {
         schema: SCHEMA_VERSION,
         deployment: name,
         tail: q.tail.min(100_000),
+        follow_session: None,
     };
     let body = serde_json::to_vec(&req).expect("serializes");
     let reply: LogsReply = ask_device(
@@ -883,8 +891,129 @@ async fn deployment_logs(
     .await?;
     match reply {
         LogsReply::Error { message } => Err(ApiError::new(StatusCode::NOT_FOUND, message)),
-        lines => Ok(Json(lines)),
+        lines => Ok(Json(lines).into_response()),
     }
+}
+
+/// Streams a followed log as plain text lines until the client goes away or the device ends
+/// the session (its reason is the last line, prefixed `-- `). The operator acknowledges every
+/// chunk and keeps the session alive while the HTTP client is connected; when the client
+/// goes, the stream is dropped and the device is told to stop.
+async fn follow_logs(
+    shared: Arc<Shared>,
+    deployment: String,
+    q: LogsQuery,
+) -> Result<Response, ApiError> {
+    use fleet_contracts::api::{FollowAck, LogsChunk, follow_ack_subject};
+    let session = crate::enroll::new_token_id();
+    let nats = shared.nats.clone();
+    let inbox = nats.new_inbox();
+    let chunks = nats.subscribe(inbox.clone()).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot follow: {e}"),
+        )
+    })?;
+    let req = LogsRequest {
+        schema: SCHEMA_VERSION,
+        deployment,
+        tail: q.tail.min(100_000),
+        follow_session: Some(session.clone()),
+    };
+    let body = serde_json::to_vec(&req).expect("serializes");
+    nats.publish_with_reply(names::logs_subject(&q.device), inbox, body.into())
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot follow: {e}"),
+            )
+        })?;
+    let ack_subject = follow_ack_subject(&q.device, &session);
+    // Keepalive while the stream lives; a stop when it is dropped (the client went away).
+    let (alive, mut gone) = tokio::sync::watch::channel(0u64);
+    {
+        let (nats, ack_subject) = (nats.clone(), ack_subject.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = gone.changed() => if changed.is_err() { break },
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                }
+                let ack = FollowAck {
+                    seq: *gone.borrow(),
+                    stop: false,
+                };
+                let _ = nats
+                    .publish(
+                        ack_subject.clone(),
+                        serde_json::to_vec(&ack).expect("acks serialize").into(),
+                    )
+                    .await;
+            }
+            let stop = FollowAck { seq: 0, stop: true };
+            let _ = nats
+                .publish(
+                    ack_subject,
+                    serde_json::to_vec(&stop).expect("acks serialize").into(),
+                )
+                .await;
+        });
+    }
+    let device = q.device.clone();
+    let stream = futures::stream::unfold(
+        (chunks, nats, ack_subject, alive, false),
+        move |(mut chunks, nats, ack_subject, alive, ended)| {
+            let device = device.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                let next = tokio::time::timeout(
+                    std::time::Duration::from_secs(
+                        fleet_contracts::api::FOLLOW_ACK_TIMEOUT_SECS * 3,
+                    ),
+                    chunks.next(),
+                )
+                .await;
+                let (text, ended) = match next {
+                    Err(_) => (format!("-- device {device} stopped answering\n"), true),
+                    Ok(None) => ("-- the subscription ended\n".to_owned(), true),
+                    Ok(Some(msg)) => match serde_json::from_slice::<LogsChunk>(&msg.payload) {
+                        Err(e) => (format!("-- unreadable chunk from {device}: {e}\n"), true),
+                        Ok(chunk) => {
+                            let ack = FollowAck {
+                                seq: chunk.seq,
+                                stop: false,
+                            };
+                            let _ = nats
+                                .publish(
+                                    ack_subject.clone(),
+                                    serde_json::to_vec(&ack).expect("acks serialize").into(),
+                                )
+                                .await;
+                            let _ = alive.send(chunk.seq);
+                            let mut text: String =
+                                chunk.lines.iter().map(|l| format!("{l}\n")).collect();
+                            if let Some(reason) = &chunk.end {
+                                text.push_str(&format!("-- {reason}\n"));
+                            }
+                            (text, chunk.end.is_some())
+                        }
+                    },
+                };
+                Some((
+                    Ok::<_, std::convert::Infallible>(text),
+                    (chunks, nats, ack_subject, alive, ended),
+                ))
+            }
+        },
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 async fn deployment_exec(

@@ -249,6 +249,46 @@ impl Client {
         ))
     }
 
+    /// Follows a Deployment's log on `device`: the last `tail` lines, then new ones as they
+    /// come, handed to `line` until it returns false or the device ends the session (whose
+    /// reason comes as a last line starting with `-- `).
+    pub fn follow_logs(
+        &self,
+        deployment: &str,
+        device: &str,
+        tail: u32,
+        mut line: impl FnMut(&str) -> bool,
+    ) -> Result<(), CtlError> {
+        use std::io::BufRead;
+        // No overall timeout: a follow lasts as long as the reader wants.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = self.url(&format!(
+            "/api/v1/deployments/{deployment}/logs?device={device}&tail={tail}&follow=true"
+        ));
+        let mut request = agent.get(&url);
+        if let Some(value) = &self.authorization {
+            request = request.header("Authorization", value);
+        }
+        let response = request.call().map_err(|e| CtlError::Unreachable {
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
+        if response.status().as_u16() >= 400 {
+            return self.answer::<()>(&url, Ok(response));
+        }
+        let reader = std::io::BufReader::new(response.into_body().into_reader());
+        for l in reader.lines() {
+            let l = l.map_err(|e| CtlError::Protocol(e.to_string()))?;
+            if !line(&l) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `command` once in a Deployment's container on `device` (audited as `by`).
     pub fn exec(
         &self,

@@ -70,6 +70,9 @@ enum Command {
         device: String,
         #[arg(long, default_value_t = 100)]
         tail: u32,
+        /// Keep printing new lines until interrupted.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Run a command once in a Deployment's container on a device (audited); exits with the
     /// command's exit code.
@@ -319,6 +322,19 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
             deployment,
             device,
             tail,
+            follow: true,
+        } => {
+            client.follow_logs(&deployment, &device, tail, |line| {
+                println!("{line}");
+                true
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs {
+            deployment,
+            device,
+            tail,
+            ..
         } => match client.logs(&deployment, &device, tail)? {
             fleet_contracts::api::LogsReply::Lines { lines, truncated } => {
                 if truncated {

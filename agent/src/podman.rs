@@ -213,25 +213,41 @@ impl<R: CommandRunner> Podman<R> {
         self.call("start", vec![id.to_owned()]).await.map(drop)
     }
 
-    /// The last `tail` lines a container wrote (its standard output, then its standard error:
-    /// podman gives them apart).
-    pub async fn logs(&self, name: &str, tail: u32) -> Result<Vec<String>, PodmanError> {
-        let out = self
-            .call(
-                "logs",
-                vec!["--tail".into(), tail.to_string(), name.to_owned()],
-            )
-            .await?;
-        let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        lines.extend(
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .map(str::to_owned),
-        );
-        Ok(lines)
+    /// The last `tail` lines a container wrote, newest last, at most `max_bytes` of them
+    /// (older lines dropped first; the flag says so). Read through the bounded line reader, so
+    /// a huge line costs the agent 16 KiB, not its size.
+    pub async fn logs(
+        &self,
+        name: &str,
+        tail: u32,
+        max_bytes: usize,
+    ) -> Result<(Vec<String>, bool), PodmanError> {
+        let mut all = self.global.clone();
+        all.extend([
+            "logs".into(),
+            "--tail".into(),
+            tail.to_string(),
+            name.to_owned(),
+        ]);
+        let mut lines = self
+            .runner
+            .spawn_lines(&self.program, &all)
+            .map_err(|source| PodmanError::Spawn {
+                program: self.program.clone(),
+                source,
+            })?;
+        let mut kept = std::collections::VecDeque::new();
+        let (mut size, mut dropped) = (0usize, false);
+        while let Some(line) = lines.next().await {
+            size += line.len() + 1;
+            kept.push_back(line);
+            while size > max_bytes {
+                let Some(old) = kept.pop_front() else { break };
+                size -= old.len() + 1;
+                dropped = true;
+            }
+        }
+        Ok((kept.into(), dropped))
     }
 
     /// Follows a container's log: the last `tail` lines, then every new one, until dropped.

@@ -106,17 +106,8 @@ async fn logs_reply<R: CommandRunner>(podman: &Podman<R>, req: &LogsRequest) -> 
             ),
         };
     }
-    match podman.logs(&name, req.tail).await {
-        Ok(mut lines) => {
-            // Keep the newest lines within the cap.
-            let mut size: usize = lines.iter().map(|l| l.len() + 1).sum();
-            let mut truncated = false;
-            while size > MAX_REPLY_BYTES && !lines.is_empty() {
-                size -= lines.remove(0).len() + 1;
-                truncated = true;
-            }
-            LogsReply::Lines { lines, truncated }
-        }
+    match podman.logs(&name, req.tail, MAX_REPLY_BYTES).await {
+        Ok((lines, truncated)) => LogsReply::Lines { lines, truncated },
         Err(e) => LogsReply::Error {
             message: e.to_string(),
         },

@@ -7,6 +7,9 @@
 //! - the agent's peak and current RSS and its idle CPU while it manages 10 containers;
 //! - cutover downtime of an upgrade: last answer from v1 to first answer from v2 of an HTTP
 //!   service polled every 5 ms, median and max over 10 upgrades;
+//! - logs-follow latency: a line written in the container to its arrival at a `fleetctl logs
+//!   -f` client, median and p99 over 200 lines (the container prints the kernel's uptime,
+//!   which it shares with the host, so both ends read one clock, at 10 ms resolution);
 //! - blacklist command to disconnect, and un-blacklist to the device reconnected and converged
 //!   (a change made while it was out), median over 10 runs;
 //! - the size of the stripped static aarch64 agent, when built.
@@ -128,6 +131,7 @@ async fn main() -> Result<()> {
         "  CPU {own:.2}% of one core (agent alone), {with_podman:.2}% including the podman processes it runs"
     );
     cutover_figures(&fleet).await?;
+    follow_figures(&fleet).await?;
     blacklist_figures(&fleet, &agent, &reported).await?;
     let aarch64 =
         fleet_e2e::workspace().join("target/aarch64-unknown-linux-musl/release/fleet-agent");
@@ -340,5 +344,48 @@ async fn cutover_figures(fleet: &Fleet) -> Result<()> {
         ms(percentile(&gaps, 100.0))
     );
     fleet.operator.client().delete("deployments", "cutover")?;
+    Ok(())
+}
+
+/// Follows a container that prints the shared kernel uptime every 50 ms and measures how late
+/// each line arrives.
+async fn follow_figures(fleet: &Fleet) -> Result<()> {
+    let mut doc = http_deployment("clock", "bench", free_port(), "x");
+    doc["spec"]["template"]["containers"][0]["image"] = "localhost/fleet-busybox:1".into();
+    doc["spec"]["template"]["containers"][0]["command"] = serde_json::json!([
+        "/bin/sh",
+        "-c",
+        "trap 'exit 0' TERM; while :; do cut -d' ' -f1 /proc/uptime; sleep 0.05; done"
+    ]);
+    fleet.operator.apply(&doc)?;
+    fleet
+        .operator
+        .wait_phase("clock", 1, fleet_contracts::resource::RolloutPhase::Running)
+        .await?;
+    let client = fleet.operator.client();
+    let lags = tokio::task::spawn_blocking(move || -> Result<Vec<Duration>> {
+        let mut lags = Vec::new();
+        client.follow_logs("clock", DEVICE, 0, |line| {
+            let now = std::fs::read_to_string("/proc/uptime")
+                .ok()
+                .and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok());
+            if let (Ok(written), Some(now)) = (line.trim().parse::<f64>(), now) {
+                lags.push(Duration::from_secs_f64((now - written).max(0.0)));
+            }
+            lags.len() < 200
+        })?;
+        Ok(lags)
+    })
+    .await??;
+    println!(
+        "logs-follow latency (written in the container -> read by the client), n={}",
+        lags.len()
+    );
+    println!(
+        "  median {:>8.1} ms   p99 {:>8.1} ms   (10 ms clock resolution)",
+        ms(percentile(&lags, 50.0)),
+        ms(percentile(&lags, 99.0))
+    );
+    fleet.operator.client().delete("deployments", "clock")?;
     Ok(())
 }

@@ -5,7 +5,8 @@
 //! [`reconcile::Reconciler`], which runs the pure [`plan`] against [`podman`] and reports each
 //! deployment's phase back through the [`sync::Outbox`]; a heartbeat goes out on a timer. The
 //! desired state is cached on disk ([`cache`]) so a reboot without network still brings the
-//! workloads back. Before its first connection the agent enrolls ([`identity`]): it generates
+//! workloads back. [`probe`] decides readiness; [`serve`] answers the operator's logs and exec
+//! requests. Before its first connection the agent enrolls ([`identity`]): it generates
 //! its own key and trades a one-time token for NATS credentials confined to its own keys.
 //!
 //! The agent never writes desired state and never reads another device's keys (NATS refuses

@@ -83,6 +83,16 @@ pub fn tool_path(relative: &str) -> PathBuf {
     path
 }
 
+/// A process's peak resident memory (`VmHWM`), in KiB.
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmHWM in /proc/<pid>/status")
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; tests use it at once).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -270,12 +270,7 @@ async fn follow_carries_a_burst_of_10000_lines_in_order_with_bounded_memory() ->
         .as_ref()
         .and_then(|p| p.pid())
         .context("agent pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmHWM")?;
+    let peak_kib = fleet_e2e::peak_rss_kib(pid)?;
     // Flow control keeps the agent small however fast the container writes.
     assert!(peak_kib < 64 * 1024, "agent peak RSS {peak_kib} KiB");
     Ok(())
@@ -322,12 +317,7 @@ async fn a_log_flood_gets_a_clear_answer_and_the_agent_stays_small_and_healthy()
         .as_ref()
         .and_then(|p| p.pid())
         .context("agent pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmHWM")?;
+    let peak_kib = fleet_e2e::peak_rss_kib(pid)?;
     assert!(peak_kib < 64 * 1024, "agent peak RSS {peak_kib} KiB");
     let health = client.device("pi-01")?.status.unwrap_or_default().health;
     assert_eq!(health, fleet_contracts::state::Health::Healthy);

@@ -2,8 +2,9 @@
 //! JetStream KV, driving podman.
 //!
 //! The flow: [`sync`] replays and follows this device's desired keys and hands events to the
-//! [`reconcile::Reconciler`], which runs the pure [`plan`] against [`podman`] and reports each
-//! deployment's phase back through the [`sync::Outbox`]; a heartbeat goes out on a timer. The
+//! [`reconcile::Reconciler`], which runs the pure [`plan`] against [`podman`] (each action on
+//! its own task, one at a time per deployment) and reports each deployment's phase back
+//! through the [`sync::Outbox`]; a heartbeat goes out on a timer. The
 //! desired state is cached on disk ([`cache`]) so a reboot without network still brings the
 //! workloads back. [`probe`] decides readiness; [`serve`] answers the operator's logs and exec
 //! requests. Before its first connection the agent enrolls ([`identity`]): it generates
@@ -75,7 +76,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     })?;
 
     let podman = Podman::new(TokioRunner, &config.podman);
-    let mut reconciler = Reconciler::new(config.device_id.clone(), podman);
+    let (mut reconciler, mut work_rx) = Reconciler::new(config.device_id.clone(), podman);
     let mut cache_error = None;
     match cache::load(&config.state_dir, &config.device_id) {
         Ok(Some(cached)) => {
@@ -136,6 +137,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 }
                 reconciler.pass(&mut outbox, now_ms()).await;
             }
+            Some(work) = work_rx.recv() => {
+                let mut again = reconciler.finish(work, &mut outbox, now_ms());
+                while let Ok(work) = work_rx.try_recv() {
+                    again |= reconciler.finish(work, &mut outbox, now_ms());
+                }
+                if again {
+                    reconciler.pass(&mut outbox, now_ms()).await;
+                }
+            }
             _ = resync.tick() => reconciler.pass(&mut outbox, now_ms()).await,
         }
         vitals_tx.send_replace(Vitals {
@@ -144,6 +154,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             deployments: reconciler.deployment_count() as u32,
             last_reconcile_ms: reconciler.last_pass_ms,
         });
+    }
+    if reconciler.busy() {
+        info!("shutting down mid-action; the next start picks up where this one stopped");
     }
     info!("shutting down; containers keep running");
     Ok(())

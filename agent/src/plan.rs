@@ -12,7 +12,10 @@ use fleet_contracts::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::podman::{ContainerState, Observed};
+use crate::{
+    podman::{ContainerState, Observed},
+    probe::Readiness,
+};
 
 /// A short, stable hash of what runs; a container whose label differs must be replaced.
 ///
@@ -44,7 +47,24 @@ pub enum Action {
     /// The container exists with the right spec but is not running and should be.
     Start { deployment: String, id: String },
     /// A container no desired deployment accounts for (deleted, or a duplicate).
-    Remove { id: String, name: String },
+    Remove {
+        deployment: String,
+        id: String,
+        name: String,
+    },
+}
+
+impl Action {
+    /// The deployment this action works on; the agent runs at most one action per
+    /// deployment at a time.
+    pub fn deployment(&self) -> &str {
+        match self {
+            Action::Create { deployment }
+            | Action::Replace { deployment, .. }
+            | Action::Start { deployment, .. }
+            | Action::Remove { deployment, .. } => deployment,
+        }
+    }
 }
 
 pub fn plan(wanted: &BTreeMap<String, Wanted>, observed: &[Observed]) -> Vec<Action> {
@@ -53,6 +73,7 @@ pub fn plan(wanted: &BTreeMap<String, Wanted>, observed: &[Observed]) -> Vec<Act
     for o in observed {
         let Some(w) = wanted.get(&o.deployment) else {
             actions.push(Action::Remove {
+                deployment: o.deployment.clone(),
                 id: o.id.clone(),
                 name: o.name.clone(),
             });
@@ -66,12 +87,14 @@ pub fn plan(wanted: &BTreeMap<String, Wanted>, observed: &[Observed]) -> Vec<Act
             }
             Some(kept) if kept.spec_hash != w.hash && o.spec_hash == w.hash => {
                 actions.push(Action::Remove {
+                    deployment: kept.deployment.clone(),
                     id: kept.id.clone(),
                     name: kept.name.clone(),
                 });
                 seen.insert(&o.deployment, o);
             }
             Some(_) => actions.push(Action::Remove {
+                deployment: o.deployment.clone(),
                 id: o.id.clone(),
                 name: o.name.clone(),
             }),
@@ -114,13 +137,12 @@ fn should_start(state: &ContainerState, restart: RestartPolicy) -> bool {
 
 /// The phase to report for a deployment whose container (if any) podman shows as `observed`,
 /// and whose last create failed with `failure` (for the current spec).
-/// `probe_failure` says why the running container is not ready yet (`None`: every probe
-/// passes, or it has none).
+/// `readiness` is what the probes of the running container say (`None`: it has none).
 pub fn phase(
     w: &Wanted,
     observed: Option<&Observed>,
     failure: Option<&str>,
-    probe_failure: Option<&str>,
+    readiness: Option<&Readiness>,
 ) -> (Phase, String) {
     if let Some(message) = failure {
         return (Phase::Failed, message.to_owned());
@@ -129,9 +151,10 @@ pub fn phase(
         return (Phase::Pending, String::new());
     };
     match (&o.state, w.restart) {
-        (ContainerState::Running, _) => match probe_failure {
-            None => (Phase::Ready, String::new()),
-            Some(why) => (Phase::Running, why.to_owned()),
+        (ContainerState::Running, _) => match readiness {
+            None | Some(Readiness::Ready) => (Phase::Ready, String::new()),
+            Some(Readiness::Starting(why)) => (Phase::Starting, why.clone()),
+            Some(Readiness::Failing(why)) => (Phase::Running, why.clone()),
         },
         (ContainerState::Exited { code: 0 }, RestartPolicy::Never | RestartPolicy::OnFailure) => {
             (Phase::Completed, "exited with code 0".into())
@@ -143,7 +166,7 @@ pub fn phase(
             Phase::Failed,
             format!("container exited with code {code}; restarting it"),
         ),
-        (ContainerState::Created, _) => (Phase::Creating, "created, not started yet".into()),
+        (ContainerState::Created, _) => (Phase::Starting, "created, not started yet".into()),
         (ContainerState::Other(s), _) => (Phase::Pending, format!("container is {s}")),
     }
 }
@@ -291,14 +314,20 @@ mod tests {
             p(w(Always), Some(obs("web", "h", Running)), None).0,
             Phase::Ready
         );
+        let probed =
+            |r: Readiness| phase(&w(Always), Some(&obs("web", "h", Running)), None, Some(&r));
+        assert_eq!(probed(Readiness::Ready).0, Phase::Ready);
         assert_eq!(
-            phase(
-                &w(Always),
-                Some(&obs("web", "h", Running)),
-                None,
-                Some("probe \"http\" failing")
-            ),
+            probed(Readiness::Starting("probe \"http\" failing".into())),
+            (Phase::Starting, "probe \"http\" failing".into())
+        );
+        assert_eq!(
+            probed(Readiness::Failing("probe \"http\" failing".into())),
             (Phase::Running, "probe \"http\" failing".into())
+        );
+        assert_eq!(
+            p(w(Always), Some(obs("web", "h", Created)), None).0,
+            Phase::Starting
         );
         assert_eq!(
             p(w(Always), Some(obs("web", "old", Running)), None).0,

@@ -29,18 +29,31 @@ struct State {
 #[derive(Debug, Default)]
 pub struct Probes {
     states: HashMap<(String, String), State>,
+    /// The container of each deployment that has passed all its probes at least once.
+    ready_once: HashMap<String, String>,
+}
+
+/// What the probes of a running container say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Every probe passes.
+    Ready,
+    /// This container has not passed all its probes yet since it started: why not.
+    Starting(String),
+    /// It was ready, and a probe fails now (past its failure threshold): which and why.
+    Failing(String),
 }
 
 impl Probes {
-    /// Runs the probes of `container` (running as `container_id`) that are due, and returns
-    /// `None` when all pass, or why the first one does not.
+    /// Runs the probes of `container` (running as `container_id`) that are due, and says
+    /// whether all pass, or why the first one does not.
     pub async fn check<R: CommandRunner>(
         &mut self,
         podman: &Podman<R>,
         deployment: &str,
         container_id: &str,
         container: &Container,
-    ) -> Option<String> {
+    ) -> Readiness {
         let now = Instant::now();
         let mut verdict = None;
         for probe in &container.probes {
@@ -87,12 +100,34 @@ impl Probes {
                 ));
             }
         }
-        verdict
+        self.readiness(deployment, container_id, verdict)
+    }
+
+    fn readiness(
+        &mut self,
+        deployment: &str,
+        container_id: &str,
+        verdict: Option<String>,
+    ) -> Readiness {
+        let was_ready = self
+            .ready_once
+            .get(deployment)
+            .is_some_and(|id| id == container_id);
+        match verdict {
+            None => {
+                self.ready_once
+                    .insert(deployment.to_owned(), container_id.to_owned());
+                Readiness::Ready
+            }
+            Some(why) if was_ready => Readiness::Failing(why),
+            Some(why) => Readiness::Starting(why),
+        }
     }
 
     /// Forgets the probes of deployments that are gone.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.states.retain(|(deployment, _), _| keep(deployment));
+        self.ready_once.retain(|deployment, _| keep(deployment));
     }
 }
 
@@ -175,6 +210,28 @@ fn parse_status(head: &[u8]) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_container_starts_until_first_ready_and_fails_only_after() {
+        let mut p = Probes::default();
+        let why = || Some("probe \"http\" failing".to_owned());
+        assert_eq!(
+            p.readiness("web", "c1", why()),
+            Readiness::Starting("probe \"http\" failing".into())
+        );
+        assert_eq!(p.readiness("web", "c1", None), Readiness::Ready);
+        assert_eq!(
+            p.readiness("web", "c1", why()),
+            Readiness::Failing("probe \"http\" failing".into())
+        );
+        // A new container (an upgrade, a re-create) has to become ready again.
+        assert!(matches!(
+            p.readiness("web", "c2", why()),
+            Readiness::Starting(_)
+        ));
+        p.retain(|_| false);
+        assert!(p.ready_once.is_empty());
+    }
 
     #[test]
     fn status_lines() {

@@ -55,10 +55,13 @@ pub enum Phase {
     Upgrading,
     /// The init containers run, in order.
     Initializing,
-    /// The container is being created (image lookup, create, start).
+    /// The container is being created (image lookup, create).
     Creating,
-    /// The container runs, but its probes do not all pass (yet); the message names the
-    /// failing one.
+    /// The container is being started, or runs but has not passed all its probes since it
+    /// started; the message names the probe it waits for.
+    Starting,
+    /// The container runs and was Ready, but a probe now fails (past its failure threshold);
+    /// the message names the failing one.
     Running,
     /// The container runs and every probe passes (a container without probes is ready as soon
     /// as it runs).

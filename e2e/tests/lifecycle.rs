@@ -160,3 +160,47 @@ async fn a_long_stop_grace_does_not_make_the_device_look_stale() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_upgrade_of_one_deployment_does_not_hold_up_another() -> Result<()> {
+    let fleet = Fleet::start().await?;
+    let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "lc")]).await?;
+    // The old version ignores its stop signal and has a long grace: its upgrade takes 30 s.
+    let policy = serde_json::json!({"graceSeconds": 30});
+    fleet.operator.apply(&app("v1", STUBBORN, policy.clone()))?;
+    fleet
+        .operator
+        .wait_phase("app", 1, RolloutPhase::Running)
+        .await?;
+    fleet
+        .operator
+        .apply(&app("v2", &graceful("TERM"), policy))?;
+    let client = fleet.operator.client();
+    let app_phase = || -> Result<(u64, Phase)> {
+        let d = client.deployment("app")?;
+        let r = d.status.unwrap_or_default().devices[0]
+            .reported
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("app not reported"))?;
+        Ok((r.observed_generation, r.phase))
+    };
+    eventually("app to be Upgrading", WAIT, || async {
+        Ok((app_phase()? == (2, Phase::Upgrading)).then_some(()))
+    })
+    .await?;
+    // Another Deployment applied meanwhile comes up while app is still being stopped.
+    let port = fleet_e2e::free_port();
+    fleet
+        .operator
+        .apply(&fleet_e2e::http_deployment("other", "lc", port, "hi"))?;
+    fleet
+        .operator
+        .wait_phase("other", 1, RolloutPhase::Running)
+        .await?;
+    assert_eq!(
+        app_phase()?,
+        (2, Phase::Upgrading),
+        "app's upgrade should still be waiting for its old container"
+    );
+    Ok(())
+}

@@ -1,8 +1,13 @@
 //! Readiness probes against real containers: a Deployment is Ready on a device only when all
-//! its probes pass, and a failing probe is named, with why, in the device's status.
+//! its probes pass, and a failing probe is named, with why, in the device's status: `Starting`
+//! while a new container has not passed them yet, `Running` when a ready one fails one later.
 
 use anyhow::{Result, bail};
-use fleet_contracts::{resource::RolloutPhase, state::Phase};
+use fleet_contracts::{
+    api::{ExecCommand, ExecReply},
+    resource::RolloutPhase,
+    state::Phase,
+};
 use fleet_e2e::{Fleet, WAIT, eventually, free_port, http_deployment};
 
 fn with_probes(port: u16, greeting: &str, probes: serde_json::Value) -> serde_json::Value {
@@ -52,7 +57,7 @@ async fn a_failing_http_probe_holds_ready_and_is_named_until_a_fix() -> Result<(
     let message = device_phase(
         &fleet,
         1,
-        Phase::Running,
+        Phase::Starting,
         "probe \"http\" (httpGet) failing",
     )
     .await?;
@@ -100,7 +105,7 @@ async fn a_tcp_probe_on_a_port_nothing_listens_on_is_named_with_the_reason() -> 
     let message = device_phase(
         &fleet,
         1,
-        Phase::Running,
+        Phase::Starting,
         "probe \"admin-port\" (tcp) failing",
     )
     .await?;
@@ -115,7 +120,8 @@ async fn an_exec_probe_of_a_missing_binary_fails_clearly_and_a_working_one_passe
     let port = free_port();
     let probes = serde_json::json!([{"name": "check", "exec": {"command": ["/no/such/binary"]}, "periodSeconds": 1}]);
     fleet.operator.apply(&with_probes(port, "x", probes))?;
-    let message = device_phase(&fleet, 1, Phase::Running, "probe \"check\" (exec) failing").await?;
+    let message =
+        device_phase(&fleet, 1, Phase::Starting, "probe \"check\" (exec) failing").await?;
     assert!(
         message.contains("/no/such/binary\" exited with code 127"),
         "{message}"
@@ -127,6 +133,35 @@ async fn an_exec_probe_of_a_missing_binary_fails_clearly_and_a_working_one_passe
         .operator
         .wait_phase("web", 2, RolloutPhase::Running)
         .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ready_container_whose_probe_starts_failing_turns_running_with_the_probe_named()
+-> Result<()> {
+    let fleet = Fleet::start().await?;
+    let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "probe")]).await?;
+    let probes = serde_json::json!([{"name": "page", "exec": {"command": ["test", "-f", "/www/index.html"]},
+                                     "periodSeconds": 1, "failureThreshold": 2}]);
+    fleet
+        .operator
+        .apply(&with_probes(free_port(), "x", probes))?;
+    device_phase(&fleet, 1, Phase::Ready, "").await?;
+    // The page goes away under the running container: after two failed rounds it is no
+    // longer ready, and the status says it was ready before (Running, not Starting).
+    let rm = ExecCommand {
+        device: "pi-01".into(),
+        command: vec!["rm".into(), "/www/index.html".into()],
+        timeout_secs: 10,
+        by: "probe-test".into(),
+    };
+    let reply = fleet.operator.client().exec("web", &rm)?;
+    assert!(
+        matches!(reply, ExecReply::Done { exit_code: 0, .. }),
+        "{reply:?}"
+    );
+    let message = device_phase(&fleet, 1, Phase::Running, "probe \"page\" (exec) failing").await?;
+    assert!(message.contains("exited with code 1"), "{message}");
     Ok(())
 }
 

@@ -65,7 +65,7 @@ async fn a_rollout_halts_on_a_failing_probe_after_the_first_wave_and_a_fix_rolls
     assert_eq!(rollout.updated_devices, 1);
     let halted = rollout.halted.unwrap();
     assert!(
-        halted.starts_with("pi-a not Ready within 10s (Running: probe \"ok-file\" (exec) failing"),
+        halted.starts_with("pi-a not Ready within 10s (Starting: probe \"ok-file\" (exec) failing"),
         "{halted}"
     );
     let js = async_nats::jetstream::new(fleet.nats.client().await?);

@@ -58,7 +58,8 @@ pub struct DeploymentSpec {
 /// the pause has passed. A device that fails, or is not Ready within the progress deadline,
 /// halts the rollout; the remaining devices keep the old generation until a new spec (a fix)
 /// or `fleetctl rollout resume`. Devices that run nothing of this Deployment yet get the new
-/// generation at once: there is nothing to protect on them.
+/// generation at once: there is nothing to protect on them. Healthy devices are given the new
+/// generation before unhealthy ones (offline, stale).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutPolicy {
@@ -72,6 +73,11 @@ pub struct RolloutPolicy {
     pub pause_seconds: u32,
     #[serde(default = "default_progress_deadline")]
     pub progress_deadline_seconds: u32,
+    /// At most this many matching devices may be unavailable (not Ready, or not Healthy)
+    /// once a wave is admitted: a wave shrinks to fit, and waits while none fits. Unset: no
+    /// limit beyond the wave size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<u32>,
 }
 
 fn default_progress_deadline() -> u32 {
@@ -484,6 +490,9 @@ pub struct RolloutStatus {
     pub wave_size: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halted: Option<String>,
+    /// Why the next wave waits although the last one is Ready (`maxUnavailable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

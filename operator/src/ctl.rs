@@ -403,6 +403,9 @@ pub fn progress_line(d: &Deployment) -> String {
         if let Some(h) = &r.halted {
             line.push_str(&format!(" HALTED: {h}"));
         }
+        if let Some(w) = &r.waiting {
+            line.push_str(&format!(" waiting: {w}"));
+        }
     }
     if s.phase == RolloutPhase::NoDevices {
         line.push_str(" (no device matches the selector)");

@@ -53,6 +53,8 @@ pub struct Rollout {
     pub admit: Vec<String>,
     pub wave: usize,
     pub halted: Option<String>,
+    /// Why no device is admitted although the last wave is Ready (`maxUnavailable`).
+    pub waiting: Option<String>,
 }
 
 /// What the desired bucket must change to match the resources.
@@ -124,7 +126,7 @@ impl Fleet {
             ..Default::default()
         };
         let mut waiting = Vec::new();
-        for dev in devices {
+        for &dev in &devices {
             match self.desired.get(&names::deployment_key(dev, name)) {
                 Some(current) if current.as_slice() != bytes => waiting.push(dev),
                 _ => {
@@ -190,13 +192,38 @@ impl Fleet {
         let paused =
             last_wave.is_some_and(|at| now_ms < at + u64::from(policy.pause_seconds) * 1000);
         if r.halted.is_none() && all_ready && !paused {
-            r.admit = waiting
-                .into_iter()
-                .take(r.wave)
-                .map(str::to_owned)
-                .collect();
+            let mut room = r.wave;
+            if let Some(max) = policy.max_unavailable {
+                let unavailable: Vec<&str> = devices
+                    .iter()
+                    .copied()
+                    .filter(|dev| !self.available(dev, name, now_ms))
+                    .collect();
+                room = room.min((max as usize).saturating_sub(unavailable.len()));
+                if room == 0 && !waiting.is_empty() {
+                    r.waiting = Some(format!(
+                        "{} of maxUnavailable {max} devices unavailable: {}",
+                        unavailable.len(),
+                        unavailable.join(", ")
+                    ));
+                }
+            }
+            // Healthy devices first: an offline one would only hold the wave up.
+            waiting.sort_by_key(|dev| self.health(dev, now_ms).0 != Health::Healthy);
+            r.admit = waiting.into_iter().take(room).map(str::to_owned).collect();
         }
         r
+    }
+
+    /// Whether `device` is Healthy and reports `deployment` Ready (or Completed), whatever
+    /// the generation.
+    fn available(&self, device: &str, deployment: &str, now_ms: u64) -> bool {
+        let ready = self
+            .reported
+            .get(device)
+            .and_then(|m| m.get(deployment))
+            .is_some_and(|x| matches!(x.phase, Phase::Ready | Phase::Completed));
+        ready && self.health(device, now_ms).0 == Health::Healthy
     }
 
     /// The writes that bring the desired bucket in line; empty when it already is. Records
@@ -333,6 +360,7 @@ impl Fleet {
                 updated_devices: r.updated.len(),
                 wave_size: r.wave,
                 halted: r.halted,
+                waiting: r.waiting,
             });
         }
         let halted = status.rollout.as_ref().is_some_and(|r| r.halted.is_some());
@@ -559,6 +587,7 @@ mod tests {
             wave_percent: None,
             pause_seconds: 10,
             progress_deadline_seconds: 60,
+            max_unavailable: None,
         });
         f.deployments.insert("web".into(), v2);
         f
@@ -642,6 +671,68 @@ mod tests {
             f.desired["b.web"],
             desired_bytes(&deployment("web", "edge", "img:1", 1))
         );
+    }
+
+    fn heartbeat(f: &mut Fleet, device: &str, at_ms: u64) {
+        let hb = Heartbeat {
+            schema: 1,
+            device: device.into(),
+            agent_version: "0".into(),
+            os: "x".into(),
+            uptime_secs: 0,
+            sent_at_ms: at_ms,
+            interval_ms: 1000,
+            health_flags: vec![],
+            deployments: 1,
+            last_reconcile_ms: None,
+        };
+        let key = format!("{device}._info");
+        f.apply_reported(&key, Some(&serde_json::to_vec(&hb).unwrap()), at_ms)
+            .unwrap();
+    }
+
+    #[test]
+    fn max_unavailable_shrinks_a_wave_and_waits_while_too_many_devices_are_down() {
+        let mut f = rolling();
+        let web = f.deployments.get_mut("web").unwrap();
+        let policy = web.spec.rollout.as_mut().unwrap();
+        (
+            policy.wave_size,
+            policy.pause_seconds,
+            policy.max_unavailable,
+        ) = (Some(2), 0, Some(1));
+        for n in ["a", "b", "c"] {
+            f.apply_reported(&format!("{n}.web"), Some(&report(Phase::Ready, 1)), 0)
+                .unwrap();
+        }
+        // c is silent (no heartbeat): one device down already, none more may go.
+        heartbeat(&mut f, "a", 0);
+        heartbeat(&mut f, "b", 0);
+        assert!(step(&mut f, 0).is_empty());
+        let d = f.deployments["web"].clone();
+        let status = f.deployment_status(&d, 0).rollout.unwrap();
+        assert_eq!(
+            status.waiting.as_deref(),
+            Some("1 of maxUnavailable 1 devices unavailable: c")
+        );
+        // c is back: a wave of 2 shrinks to 1, and only one device is upgraded at a time.
+        heartbeat(&mut f, "c", 1_000);
+        assert_eq!(step(&mut f, 1_000), ["a.web"]);
+        f.apply_reported("a.web", Some(&report(Phase::Ready, 2)), 0)
+            .unwrap();
+        heartbeat(&mut f, "a", 2_000);
+        heartbeat(&mut f, "b", 2_000);
+        heartbeat(&mut f, "c", 2_000);
+        assert_eq!(step(&mut f, 2_000), ["b.web"]);
+    }
+
+    #[test]
+    fn healthy_devices_get_a_wave_before_offline_ones() {
+        let mut f = rolling();
+        heartbeat(&mut f, "b", 0);
+        heartbeat(&mut f, "c", 0);
+        // a never sent a heartbeat: it comes last.
+        assert_eq!(step(&mut f, 0), ["b.web"]);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! - the agent's peak and current RSS and its idle CPU while it manages 10 containers;
 //! - cutover downtime of an upgrade: last answer from v1 to first answer from v2 of an HTTP
 //!   service polled every 5 ms, median and max over 10 upgrades;
+//! - stop time of the old container on an upgrade, for an app that exits on SIGTERM and for one
+//!   that ignores it and is SIGKILLed after its grace, median and max over 5 upgrades each;
 //! - logs-follow latency: a line written in the container to its arrival at a `fleetctl logs
 //!   -f` client, median and p99 over 200 lines (the container prints the kernel's uptime,
 //!   which it shares with the host, so both ends read one clock, at 10 ms resolution);
@@ -131,6 +133,7 @@ async fn main() -> Result<()> {
         "  CPU {own:.2}% of one core (agent alone), {with_podman:.2}% including the podman processes it runs"
     );
     cutover_figures(&fleet).await?;
+    stop_figures(&fleet, &reported).await?;
     follow_figures(&fleet).await?;
     blacklist_figures(&fleet, &agent, &reported).await?;
     let aarch64 =
@@ -344,6 +347,92 @@ async fn cutover_figures(fleet: &Fleet) -> Result<()> {
         ms(percentile(&gaps, 100.0))
     );
     fleet.operator.client().delete("deployments", "cutover")?;
+    Ok(())
+}
+
+/// How long the old container takes to stop on an upgrade, for an app that exits on SIGTERM
+/// and for one that ignores it (SIGKILLed after its 3 s grace): from the device's `Upgrading`
+/// report to its `Creating` report (the old container stopped and removed), both stamped by the
+/// agent's clock. Five upgrades each.
+async fn stop_figures(fleet: &Fleet, reported: &async_nats::jetstream::kv::Store) -> Result<()> {
+    const GRACE: u32 = 3;
+    let app = |script: &str, round: u64| {
+        serde_json::json!({
+            "apiVersion": "fleet.dev/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "stopper"},
+            "spec": {
+                "selector": {"matchLabels": {"role": "bench"}},
+                "template": {
+                    "lifecycle": {"graceSeconds": GRACE},
+                    "containers": [{
+                        "name": "stopper",
+                        "image": "localhost/fleet-busybox:1",
+                        "command": ["/bin/sh", "-c", script],
+                        "env": [{"name": "ROUND", "value": round.to_string()}]
+                    }]
+                }
+            }
+        })
+    };
+    let graceful = "trap 'exit 0' TERM; sleep 3600 & wait";
+    let stubborn = "trap '' TERM; sleep 3600 & wait; sleep 3600";
+    let key = names::deployment_key(DEVICE, "stopper");
+    let client = fleet.operator.client();
+    println!(
+        "stop time of the old container on an upgrade (Upgrading -> Creating, agent clock), n=5"
+    );
+    for (label, script) in [
+        ("exits on SIGTERM", graceful),
+        ("ignores SIGTERM, grace 3 s", stubborn),
+    ] {
+        let first = fleet.operator.apply(&app(script, 0))?.generation;
+        fleet
+            .operator
+            .wait_phase(
+                "stopper",
+                first,
+                fleet_contracts::resource::RolloutPhase::Running,
+            )
+            .await?;
+        let mut stops = Vec::new();
+        for round in 1..=5 {
+            let mut watch = reported.watch(&key).await?;
+            let generation = fleet.operator.apply(&app(script, round))?.generation;
+            let (mut upgrading, mut creating) = (None, None);
+            tokio::time::timeout(WAIT, async {
+                while let Some(entry) = watch.next().await {
+                    let entry = entry?;
+                    let Ok(r) = serde_json::from_slice::<ReportedDeployment>(&entry.value) else {
+                        continue;
+                    };
+                    if r.observed_generation != generation {
+                        continue;
+                    }
+                    match r.phase {
+                        Phase::Upgrading => upgrading = Some(r.since_ms),
+                        Phase::Creating => creating = Some(r.since_ms),
+                        Phase::Ready => return Ok(()),
+                        Phase::Failed => bail!("stopper failed: {}", r.message),
+                        _ => {}
+                    }
+                }
+                bail!("watch ended")
+            })
+            .await
+            .context("the upgrade did not finish")??;
+            let (Some(a), Some(b)) = (upgrading, creating) else {
+                bail!("missed a phase: Upgrading {upgrading:?}, Creating {creating:?}");
+            };
+            stops.push(Duration::from_millis(b.saturating_sub(a)));
+        }
+        println!(
+            "  {label:<28} median {:>8.1} ms   max {:>8.1} ms",
+            ms(percentile(&stops, 50.0)),
+            ms(percentile(&stops, 100.0))
+        );
+    }
+    client.delete("deployments", "stopper")?;
     Ok(())
 }
 

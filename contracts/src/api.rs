@@ -53,6 +53,36 @@ pub struct OperatorStatus {
     pub deployments: usize,
     pub devices: usize,
     pub version: String,
+    /// This operator's name (`--instance`).
+    #[serde(default)]
+    pub instance: String,
+    #[serde(default)]
+    pub role: Role,
+    /// Who holds the lease, as far as this operator knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// Values in KV this operator cannot read (`<bucket>/<key>: why`); skipped, never deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<String>,
+}
+
+/// Whether an operator writes desired state (leads) or stands by with a warm view.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Leader,
+    #[default]
+    Standby,
+}
+
+/// `fleet-lease` `operator`: which operator leads. Renewed by compare-and-set on its revision;
+/// nobody compares the times in it across machines (they are for people).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub schema: u32,
+    pub holder: String,
+    pub ttl_ms: u64,
+    pub renewed_at_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

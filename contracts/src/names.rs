@@ -22,6 +22,10 @@ pub fn enroll_subject(token_id: &str) -> String {
 /// KV bucket of audit records (exec), written by the operator only.
 pub const AUDIT_BUCKET: &str = "fleet-audit";
 
+/// KV bucket of the operators' leadership lease; the key is [`LEASE_KEY`].
+pub const LEASE_BUCKET: &str = "fleet-lease";
+pub const LEASE_KEY: &str = "operator";
+
 /// Where a device answers log requests.
 pub fn logs_subject(device: &str) -> String {
     format!("fleet.dev.{device}.logs")

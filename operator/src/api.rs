@@ -19,7 +19,7 @@ use fleet_contracts::{
     api::{
         ApplyOutcome, ApplyResult, BlacklistRequest, BlacklistResult, CreateEnrollmentToken,
         CreatedEnrollmentToken, EnrollmentToken, ErrorBody, ExecAudit, ExecCommand, ExecReply,
-        ExecRequest, LogsReply, LogsRequest, OperatorStatus, RecoveryState,
+        ExecRequest, LogsReply, LogsRequest, OperatorStatus, RecoveryState, Role,
     },
     names,
     resource::{Deployment, Device, Resource},
@@ -139,6 +139,18 @@ fn status_body(shared: &Shared) -> OperatorStatus {
         deployments: fleet.deployments.len(),
         devices: fleet.devices.len(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        instance: shared.leadership.instance.clone(),
+        role: if shared.leadership.is_leader() {
+            Role::Leader
+        } else {
+            Role::Standby
+        },
+        leader: shared.leadership.leader(),
+        unreadable: fleet
+            .unreadable
+            .iter()
+            .map(|(k, why)| format!("{k}: {why}"))
+            .collect(),
     }
 }
 
@@ -148,7 +160,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<OperatorStatus> {
 
 /// Reads must not answer from a half-read view: "not found" could be a lie.
 fn require_converged(shared: &Shared) -> Result<(), ApiError> {
-    if shared.converged() {
+    if shared.caught_up() {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -476,8 +488,9 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let now = now_ms();
     let _ = write!(
         out,
-        "# HELP fleet_operator_converged 1 once every KV bucket has been read.\n# TYPE fleet_operator_converged gauge\nfleet_operator_converged {}\n",
-        u8::from(shared.converged())
+        "# HELP fleet_operator_converged 1 once every KV bucket has been read (and, leading, the desired state written).\n# TYPE fleet_operator_converged gauge\nfleet_operator_converged {}\n# HELP fleet_operator_leader 1 while this operator holds the leadership lease.\n# TYPE fleet_operator_leader gauge\nfleet_operator_leader {}\n",
+        u8::from(shared.converged()),
+        u8::from(shared.leadership.is_leader())
     );
     out.push_str(
         "# HELP fleet_operator_devices Devices by health.\n# TYPE fleet_operator_devices gauge\n",
@@ -536,6 +549,28 @@ async fn page(State(shared): State<Arc<Shared>>) -> Html<String> {
                 esc(&status.pending.join(", "))
             );
         }
+    }
+    let _ = write!(
+        h,
+        "<p id=role>operator {} ({}){}</p>",
+        esc(&status.instance),
+        if status.role == Role::Leader {
+            "leader"
+        } else {
+            "standby"
+        },
+        match (&status.role, &status.leader) {
+            (Role::Standby, Some(l)) => format!("; the leader is {}", esc(l)),
+            (Role::Standby, None) => "; no leader known".to_owned(),
+            _ => String::new(),
+        }
+    );
+    if !status.unreadable.is_empty() {
+        h.push_str("<div class='banner recovering' id=unreadable>skipped (unreadable, left as they are):<ul>");
+        for u in &status.unreadable {
+            let _ = write!(h, "<li>{}</li>", esc(u));
+        }
+        h.push_str("</ul></div>");
     }
     h.push_str("<h2>Deployments</h2><table><tr><th>name</th><th>generation</th><th>phase</th><th>running</th><th>devices</th></tr>");
     for d in fleet.deployments.values() {

@@ -18,14 +18,17 @@ use async_nats::jetstream::{
     kv::{self, Operation},
 };
 use fleet_contracts::{
-    names::{AUDIT_BUCKET, DESIRED_BUCKET, ENROLLMENT_BUCKET, REPORTED_BUCKET, RESOURCES_BUCKET},
+    names::{
+        AUDIT_BUCKET, DESIRED_BUCKET, ENROLLMENT_BUCKET, LEASE_BUCKET, REPORTED_BUCKET,
+        RESOURCES_BUCKET,
+    },
     resource::{Deployment, Device},
 };
 use futures::StreamExt;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, Stored};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -44,6 +47,7 @@ pub struct Buckets {
     pub reported: kv::Store,
     pub enrollment: kv::Store,
     pub audit: kv::Store,
+    pub lease: kv::Store,
 }
 
 /// Creates the buckets if missing (idempotent) and opens them.
@@ -70,6 +74,7 @@ pub async fn open_buckets(js: &jetstream::Context) -> Result<Buckets, SetupError
         reported: open(REPORTED_BUCKET, 1).await?,
         enrollment: open(ENROLLMENT_BUCKET, 5).await?,
         audit: open(AUDIT_BUCKET, 1).await?,
+        lease: open(LEASE_BUCKET, 1).await?,
     })
 }
 
@@ -87,7 +92,11 @@ pub struct Shared {
     pub device_jwt_ttl: std::time::Duration,
     /// Woken whenever fan-out may have work.
     pub changed: Notify,
+    pub leadership: Arc<crate::lease::Leadership>,
     watches_current: [AtomicBool; 4],
+    /// Whether the desired bucket matched the resources after the last fan-out pass of this
+    /// leader (false until the first one after a start, a catch-up or a takeover).
+    written: AtomicBool,
     pub metrics: Metrics,
 }
 
@@ -113,6 +122,7 @@ impl Shared {
         sys: async_nats::Client,
         nats: async_nats::Client,
         device_jwt_ttl: std::time::Duration,
+        leadership: Arc<crate::lease::Leadership>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             fleet: RwLock::new(Fleet::default()),
@@ -122,34 +132,50 @@ impl Shared {
             nats,
             device_jwt_ttl,
             changed: Notify::new(),
+            leadership,
             watches_current: Default::default(),
+            written: AtomicBool::new(false),
             metrics: Metrics::default(),
         })
     }
 
-    /// True once every watch has read its whole bucket.
-    pub fn converged(&self) -> bool {
+    /// True once every watch has read its whole bucket: the view is complete and reads may
+    /// be answered.
+    pub fn caught_up(&self) -> bool {
         self.watches_current
             .iter()
             .all(|w| w.load(Ordering::Acquire))
     }
 
-    /// What is still being read, for the recovery status.
+    /// Caught up and, while leading, the desired bucket written to match: nothing left to
+    /// rebuild.
+    pub fn converged(&self) -> bool {
+        self.caught_up() && (!self.leadership.is_leader() || self.written.load(Ordering::Acquire))
+    }
+
+    /// What is still being rebuilt, for the recovery status.
     pub fn pending(&self) -> Vec<String> {
-        WATCH_NAMES
+        let mut pending: Vec<String> = WATCH_NAMES
             .iter()
             .zip(&self.watches_current)
             .filter(|(_, done)| !done.load(Ordering::Acquire))
             .map(|(name, _)| format!("reading {name} from NATS KV"))
-            .collect()
+            .collect();
+        if self.leadership.is_leader() && !self.written.load(Ordering::Acquire) {
+            pending.push("writing the desired state of every device".into());
+        }
+        pending
     }
 
     fn set_current(&self, watch: usize, current: bool) {
         let was = self.watches_current[watch].swap(current, Ordering::AcqRel);
+        if !current {
+            self.written.store(false, Ordering::Release);
+        }
         if current && !was {
             info!(watch = WATCH_NAMES[watch], "caught up");
-            if self.converged() {
-                info!("converged: every bucket has been read");
+            if self.caught_up() {
+                info!("every bucket has been read");
                 self.changed.notify_one();
             }
         }
@@ -217,14 +243,32 @@ async fn watch_once(
     let mut watch = store.watch_with_history(">").await?;
     // A rebuilt watch replays everything: start from a clean slate for this bucket.
     clear(shared, index);
+    let prefix = format!("{}/", store.name);
+    shared
+        .fleet
+        .write()
+        .unwrap()
+        .unreadable
+        .retain(|k, _| !k.starts_with(&prefix));
     if empty {
         shared.set_current(index, true);
     }
     while let Some(entry) = watch.next().await {
         let entry = entry?;
+        let unreadable_key = format!("{}/{}", entry.bucket, entry.key);
         match apply(shared, &entry) {
-            Ok(true) => shared.changed.notify_one(),
-            Ok(false) => {}
+            Ok(changed) => {
+                let was = shared
+                    .fleet
+                    .write()
+                    .unwrap()
+                    .unreadable
+                    .remove(&unreadable_key)
+                    .is_some();
+                if changed || was {
+                    shared.changed.notify_one();
+                }
+            }
             Err(e) => {
                 // A value this operator cannot read (newer schema, corruption): report and skip,
                 // never crash the loop or delete anything because of it.
@@ -233,6 +277,8 @@ async fn watch_once(
                     .unreadable_values
                     .fetch_add(1, Ordering::Relaxed);
                 warn!(bucket = %entry.bucket, key = %entry.key, error = %e, "skipping an unreadable value");
+                let mut fleet = shared.fleet.write().unwrap();
+                fleet.unreadable.insert(unreadable_key, e);
             }
         }
         if entry.delta == 0 {
@@ -294,9 +340,8 @@ fn apply_resource(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
 }
 
 fn apply_reported(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
-    let stored_at_ms = (entry.created.unix_timestamp_nanos() / 1_000_000) as u64;
     let mut fleet = shared.fleet.write().unwrap();
-    fleet.apply_reported(&entry.key, value(entry), stored_at_ms)?;
+    fleet.apply_reported(&entry.key, value(entry), stored_at_ms(entry))?;
     // A deployment's report can move a staged rollout on; heartbeats cannot.
     let is_deployment = matches!(
         fleet_contracts::names::parse_device_key(&entry.key),
@@ -308,10 +353,23 @@ fn apply_reported(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
 fn apply_desired(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
     let mut fleet = shared.fleet.write().unwrap();
     match value(entry) {
-        Some(bytes) => fleet.desired.insert(entry.key.clone(), bytes.to_vec()),
-        None => fleet.desired.remove(&entry.key),
+        Some(bytes) => {
+            let stored = Stored {
+                bytes: bytes.to_vec(),
+                at_ms: stored_at_ms(entry),
+            };
+            fleet.desired.insert(entry.key.clone(), stored);
+        }
+        None => {
+            fleet.desired.remove(&entry.key);
+        }
     };
     Ok(true)
+}
+
+/// When NATS stored the entry, by the server's clock.
+fn stored_at_ms(entry: &kv::Entry) -> u64 {
+    (entry.created.unix_timestamp_nanos() / 1_000_000) as u64
 }
 
 fn apply_identity(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
@@ -337,13 +395,21 @@ async fn fan_out_loop(shared: Arc<Shared>, resync: Duration) {
     loop {
         tokio::select! {
             _ = shared.changed.notified() => {}
+            _ = shared.leadership.gained.notified() => {}
             _ = tokio::time::sleep(resync) => {}
         }
-        if !shared.converged() {
+        // Only the leader writes, and only from a complete view: acting on a partial one
+        // would delete the desired keys of resources not read yet.
+        if !shared.caught_up() || !shared.leadership.is_leader() {
+            shared.written.store(false, Ordering::Release);
             continue;
         }
-        let work = shared.fleet.write().unwrap().fan_out(now_ms());
+        let written_at = now_ms();
+        let work = shared.fleet.read().unwrap().fan_out(written_at);
         if work.put.is_empty() && work.delete.is_empty() {
+            if !shared.written.swap(true, Ordering::AcqRel) {
+                info!("converged: the desired state matches every resource");
+            }
             continue;
         }
         debug!(
@@ -370,13 +436,19 @@ async fn fan_out_loop(shared: Arc<Shared>, resync: Duration) {
         let puts: Vec<_> = futures::future::join_all(puts).await;
         let deletes: Vec<_> = futures::future::join_all(deletes).await;
         let mut fleet = shared.fleet.write().unwrap();
+        let failed =
+            puts.iter().any(|(_, r)| r.is_err()) || deletes.iter().any(|(_, r)| r.is_err());
         for ((key, result), (_, bytes)) in puts.into_iter().zip(&work.put) {
             match result {
                 Ok(()) => {
                     shared.metrics.desired_puts.fetch_add(1, Ordering::Relaxed);
                     // Record what was written now, so the next pass does not write it again
-                    // before the watch echoes it back.
-                    fleet.desired.insert(key.clone(), bytes.clone());
+                    // before the watch echoes it back (with the server's time).
+                    let stored = Stored {
+                        bytes: bytes.clone(),
+                        at_ms: written_at,
+                    };
+                    fleet.desired.insert(key.clone(), stored);
                 }
                 Err(e) => {
                     shared
@@ -404,6 +476,14 @@ async fn fan_out_loop(shared: Arc<Shared>, resync: Duration) {
                     warn!(%key, error = %e, "desired delete failed; the next pass retries");
                 }
             }
+        }
+        drop(fleet);
+        // A pass that wrote something is followed by one that checks nothing is left (that
+        // one marks the state converged); a failed write is retried at the next resync.
+        if failed {
+            shared.written.store(false, Ordering::Release);
+        } else {
+            shared.changed.notify_one();
         }
     }
 }

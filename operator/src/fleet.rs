@@ -33,15 +33,24 @@ pub struct Fleet {
     /// `device -> deployment -> report`.
     pub reported: BTreeMap<String, BTreeMap<String, ReportedDeployment>>,
     pub heartbeats: BTreeMap<String, SeenHeartbeat>,
-    /// The desired bucket as last seen: key -> value bytes.
-    pub desired: BTreeMap<String, Vec<u8>>,
+    /// The desired bucket as last seen: key -> value and when NATS stored it.
+    pub desired: BTreeMap<String, Stored>,
     /// Enrolled devices' identity records (`fleet-enrollment` `device.<name>`).
     pub identities: BTreeMap<String, DeviceIdentity>,
-    /// Staged rollouts: when this operator gave a device a generation, (deployment, device) ->
-    /// (generation, unix ms). Lost on restart, which only restarts deadlines and pauses.
-    pub admitted: BTreeMap<(String, String), (u64, u64)>,
     /// `fleetctl rollout resume` decisions, per Deployment.
     pub resumes: BTreeMap<String, fleet_contracts::api::RolloutResume>,
+    /// `<bucket>/<key>` of values this operator cannot read, and why: reported in the status,
+    /// and the desired keys of an unreadable Device or Deployment are left alone.
+    pub unreadable: BTreeMap<String, String>,
+}
+
+/// A desired value and when NATS stored it (the server's clock): when a staged rollout gave
+/// the device this generation. Kept in KV, so a restarted or standby operator judges pauses
+/// and deadlines exactly as the one that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub bytes: Vec<u8>,
+    pub at_ms: u64,
 }
 
 /// Where a staged rollout stands, derived from the desired and reported state.
@@ -100,8 +109,7 @@ impl Fleet {
                     {
                         self.desired
                             .get(&key)
-                            .cloned()
-                            .unwrap_or_else(|| bytes.clone())
+                            .map_or_else(|| bytes.clone(), |x| x.bytes.clone())
                     }
                     _ => bytes.clone(),
                 };
@@ -128,7 +136,7 @@ impl Fleet {
         let mut waiting = Vec::new();
         for &dev in &devices {
             match self.desired.get(&names::deployment_key(dev, name)) {
-                Some(current) if current.as_slice() != bytes => waiting.push(dev),
+                Some(current) if current.bytes != bytes => waiting.push(dev),
                 _ => {
                     r.updated.insert(dev.to_owned());
                 }
@@ -143,13 +151,13 @@ impl Fleet {
         let mut all_ready = true;
         for dev in &r.updated {
             let admitted_at = self
-                .admitted
-                .get(&(name.clone(), dev.clone()))
-                .filter(|(g, _)| *g == generation);
+                .desired
+                .get(&names::deployment_key(dev, name))
+                .map(|x| x.at_ms);
             if let Some(resumed) = resumed_at {
                 // Waved through by an operator: devices given the generation before the resume
                 // no longer hold the rollout back.
-                if admitted_at.is_none_or(|(_, at)| *at <= resumed) {
+                if admitted_at.is_none_or(|at| at <= resumed) {
                     continue;
                 }
             }
@@ -165,8 +173,8 @@ impl Fleet {
                     r.halted = Some(format!("{dev} failed: {message}"));
                 }
                 _ => {
-                    if let Some((_, at)) = admitted_at {
-                        if now_ms.saturating_sub(*at) > deadline_ms {
+                    if let Some(at) = admitted_at {
+                        if now_ms.saturating_sub(at) > deadline_ms {
                             let why = report.map_or("not reported".to_owned(), |x| {
                                 format!("{}: {}", x.phase, x.message)
                             });
@@ -183,11 +191,11 @@ impl Fleet {
                 break;
             }
         }
-        let last_wave = self
-            .admitted
+        let last_wave = r
+            .updated
             .iter()
-            .filter(|((dep, _), (g, _))| dep == name && *g == generation)
-            .map(|(_, (_, at))| *at)
+            .filter_map(|dev| self.desired.get(&names::deployment_key(dev, name)))
+            .map(|x| x.at_ms)
             .max();
         let paused =
             last_wave.is_some_and(|at| now_ms < at + u64::from(policy.pause_seconds) * 1000);
@@ -226,39 +234,33 @@ impl Fleet {
         ready && self.health(device, now_ms).0 == Health::Healthy
     }
 
-    /// The writes that bring the desired bucket in line; empty when it already is. Records
-    /// the devices a staged rollout admits now.
-    pub fn fan_out(&mut self, now_ms: u64) -> FanOut {
+    /// The writes that bring the desired bucket in line; empty when it already is.
+    ///
+    /// A desired key is never deleted because of a resource this operator cannot read (a newer
+    /// schema, a corrupt value): its device or Deployment is unknown, not gone.
+    pub fn fan_out(&self, now_ms: u64) -> FanOut {
         let wanted = self.wanted_desired(now_ms);
-        let mut admitted = Vec::new();
-        for d in self
-            .deployments
-            .values()
-            .filter(|d| d.spec.rollout.is_some())
-        {
-            let bytes = desired_bytes(d);
-            for dev in self.rollout(d, &bytes, now_ms).admit {
-                admitted.push((
-                    (d.metadata.name.clone(), dev),
-                    (d.metadata.generation, now_ms),
-                ));
-            }
-        }
-        self.admitted.retain(|(dep, _), (g, _)| {
-            self.deployments
-                .get(dep)
-                .is_some_and(|d| d.metadata.generation == *g)
-        });
-        self.admitted.extend(admitted);
         let put = wanted
             .iter()
-            .filter(|(k, v)| self.desired.get(*k) != Some(*v))
+            .filter(|(k, v)| self.desired.get(*k).is_none_or(|x| &x.bytes != *v))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let delete = self
             .desired
             .keys()
-            .filter(|k| !wanted.contains_key(*k) && names::parse_device_key(k).is_some())
+            .filter(|k| !wanted.contains_key(*k))
+            .filter(|k| match names::parse_device_key(k) {
+                Some(DeviceKey::Deployment { device, deployment }) => {
+                    let resource = |key: String| format!("{}/{key}", names::RESOURCES_BUCKET);
+                    !self
+                        .unreadable
+                        .contains_key(&resource(format!("device.{device}")))
+                        && !self
+                            .unreadable
+                            .contains_key(&resource(format!("deployment.{deployment}")))
+                }
+                _ => false,
+            })
             .cloned()
             .collect();
         FanOut { put, delete }
@@ -467,6 +469,13 @@ mod tests {
         f
     }
 
+    /// What the desired watch would hold after these puts, stored at `at_ms`.
+    fn stored(puts: Vec<(String, Vec<u8>)>, at_ms: u64) -> BTreeMap<String, Stored> {
+        puts.into_iter()
+            .map(|(k, bytes)| (k, Stored { bytes, at_ms }))
+            .collect()
+    }
+
     fn keys(v: &[(String, Vec<u8>)]) -> Vec<&str> {
         v.iter().map(|(k, _)| k.as_str()).collect()
     }
@@ -478,11 +487,12 @@ mod tests {
         assert_eq!(keys(&out.put), ["a.web", "b.web"]);
         assert!(out.delete.is_empty());
         // Once the bucket holds those bytes, nothing more is written.
-        f.desired = out.put.into_iter().collect();
+        f.desired = stored(out.put, 0);
         assert_eq!(f.fan_out(0), FanOut::default());
         // Device b stops matching; a stray key from a deleted Deployment is cleaned up.
         f.devices.insert("b".into(), device("b", "core"));
-        f.desired.insert("c.old".into(), b"{}".to_vec());
+        f.desired
+            .extend(stored(vec![("c.old".into(), b"{}".to_vec())], 0));
         let out = f.fan_out(0);
         assert!(out.put.is_empty());
         assert_eq!(out.delete, ["b.web", "c.old"]);
@@ -490,6 +500,30 @@ mod tests {
         f.deployments
             .insert("web".into(), deployment("web", "edge", "img:2", 2));
         assert_eq!(keys(&f.fan_out(0).put), ["a.web"]);
+    }
+
+    #[test]
+    fn desired_keys_of_an_unreadable_resource_are_left_alone() {
+        let mut f = fleet();
+        f.desired = stored(f.fan_out(0).put, 0);
+        // The Deployment's value turned unreadable (a newer schema, say): after a restart the
+        // operator knows its key but not its spec.
+        f.deployments.clear();
+        f.unreadable.insert(
+            "fleet-resources/deployment.web".into(),
+            "unknown field".into(),
+        );
+        assert_eq!(f.fan_out(0), FanOut::default());
+        // Likewise a Device that cannot be read keeps what it runs.
+        let mut f = fleet();
+        f.desired = stored(f.fan_out(0).put, 0);
+        f.devices.remove("a");
+        f.unreadable
+            .insert("fleet-resources/device.a".into(), "bad".into());
+        assert_eq!(f.fan_out(0), FanOut::default());
+        // Once readable again (here: really gone), the cleanup happens.
+        f.unreadable.clear();
+        assert_eq!(f.fan_out(0).delete, ["a.web"]);
     }
 
     #[test]
@@ -579,7 +613,8 @@ mod tests {
         let v1 = deployment("web", "edge", "img:1", 1);
         let v1_bytes = desired_bytes(&v1);
         for n in ["a", "b", "c"] {
-            f.desired.insert(format!("{n}.web"), v1_bytes.clone());
+            f.desired
+                .extend(stored(vec![(format!("{n}.web"), v1_bytes.clone())], 0));
         }
         let mut v2 = deployment("web", "edge", "img:2", 2);
         v2.spec.rollout = Some(fleet_contracts::resource::RolloutPolicy {
@@ -597,7 +632,7 @@ mod tests {
     fn step(f: &mut Fleet, now: u64) -> Vec<String> {
         let out = f.fan_out(now);
         let keys = out.put.iter().map(|(k, _)| k.clone()).collect();
-        f.desired.extend(out.put);
+        f.desired.extend(stored(out.put, now));
         keys
     }
 
@@ -668,7 +703,7 @@ mod tests {
         assert_eq!(halted, "a not Ready within 60s (Running: )");
         // The other devices keep generation 1.
         assert_eq!(
-            f.desired["b.web"],
+            f.desired["b.web"].bytes,
             desired_bytes(&deployment("web", "edge", "img:1", 1))
         );
     }

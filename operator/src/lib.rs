@@ -1,7 +1,8 @@
 //! `fleet-operator`: the Fleet control plane, and the library behind `fleetctl`.
 //!
 //! The operator keeps no database: it rebuilds its whole view from NATS KV at start
-//! ([`controller`]), fans each Deployment out to the desired keys of the devices its selector
+//! ([`controller`]) and, while it holds the leadership lease ([`lease`]; others stand by with
+//! a warm view), fans each Deployment out to the desired keys of the devices its selector
 //! matches, aggregates what devices report ([`fleet`]), and serves the HTTP API, a status page
 //! and Prometheus metrics ([`api`]). `fleetctl` ([`ctl`]) talks to that API only. It is also
 //! the fleet's identity authority: it holds the NATS account keys ([`identity`]), enrolls
@@ -17,6 +18,7 @@ pub mod ctl;
 pub mod enroll;
 pub mod fleet;
 pub mod identity;
+pub mod lease;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -32,6 +34,17 @@ pub struct Config {
     pub resync: Duration,
     /// How long minted device JWTs are valid.
     pub device_jwt_ttl: Duration,
+    /// This operator's name in the leadership lease.
+    pub instance: String,
+    pub lease_ttl: Duration,
+}
+
+/// `<hostname>-<pid>`: unique among the operators of one fleet.
+pub fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "operator".into());
+    format!("{host}-{}", std::process::id())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,13 +137,19 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             url: config.nats_url.clone(),
             source,
         })?;
+    let leadership = Arc::new(lease::Leadership::new(
+        config.instance.clone(),
+        config.lease_ttl,
+    ));
     let shared = controller::Shared::new(
         buckets,
         identity.clone(),
         sys,
         client.clone(),
         config.device_jwt_ttl,
+        leadership.clone(),
     );
+    tokio::spawn(lease::run(shared.buckets.lease.clone(), leadership));
     let pusher = shared.clone();
     reconnected.notify_one(); // And once at start.
     tokio::spawn(async move {
@@ -151,11 +170,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(config.listen);
-    info!(%addr, nats = %config.nats_url, "operator listening: status page at http://{addr}/");
-    axum::serve(listener, api::router(shared))
+    info!(%addr, nats = %config.nats_url, instance = %config.instance, "operator listening: status page at http://{addr}/");
+    let served = axum::serve(listener, api::router(shared.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(RunError::Serve)
+        .map_err(RunError::Serve);
+    lease::release(&shared.buckets.lease, &shared.leadership).await;
+    served
 }
 
 async fn shutdown_signal() {

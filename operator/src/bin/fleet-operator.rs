@@ -32,6 +32,14 @@ struct Args {
     /// them once two thirds have passed).
     #[arg(long, default_value_t = fleet_operator::enroll::DEVICE_JWT_TTL.as_secs())]
     device_jwt_ttl_secs: u64,
+    /// This operator's name in the leadership lease; unique per running operator. Default:
+    /// `<hostname>-<pid>`.
+    #[arg(long, env = "FLEET_INSTANCE")]
+    instance: Option<String>,
+    /// Lease time in milliseconds: a standby takes over this long after the leader's last
+    /// renewal (at once when the leader shuts down cleanly).
+    #[arg(long, default_value_t = 6000)]
+    lease_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,6 +79,10 @@ async fn main() -> ExitCode {
         listen: args.listen,
         resync: Duration::from_secs(args.resync_secs.max(1)),
         device_jwt_ttl: Duration::from_secs(args.device_jwt_ttl_secs.max(2)),
+        instance: args
+            .instance
+            .unwrap_or_else(fleet_operator::default_instance),
+        lease_ttl: Duration::from_millis(args.lease_ms.max(300)),
     };
     match fleet_operator::run(config).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -407,9 +407,21 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
         }
         Command::Status => {
             let s = client.status()?;
-            println!("operator {}: {:?}", s.version, s.state);
+            println!(
+                "operator {} ({}): {:?}, {:?}",
+                s.instance, s.version, s.role, s.state
+            );
+            if s.role == fleet_contracts::api::Role::Standby {
+                match &s.leader {
+                    Some(l) => println!("  the leader is {l}"),
+                    None => println!("  no leader known"),
+                }
+            }
             for p in &s.pending {
                 println!("  {p}");
+            }
+            for u in &s.unreadable {
+                println!("  skipped, unreadable: {u}");
             }
             println!("{} deployments, {} devices", s.deployments, s.devices);
             Ok(ExitCode::SUCCESS)

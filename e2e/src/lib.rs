@@ -322,9 +322,24 @@ pub struct Operator {
     pub proc: Proc,
 }
 
+/// The lease time of test operators: a standby takes over this long after the leader's last
+/// renewal.
+pub const LEASE_MS: u64 = 1500;
+
 impl Operator {
-    /// Starts `fleet-operator` with `extra` flags added to the test defaults.
+    /// Starts `fleet-operator` (instance `e2e`) with `extra` flags added to the test defaults.
     pub async fn start(dir: &Path, nats: &Nats, extra: &[&str]) -> Result<Operator> {
+        Operator::start_named(dir, nats, "e2e", extra).await
+    }
+
+    /// Starts one more operator, named `instance` in the leadership lease, and waits until its
+    /// view has converged (as leader or standby).
+    pub async fn start_named(
+        dir: &Path,
+        nats: &Nats,
+        instance: &str,
+        extra: &[&str],
+    ) -> Result<Operator> {
         let port = free_port();
         let mut cmd = Command::new(binary("fleet-operator"));
         cmd.args([
@@ -334,12 +349,20 @@ impl Operator {
             &format!("127.0.0.1:{port}"),
             "--resync-secs",
             "2",
+            "--instance",
+            instance,
+            "--lease-ms",
+            &LEASE_MS.to_string(),
         ])
         .arg("--identity")
         .arg(&nats.identity)
         .args(extra)
         .env("FLEET_LOG", "info,fleet_operator=debug");
-        let proc = Proc::spawn("fleet-operator", cmd, dir.join("operator.log"))?;
+        let log = match instance {
+            "e2e" => dir.join("operator.log"),
+            other => dir.join(format!("operator-{other}.log")),
+        };
+        let proc = Proc::spawn(&format!("fleet-operator {instance}"), cmd, log)?;
         let token = std::fs::read_to_string(nats.identity.join("admin.token"))?
             .trim()
             .to_owned();
@@ -364,6 +387,22 @@ impl Operator {
 
     pub fn client(&self) -> ctl::Client {
         ctl::Client::new(&self.url, Some(&self.token))
+    }
+
+    /// Waits until this operator reports `role` and converged.
+    pub async fn wait_role(&self, role: fleet_contracts::api::Role) -> Result<()> {
+        let client = self.client();
+        eventually(&format!("the operator to be {role:?}"), WAIT, || {
+            let status = client.status();
+            async move {
+                let s = status?;
+                Ok(
+                    (s.role == role && s.state == fleet_contracts::api::RecoveryState::Converged)
+                        .then_some(()),
+                )
+            }
+        })
+        .await
     }
 
     /// Applies a JSON document through the API.
@@ -651,5 +690,171 @@ impl Fleet {
         let token = self.enrollment_token(labels)?;
         let agent = Agent::start(self.path(), device, &self.nats, &token, &sandbox)?;
         Ok((sandbox, agent))
+    }
+}
+
+/// A device without podman: it enrolls and connects exactly as an agent does, follows its
+/// desired keys through the agent's own consumer code, sends heartbeats and reports through the
+/// agent's outbox. It reports what the test tells it, or, `auto_ready`, every desired
+/// generation `Ready` as soon as it arrives (and removes the reports of removed ones).
+#[derive(Debug)]
+pub struct Hollow {
+    pub name: String,
+    outbox: fleet_agent::sync::Outbox,
+    desired: std::sync::Arc<
+        std::sync::Mutex<
+            std::collections::BTreeMap<String, fleet_contracts::state::DesiredDeployment>,
+        >,
+    >,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Hollow {
+    pub async fn start(
+        fleet: &Fleet,
+        name: &str,
+        labels: &[(&str, &str)],
+        auto_ready: bool,
+    ) -> Result<Hollow> {
+        let token = fleet.enrollment_token(labels)?;
+        Hollow::enroll(
+            &fleet.path().join("hollow").join(name),
+            &fleet.nats,
+            name,
+            &token,
+            auto_ready,
+        )
+        .await
+    }
+
+    /// Enrolls with `token` (state kept in `state_dir`) and starts following.
+    pub async fn enroll(
+        state_dir: &Path,
+        nats: &Nats,
+        name: &str,
+        token: &str,
+        auto_ready: bool,
+    ) -> Result<Hollow> {
+        use fleet_agent::{identity, sync};
+        use fleet_contracts::{
+            SCHEMA_VERSION, names,
+            state::{Heartbeat, Phase, ReportedDeployment},
+        };
+        std::fs::create_dir_all(state_dir)?;
+        let key = identity::load_or_create_key(state_dir)?;
+        let jwt = identity::enroll(&nats.url(), &nats.ca(), name, &key, token).await?;
+        identity::save_jwt(state_dir, &jwt)?;
+        let options = identity::connect_options(state_dir, key);
+        let client = sync::connect(options, &nats.url(), &nats.ca(), name).await?;
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(3))
+            .build(client);
+        let (js_tx, js_rx) = tokio::sync::oneshot::channel();
+        let _ = js_tx.send(js.clone());
+        let outbox = sync::outbox(js_rx);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let mut tasks = vec![tokio::spawn(sync::follow_desired(js, name.to_owned(), tx))];
+        let desired = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+        let (map, out, device) = (desired.clone(), outbox.clone(), name.to_owned());
+        tasks.push(tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                let mut map = map.lock().unwrap();
+                let before: Vec<String> = map.keys().cloned().collect();
+                match event {
+                    sync::DesiredEvent::Snapshot(all) => {
+                        *map = all
+                            .into_iter()
+                            .filter_map(|(k, v)| Some((k, v.ok()?)))
+                            .collect();
+                    }
+                    sync::DesiredEvent::Put(k, Ok(v)) => {
+                        map.insert(k, v);
+                    }
+                    sync::DesiredEvent::Put(k, Err(_)) | sync::DesiredEvent::Delete(k) => {
+                        map.remove(&k);
+                    }
+                }
+                if !auto_ready {
+                    continue;
+                }
+                for gone in before.iter().filter(|k| !map.contains_key(*k)) {
+                    out.delete(names::deployment_key(&device, gone));
+                }
+                for (deployment, d) in map.iter() {
+                    let report = ReportedDeployment {
+                        schema: SCHEMA_VERSION,
+                        deployment: deployment.clone(),
+                        observed_generation: d.generation,
+                        phase: Phase::Ready,
+                        message: String::new(),
+                        container_id: None,
+                        since_ms: 0,
+                    };
+                    let bytes = serde_json::to_vec(&report).expect("a report serializes");
+                    out.put(names::deployment_key(&device, deployment), bytes);
+                }
+            }
+        }));
+        let (out, device) = (outbox.clone(), name.to_owned());
+        let count = desired.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let hb = Heartbeat {
+                    schema: SCHEMA_VERSION,
+                    device: device.clone(),
+                    agent_version: "hollow".into(),
+                    os: "none".into(),
+                    uptime_secs: 0,
+                    sent_at_ms: 0,
+                    interval_ms: 1000,
+                    health_flags: vec![],
+                    deployments: count.lock().unwrap().len() as u32,
+                    last_reconcile_ms: None,
+                };
+                let bytes = serde_json::to_vec(&hb).expect("a heartbeat serializes");
+                out.put(names::info_key(&device), bytes);
+            }
+        }));
+        Ok(Hollow {
+            name: name.to_owned(),
+            outbox,
+            desired,
+            tasks,
+        })
+    }
+
+    /// The desired state as this device last received it: deployment -> value.
+    pub fn desired(
+        &self,
+    ) -> std::collections::BTreeMap<String, fleet_contracts::state::DesiredDeployment> {
+        self.desired.lock().unwrap().clone()
+    }
+
+    /// Reports `deployment` at `generation` in `phase`.
+    pub fn report(&self, deployment: &str, generation: u64, phase: fleet_contracts::state::Phase) {
+        let report = fleet_contracts::state::ReportedDeployment {
+            schema: fleet_contracts::SCHEMA_VERSION,
+            deployment: deployment.to_owned(),
+            observed_generation: generation,
+            phase,
+            message: String::new(),
+            container_id: None,
+            since_ms: 0,
+        };
+        let bytes = serde_json::to_vec(&report).expect("a report serializes");
+        self.outbox.put(
+            fleet_contracts::names::deployment_key(&self.name, deployment),
+            bytes,
+        );
+    }
+}
+
+impl Drop for Hollow {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }

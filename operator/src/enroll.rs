@@ -57,7 +57,11 @@ where
     Fut: std::future::Future<Output = EnrollReply>,
 {
     let prefix = format!("fleet.{verb}.");
-    let mut sub = match client.subscribe(format!("{prefix}*")).await {
+    // A queue group: with several operators (active/passive), one of them answers each request.
+    let subscribed = client
+        .queue_subscribe(format!("{prefix}*"), "fleet-operator".to_owned())
+        .await;
+    let mut sub = match subscribed {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, verb, "cannot serve requests");

@@ -339,12 +339,12 @@ async fn cutover_figures(fleet: &Fleet) -> Result<()> {
         gaps.push(poller.await??);
     }
     println!(
-        "cutover downtime of an upgrade (last v1 answer -> first v2 answer, default lifecycle), n=10"
+        "cutover downtime of an upgrade (last v1 answer -> first v2 answer, default lifecycle), n=10 (p99 is the max)"
     );
     println!(
-        "  median {:>8.1} ms   max {:>8.1} ms",
+        "  median {:>8.1} ms   p99 {:>8.1} ms",
         ms(percentile(&gaps, 50.0)),
-        ms(percentile(&gaps, 100.0))
+        ms(percentile(&gaps, 99.0))
     );
     fleet.operator.client().delete("deployments", "cutover")?;
     Ok(())

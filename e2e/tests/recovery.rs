@@ -114,7 +114,7 @@ async fn an_operator_killed_mid_fan_out_writes_exactly_the_declared_state_after_
             .values()
             .filter(|d| d.generation == generation)
             .count();
-        println!(
+        eprintln!(
             "generation {generation}: {at_kill} of {DEVICES} keys written when the operator died"
         );
 
@@ -325,7 +325,7 @@ async fn when_the_leader_dies_the_standby_leads_within_the_lease_and_no_write_is
     leader.proc.kill();
     let killed = std::time::Instant::now();
     fleet.operator.wait_role(Role::Leader).await?;
-    println!(
+    eprintln!(
         "standby leading {:?} after the leader died (lease {} ms)",
         killed.elapsed(),
         fleet_e2e::LEASE_MS

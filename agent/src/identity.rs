@@ -181,7 +181,7 @@ pub async fn enroll(
     .custom_inbox_prefix(names::enroll_inbox(&token.id))
     .connection_timeout(Duration::from_secs(10))
     .request_timeout(Some(Duration::from_secs(15)))
-    .connect(nats_url)
+    .connect(crate::sync::servers(nats_url))
     .await
     .map_err(|e| {
         IdentityError::Unanswered(format!(

@@ -243,7 +243,7 @@ async fn start_nats(
         }
     }
     let options = identity::connect_options(&config.state_dir, key);
-    let client = match sync::connect(
+    let (client, connections) = match sync::connect(
         options,
         &config.nats_url,
         &config.nats_ca_file,
@@ -275,7 +275,7 @@ async fn start_nats(
         config.state_dir.clone(),
         config.device_id.clone(),
     ));
-    sync::follow_desired(js, config.device_id, desired_tx).await;
+    sync::follow_desired(js, config.device_id, desired_tx, connections).await;
 }
 
 async fn shutdown_signal() {

@@ -37,17 +37,22 @@ pub enum DesiredEvent {
     Delete(String),
 }
 
+/// Counts the connections made (the first and every reconnect).
+pub type Connections = tokio::sync::watch::Receiver<u64>;
+
 /// Connects to NATS in the background: the agent must work (from its cache) while NATS is down.
 /// `options` carries the device's credentials; the connection is TLS, to a server signed by
-/// the fleet CA `ca`.
+/// the fleet CA `ca`. The [`Connections`] count lets [`follow_desired`] start afresh after a
+/// reconnect.
 pub async fn connect(
     options: async_nats::ConnectOptions,
     url: &str,
     ca: &std::path::Path,
     device: &str,
-) -> Result<async_nats::Client, async_nats::ConnectError> {
+) -> Result<(async_nats::Client, Connections), async_nats::ConnectError> {
     let device_name = device.to_owned();
-    options
+    let (count, connections) = tokio::sync::watch::channel(0u64);
+    let client = options
         .add_root_certificates(ca.to_owned())
         .require_tls(true)
         .name(format!("fleet-agent {device}"))
@@ -58,6 +63,9 @@ pub async fn connect(
         .max_reconnects(None)
         .event_callback(move |event| {
             let device = device_name.clone();
+            if matches!(event, async_nats::Event::Connected) {
+                count.send_modify(|n| *n += 1);
+            }
             async move {
                 match event {
                     async_nats::Event::Connected => info!(%device, "connected to NATS"),
@@ -67,21 +75,49 @@ pub async fn connect(
                 }
             }
         })
-        .connect(url)
-        .await
+        .connect(servers(url))
+        .await?;
+    Ok((client, connections))
+}
+
+/// `nats://a:4222,nats://b:4222` -> each server of a cluster; the client fails over between them.
+pub fn servers(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).collect()
 }
 
 /// Follows this device's desired keys forever, sending events to the reconciler.
+///
+/// After a reconnect it starts over with a fresh consumer (and a full replay) instead of
+/// letting async-nats recreate the ordered consumer: that recreation retries silently forever
+/// and, when a create times out on a cluster electing leaders but happened anyway, it keeps
+/// failing on the name it already used, so the device would hear nothing more.
 pub async fn follow_desired(
     js: jetstream::Context,
     device: String,
     tx: mpsc::Sender<DesiredEvent>,
+    mut connections: Connections,
 ) {
-    let mut backoff = Duration::from_millis(250);
+    const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+    let mut backoff = FIRST_BACKOFF;
     let mut attempt: u32 = 0;
     loop {
         attempt += 1;
-        match replay_and_follow(&js, &device, attempt, &tx).await {
+        connections.borrow_and_update();
+        let reconnected = async {
+            if connections.changed().await.is_err() {
+                // The client is gone; nothing will reconnect.
+                std::future::pending::<()>().await;
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let followed = tokio::select! {
+            r = replay_and_follow(&js, &device, attempt, &tx) => r,
+            () = reconnected => Err("reconnected to NATS; starting over".into()),
+        };
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = FIRST_BACKOFF; // It worked for a while: this is a new failure.
+        }
+        match followed {
             Ok(()) => return, // The reconciler is gone: the agent is shutting down.
             Err(e) => {
                 // Jitter, so a fleet that lost its server does not come back in lockstep and

@@ -7,6 +7,8 @@
 //! `scripts/bootstrap.sh`. Waiting is always on a condition ([`eventually`]), never a bare sleep.
 #![allow(clippy::disallowed_methods)] // A harness starts processes; the product code may not.
 
+pub mod churn;
+
 use std::{
     future::Future,
     net::TcpListener,
@@ -204,74 +206,45 @@ impl Drop for Proc {
     }
 }
 
-/// A nats-server with JetStream on a free port, its store in a temp folder, in decentralized
-/// JWT mode: it trusts the fleet identity that `fleet-operator init-identity` wrote to
-/// `<dir>/identity` (a full resolver, so account updates survive restarts).
+/// nats-server with JetStream on free loopback ports, its store in a temp folder, in
+/// decentralized JWT mode: it trusts the fleet identity that `fleet-operator init-identity`
+/// wrote to `<dir>/identity` (a full resolver, so account updates survive restarts). One
+/// server, or a cluster of several ([`Nats::start_cluster`]).
 #[derive(Debug)]
 pub struct Nats {
-    pub port: u16,
-    monitor: u16,
-    config: PathBuf,
+    nodes: Vec<NatsNode>,
     /// The fleet identity folder: keys, `operator.creds`, `sys.creds`.
     pub identity: PathBuf,
-    log: PathBuf,
-    proc: Option<Proc>,
 }
 
-impl Nats {
-    pub async fn start(dir: &Path) -> Result<Nats> {
-        let identity = dir.join("identity");
-        let status = Command::new(binary("fleet-operator"))
-            .arg("--identity")
-            .arg(&identity)
-            .arg("init-identity")
-            .stdout(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("fleet-operator init-identity failed");
-        }
-        let port = free_port();
-        let monitor = free_port();
-        let config = dir.join("nats.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\nserver_name: e2e\n\
-                 jetstream {{ store_dir: \"{}\" }}\ninclude \"identity/nats-auth.conf\"\n",
-                dir.join("nats-store").display()
-            ),
-        )?;
-        let mut nats = Nats {
-            port,
-            monitor,
-            config,
-            identity,
-            log: dir.join("nats.log"),
-            proc: None,
-        };
-        nats.restart().await?;
-        Ok(nats)
-    }
+#[derive(Debug)]
+struct NatsNode {
+    port: u16,
+    monitor: u16,
+    config: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+    clustered: bool,
+}
 
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// The fleet CA every client must pin (the server only speaks TLS).
-    pub fn ca(&self) -> PathBuf {
-        fleet_operator::identity::tls::ca_path(&self.identity)
-    }
-
-    /// Starts the server (again), on the same port and store, and waits until JetStream answers.
-    pub async fn restart(&mut self) -> Result<()> {
+impl NatsNode {
+    fn spawn(&mut self) -> Result<()> {
         self.stop();
         let mut cmd = Command::new(tool("nats-server"));
         cmd.arg("-c").arg(&self.config);
         self.proc = Some(Proc::spawn("nats-server", cmd, self.log.clone())?);
-        let url = format!(
-            "http://127.0.0.1:{}/healthz?js-enabled-only=true",
-            self.monitor
-        );
+        Ok(())
+    }
+
+    /// Waits until the server answers (a cluster node: until it has caught up too; the
+    /// JetStream-only check answers before that).
+    async fn ready(&self) -> Result<()> {
+        let check = if self.clustered {
+            ""
+        } else {
+            "?js-enabled-only=true"
+        };
+        let url = format!("http://127.0.0.1:{}/healthz{check}", self.monitor);
         eventually("nats-server to answer", WAIT, || {
             let url = url.clone();
             async move {
@@ -284,20 +257,155 @@ impl Nats {
         .await
     }
 
-    pub fn stop(&mut self) {
+    fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.stop();
         }
+    }
+}
+
+impl Nats {
+    pub async fn start(dir: &Path) -> Result<Nats> {
+        let identity = Nats::identity(dir)?;
+        let (port, monitor) = (free_port(), free_port());
+        let config = dir.join("nats.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\nserver_name: e2e\n\
+                 jetstream {{ store_dir: \"{}\" }}\ninclude \"identity/nats-auth.conf\"\n",
+                dir.join("nats-store").display()
+            ),
+        )?;
+        let node = NatsNode {
+            port,
+            monitor,
+            config,
+            log: dir.join("nats.log"),
+            proc: None,
+            clustered: false,
+        };
+        let mut nats = Nats {
+            nodes: vec![node],
+            identity,
+        };
+        nats.restart().await?;
+        Ok(nats)
+    }
+
+    /// A cluster of `size` servers on loopback (`n1`, `n2`, ...), each with its own store and
+    /// account resolver folder, joined by plain routes (loopback only: across hosts, routes need
+    /// TLS and auth).
+    pub async fn start_cluster(dir: &Path, size: usize) -> Result<Nats> {
+        let identity = Nats::identity(dir)?;
+        let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let route_urls = routes
+            .iter()
+            .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let (port, monitor) = (free_port(), free_port());
+            let config = dir.join(format!("nats-{name}.conf"));
+            // The resolver block after the include replaces the one in nats-auth.conf: one
+            // resolver folder per node.
+            std::fs::write(
+                &config,
+                format!(
+                    "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\nserver_name: {name}\n\
+                     jetstream {{ store_dir: \"{store}\" }}\ninclude \"identity/nats-auth.conf\"\n\
+                     resolver: {{ type: full, dir: \"{jwt}\", allow_delete: false, interval: \"2m\", timeout: \"3s\" }}\n\
+                     cluster {{ name: fleet, listen: \"127.0.0.1:{route}\", routes: [{route_urls}] }}\n",
+                    store = dir.join(format!("nats-store-{name}")).display(),
+                    jwt = dir.join(format!("nats-jwt-{name}")).display(),
+                ),
+            )?;
+            nodes.push(NatsNode {
+                port,
+                monitor,
+                config,
+                log: dir.join(format!("nats-{name}.log")),
+                proc: None,
+                clustered: true,
+            });
+        }
+        let mut nats = Nats { nodes, identity };
+        nats.restart().await?;
+        Ok(nats)
+    }
+
+    fn identity(dir: &Path) -> Result<PathBuf> {
+        let identity = dir.join("identity");
+        let status = Command::new(binary("fleet-operator"))
+            .arg("--identity")
+            .arg(&identity)
+            .arg("init-identity")
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("fleet-operator init-identity failed");
+        }
+        Ok(identity)
+    }
+
+    /// Every server's client URL, comma-separated (what Fleet's `--nats-url` takes).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The fleet CA every client must pin (the server only speaks TLS).
+    pub fn ca(&self) -> PathBuf {
+        fleet_operator::identity::tls::ca_path(&self.identity)
+    }
+
+    /// Starts every server (again), on the same ports and stores, and waits until each
+    /// answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        for node in &mut self.nodes {
+            node.spawn()?;
+        }
+        for node in &self.nodes {
+            node.ready().await?;
+        }
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+    }
+
+    /// SIGKILLs cluster node `i` (0-based).
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts cluster node `i` again and waits until it has caught up.
+    pub async fn start_node(&mut self, i: usize) -> Result<()> {
+        self.nodes[i].spawn()?;
+        self.nodes[i].ready().await
     }
 
     /// A client with the operator service's credentials (what tests use to look into KV).
     pub async fn client(&self) -> Result<async_nats::Client> {
         let creds = std::fs::read_to_string(self.identity.join("operator.creds"))?;
+        let url = self.url();
+        let servers: Vec<&str> = url.split(',').collect();
         Ok(async_nats::ConnectOptions::with_credentials(&creds)?
             .add_root_certificates(self.ca())
             .require_tls(true)
             .custom_inbox_prefix("_INBOX.ctl")
-            .connect(self.url())
+            .connect(servers)
             .await?)
     }
 }
@@ -638,6 +746,16 @@ pub fn http_deployment(
     })
 }
 
+/// A fresh folder for one test; kept after the test when `FLEET_E2E_KEEP` is set (logs, stores).
+fn test_dir() -> Result<tempfile::TempDir> {
+    let mut dir = tempfile::Builder::new().prefix("fleet-e2e-").tempdir()?;
+    if std::env::var_os("FLEET_E2E_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
+    Ok(dir)
+}
+
 /// Everything one test needs: a temp folder, NATS, the operator, and helpers.
 #[derive(Debug)]
 pub struct Fleet {
@@ -654,9 +772,23 @@ impl Fleet {
 
     /// Like [`Fleet::start`], with extra `fleet-operator` flags.
     pub async fn start_with(operator_flags: &[&str]) -> Result<Fleet> {
-        let dir = tempfile::Builder::new().prefix("fleet-e2e-").tempdir()?;
+        let dir = test_dir()?;
         let nats = Nats::start(dir.path()).await?;
         let operator = Operator::start(dir.path(), &nats, operator_flags).await?;
+        Ok(Fleet {
+            nats,
+            operator,
+            dir,
+        })
+    }
+
+    /// Like [`Fleet::start`], on a cluster of `size` NATS servers, each KV bucket with `size`
+    /// replicas.
+    pub async fn start_cluster(size: usize) -> Result<Fleet> {
+        let dir = test_dir()?;
+        let nats = Nats::start_cluster(dir.path(), size).await?;
+        let replicas = size.to_string();
+        let operator = Operator::start(dir.path(), &nats, &["--kv-replicas", &replicas]).await?;
         Ok(Fleet {
             nats,
             operator,
@@ -745,7 +877,7 @@ impl Hollow {
         let jwt = identity::enroll(&nats.url(), &nats.ca(), name, &key, token).await?;
         identity::save_jwt(state_dir, &jwt)?;
         let options = identity::connect_options(state_dir, key);
-        let client = sync::connect(options, &nats.url(), &nats.ca(), name).await?;
+        let (client, connections) = sync::connect(options, &nats.url(), &nats.ca(), name).await?;
         let js = async_nats::jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(3))
             .build(client);
@@ -753,7 +885,12 @@ impl Hollow {
         let _ = js_tx.send(js.clone());
         let outbox = sync::outbox(js_rx);
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let mut tasks = vec![tokio::spawn(sync::follow_desired(js, name.to_owned(), tx))];
+        let mut tasks = vec![tokio::spawn(sync::follow_desired(
+            js,
+            name.to_owned(),
+            tx,
+            connections,
+        ))];
         let desired = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
         let (map, out, device) = (desired.clone(), outbox.clone(), name.to_owned());
         tasks.push(tokio::spawn(async move {

@@ -191,7 +191,7 @@ async fn apply(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResult<Appl
             ErrorBody { error, fields },
         )
     })?;
-    require_converged(&shared)?;
+    // No need to wait for a recovering view: the write is a compare-and-set on KV itself.
     let key = names::resource_key(resource.kind(), &resource.metadata().name);
     let store = &shared.buckets.resources;
     let existing = store.entry(&key).await.map_err(|e| {
@@ -287,6 +287,13 @@ fn warnings(shared: &Shared, resource: &Resource) -> Vec<String> {
     let mut out = Vec::new();
     if let Resource::Deployment(d) = resource {
         out.extend(d.spec.template.idempotency_warnings());
+        if !shared.caught_up() {
+            out.push(
+                "the operator is still reading the fleet's state: selector and port checks were skipped"
+                    .into(),
+            );
+            return out;
+        }
         if fleet.matching_devices(d).next().is_none() {
             out.push(format!(
                 "no device matches the selector {:?} yet; the Deployment waits for one",
@@ -409,18 +416,17 @@ async fn delete_device(
 }
 
 async fn delete(shared: &Shared, kind: &str, name: &str) -> Result<StatusCode, ApiError> {
-    require_converged(shared)?;
-    let exists = {
-        let fleet = shared.fleet.read().unwrap();
-        match kind {
-            "Deployment" => fleet.deployments.contains_key(name),
-            _ => fleet.devices.contains_key(name),
-        }
-    };
-    if !exists {
+    // KV decides, not the (possibly recovering) view.
+    let key = names::resource_key(kind, name);
+    let entry = shared.buckets.resources.entry(&key).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read {key} from NATS: {e}"),
+        )
+    })?;
+    if !entry.is_some_and(|e| e.operation == async_nats::jetstream::kv::Operation::Put) {
         return Err(not_found(kind, name));
     }
-    let key = names::resource_key(kind, name);
     shared.buckets.resources.delete(&key).await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -50,8 +50,9 @@ pub struct Buckets {
     pub lease: kv::Store,
 }
 
-/// Creates the buckets if missing (idempotent) and opens them.
-pub async fn open_buckets(js: &jetstream::Context) -> Result<Buckets, SetupError> {
+/// Creates the buckets if missing (idempotent; the replica count follows `replicas`) and
+/// opens them.
+pub async fn open_buckets(js: &jetstream::Context, replicas: usize) -> Result<Buckets, SetupError> {
     let open = |bucket: &'static str, history: i64| {
         let js = js.clone();
         async move {
@@ -59,6 +60,7 @@ pub async fn open_buckets(js: &jetstream::Context) -> Result<Buckets, SetupError
                 bucket: bucket.to_owned(),
                 history,
                 storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
@@ -92,6 +94,8 @@ pub struct Shared {
     pub device_jwt_ttl: std::time::Duration,
     /// Woken whenever fan-out may have work.
     pub changed: Notify,
+    /// Counts the operator connection's (re)connects.
+    pub connections: tokio::sync::watch::Receiver<u64>,
     pub leadership: Arc<crate::lease::Leadership>,
     watches_current: [AtomicBool; 4],
     /// Whether the desired bucket matched the resources after the last fan-out pass of this
@@ -123,6 +127,7 @@ impl Shared {
         nats: async_nats::Client,
         device_jwt_ttl: std::time::Duration,
         leadership: Arc<crate::lease::Leadership>,
+        connections: tokio::sync::watch::Receiver<u64>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             fleet: RwLock::new(Fleet::default()),
@@ -132,6 +137,7 @@ impl Shared {
             nats,
             device_jwt_ttl,
             changed: Notify::new(),
+            connections,
             leadership,
             watches_current: Default::default(),
             written: AtomicBool::new(false),
@@ -190,38 +196,42 @@ pub fn now_ms() -> u64 {
 
 /// Starts the watches and the fan-out loop.
 pub fn spawn(shared: Arc<Shared>, resync: Duration) {
-    let s = shared.clone();
-    tokio::spawn(async move {
-        watch_forever(s, 0, |s| s.buckets.resources.clone(), apply_resource).await
-    });
-    let s = shared.clone();
-    tokio::spawn(async move {
-        watch_forever(s, 1, |s| s.buckets.reported.clone(), apply_reported).await
-    });
-    let s = shared.clone();
-    tokio::spawn(
-        async move { watch_forever(s, 2, |s| s.buckets.desired.clone(), apply_desired).await },
-    );
-    let s = shared.clone();
-    tokio::spawn(async move {
-        watch_forever(s, 3, |s| s.buckets.enrollment.clone(), apply_identity).await
-    });
+    let watches: [(&'static str, Apply); 4] = [
+        (RESOURCES_BUCKET, apply_resource),
+        (REPORTED_BUCKET, apply_reported),
+        (DESIRED_BUCKET, apply_desired),
+        (ENROLLMENT_BUCKET, apply_identity),
+    ];
+    for (index, (bucket, apply)) in watches.into_iter().enumerate() {
+        tokio::spawn(watch_forever(shared.clone(), index, bucket, apply));
+    }
     tokio::spawn(fan_out_loop(shared, resync));
 }
+
+/// Timeout of the requests that set a watch up: short, so a create that went to a cluster node
+/// that just died is retried soon (the next one lands on a live node).
+const WATCH_SETUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Apply = fn(&Shared, &kv::Entry) -> Result<bool, String>;
 
 /// Follows one bucket from its start, forever; a failed watch is rebuilt from scratch (the
 /// bucket's current contents replace what was known).
-async fn watch_forever(
-    shared: Arc<Shared>,
-    index: usize,
-    store: fn(&Shared) -> kv::Store,
-    apply: Apply,
-) {
-    let mut backoff = Duration::from_millis(200);
+async fn watch_forever(shared: Arc<Shared>, index: usize, bucket: &'static str, apply: Apply) {
+    let js = jetstream::ContextBuilder::new()
+        .timeout(WATCH_SETUP_TIMEOUT)
+        .build(shared.nats.clone());
+    const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+    let mut backoff = FIRST_BACKOFF;
     loop {
-        match watch_once(&shared, index, store(&shared), apply).await {
+        let started = tokio::time::Instant::now();
+        let watched = match js.get_key_value(bucket).await {
+            Ok(store) => watch_once(&shared, index, store, apply).await,
+            Err(e) => Err(e.into()),
+        };
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = FIRST_BACKOFF; // It worked for a while: this is a new failure.
+        }
+        match watched {
             Ok(()) => warn!(watch = WATCH_NAMES[index], "watch ended; restarting it"),
             Err(e) => {
                 warn!(watch = WATCH_NAMES[index], error = %e, retry_in = ?backoff, "watch failed")
@@ -229,7 +239,8 @@ async fn watch_forever(
         }
         shared.set_current(index, false);
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        // Short: while the watch is down the operator is recovering (no fan-out, no reads).
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -253,7 +264,24 @@ async fn watch_once(
     if empty {
         shared.set_current(index, true);
     }
-    while let Some(entry) = watch.next().await {
+    // After a reconnect, read the bucket again rather than trust async-nats to recreate the
+    // watch's consumer: its recreation retries silently and can stay stuck on a cluster that
+    // is electing leaders.
+    let mut connections = shared.connections.clone();
+    connections.borrow_and_update();
+    let mut reconnects = true;
+    loop {
+        let entry = tokio::select! {
+            entry = watch.next() => entry,
+            changed = connections.changed(), if reconnects => {
+                if changed.is_ok() {
+                    return Err("reconnected to NATS; reading the bucket again".into());
+                }
+                reconnects = false;
+                continue;
+            }
+        };
+        let Some(entry) = entry else { break };
         let entry = entry?;
         let unreadable_key = format!("{}/{}", entry.bucket, entry.key);
         match apply(shared, &entry) {

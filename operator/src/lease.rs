@@ -22,7 +22,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use fleet_contracts::{SCHEMA_VERSION, api::Lease, names::LEASE_KEY};
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -163,15 +163,19 @@ pub async fn run(store: kv::Store, leadership: std::sync::Arc<Leadership>) {
                     leadership.state.lock().unwrap().leader = holder.clone();
                     if free || stale || holder.as_deref() == Some(me.as_str()) {
                         let bytes = lease_bytes(&me, leadership.ttl);
+                        // Err((lost to another operator, why)) when not taken.
                         let taken = match entry {
-                            None => store
-                                .create(LEASE_KEY, bytes)
-                                .await
-                                .map_err(|e| e.to_string()),
-                            Some(_) => store
-                                .update(LEASE_KEY, bytes, revision)
-                                .await
-                                .map_err(|e| e.to_string()),
+                            None => store.create(LEASE_KEY, bytes).await.map_err(|e| {
+                                (e.kind() == CreateErrorKind::AlreadyExists, e.to_string())
+                            }),
+                            Some(_) => {
+                                store.update(LEASE_KEY, bytes, revision).await.map_err(|e| {
+                                    (
+                                        e.kind() == UpdateErrorKind::WrongLastRevision,
+                                        e.to_string(),
+                                    )
+                                })
+                            }
                         };
                         match taken {
                             Ok(next) => {
@@ -180,9 +184,8 @@ pub async fn run(store: kv::Store, leadership: std::sync::Arc<Leadership>) {
                                 }
                                 leadership.hold(next, sent);
                             }
-                            Err(e) => {
-                                info!(error = %e, "another operator was quicker to the lease")
-                            }
+                            Err((true, _)) => info!("another operator was quicker to the lease"),
+                            Err((false, e)) => warn!(error = %e, "cannot take the lease; retrying"),
                         }
                     }
                 }

@@ -37,6 +37,13 @@ pub struct Config {
     /// This operator's name in the leadership lease.
     pub instance: String,
     pub lease_ttl: Duration,
+    /// Replicas of each KV bucket (3 on a 3-node NATS cluster).
+    pub kv_replicas: usize,
+}
+
+/// `nats://a:4222,nats://b:4222` -> each server of a cluster; the client fails over between them.
+pub fn servers(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).collect()
 }
 
 /// `<hostname>-<pid>`: unique among the operators of one fleet.
@@ -63,8 +70,6 @@ pub enum RunError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Setup(#[from] controller::SetupError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -74,9 +79,13 @@ pub enum RunError {
     Serve(std::io::Error),
 }
 
+/// How often the fleet account is pushed to the servers even without a change.
+const ACCOUNT_REPUSH: Duration = Duration::from_secs(60);
+
 /// Runs the operator until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let identity = Arc::new(identity::Identity::init_or_load(&config.identity_dir)?);
+    let (connected, connections) = tokio::sync::watch::channel(0u64);
     let creds_path = config.identity_dir.join("operator.creds");
     let creds = std::fs::read_to_string(&creds_path).map_err(|source| RunError::Creds {
         path: creds_path.clone(),
@@ -94,15 +103,31 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .require_tls(true)
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .event_callback(|event| async move { tracing::warn!(event = %event, "NATS event") })
-        .connect(&config.nats_url)
+        .event_callback(move |event| {
+            if matches!(event, async_nats::Event::Connected) {
+                connected.send_modify(|n| *n += 1);
+            }
+            async move { tracing::warn!(event = %event, "NATS event") }
+        })
+        .connect(servers(&config.nats_url))
         .await
         .map_err(|source| RunError::Connect {
             url: config.nats_url.clone(),
             source,
         })?;
     let js = async_nats::jetstream::new(client.clone());
-    let buckets = controller::open_buckets(&js).await?;
+    // JetStream may not be ready yet (a cluster still electing its meta leader): wait for it.
+    let mut backoff = Duration::from_millis(250);
+    let buckets = loop {
+        match controller::open_buckets(&js, config.kv_replicas).await {
+            Ok(b) => break b,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "JetStream is not ready");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
     let sys_path = config.identity_dir.join("sys.creds");
     let sys_creds = std::fs::read_to_string(&sys_path).map_err(|source| RunError::Creds {
         path: sys_path.clone(),
@@ -131,7 +156,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .add_root_certificates(identity::tls::ca_path(&config.identity_dir))
         .require_tls(true)
         .retry_on_initial_connect()
-        .connect(&config.nats_url)
+        .connect(servers(&config.nats_url))
         .await
         .map_err(|source| RunError::Connect {
             url: config.nats_url.clone(),
@@ -148,13 +173,19 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         client.clone(),
         config.device_jwt_ttl,
         leadership.clone(),
+        connections,
     );
     tokio::spawn(lease::run(shared.buckets.lease.clone(), leadership));
     let pusher = shared.clone();
     reconnected.notify_one(); // And once at start.
     tokio::spawn(async move {
         loop {
-            reconnected.notified().await;
+            // Also every minute: a cluster node that was down when an update was pushed
+            // serves the old account (and lets a blacklisted device in) until it hears again.
+            tokio::select! {
+                _ = reconnected.notified() => {}
+                _ = tokio::time::sleep(ACCOUNT_REPUSH) => {}
+            }
             if let Err(e) = blacklist::push_account(&pusher).await {
                 tracing::warn!(error = %e, "cannot push the fleet account; retrying at the next reconnect");
             }

@@ -40,6 +40,9 @@ struct Args {
     /// renewal (at once when the leader shuts down cleanly).
     #[arg(long, default_value_t = 6000)]
     lease_ms: u64,
+    /// Replicas of each KV bucket: 3 on a 3-node NATS cluster (each bucket survives a node).
+    #[arg(long, default_value_t = 1)]
+    kv_replicas: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +86,7 @@ async fn main() -> ExitCode {
             .instance
             .unwrap_or_else(fleet_operator::default_instance),
         lease_ttl: Duration::from_millis(args.lease_ms.max(300)),
+        kv_replicas: args.kv_replicas.clamp(1, 5),
     };
     match fleet_operator::run(config).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,8 +5,12 @@
 # the example Deployment from examples/.
 #
 # Environment: FLEET_STATE (default ./.fleet), FLEET_NATS_PORT (4222), FLEET_HTTP_PORT (8080),
-# FLEET_NATS_MONITOR_PORT (8222),
-# FLEET_LOG (info). State survives restarts: run it again and the fleet comes back.
+# FLEET_NATS_MONITOR_PORT (8222), FLEET_LOG (info),
+# FLEET_NATS_CLUSTER=3: three nats-server nodes on loopback (client ports FLEET_NATS_PORT+0..2,
+#   monitor ports FLEET_NATS_MONITOR_PORT+0..2, route ports FLEET_NATS_ROUTE_PORT (6222)+0..2),
+#   every KV bucket with three replicas; its state is kept apart from the single-node one,
+# FLEET_STANDBY=1: a second operator on FLEET_HTTP_PORT+1, standing by to take over.
+# State survives restarts: run it again and the fleet comes back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -15,6 +19,9 @@ STATE=${FLEET_STATE:-$ROOT/.fleet}
 NATS_PORT=${FLEET_NATS_PORT:-4222}
 HTTP_PORT=${FLEET_HTTP_PORT:-8080}
 MON_PORT=${FLEET_NATS_MONITOR_PORT:-8222}
+ROUTE_PORT=${FLEET_NATS_ROUTE_PORT:-6222}
+NODES=${FLEET_NATS_CLUSTER:-1}
+case "$NODES" in 1|3) ;; *) echo "local-fleet: FLEET_NATS_CLUSTER must be 1 or 3" >&2; exit 2 ;; esac
 export FLEET_SERVER="http://127.0.0.1:$HTTP_PORT"
 # fleetctl authenticates with the operator's admin token (created with the identity).
 export FLEET_TOKEN_FILE="$STATE/identity/admin.token"
@@ -36,7 +43,10 @@ mkdir -p "$STATE/nats" "$STATE/agent" "$STATE/logs"
 # The fleet's NATS identity (operator, accounts, keys, TLS CA and server certificate; private
 # keys mode 0600), created once and kept.
 "$BIN/fleet-operator" --identity "$STATE/identity" init-identity >/dev/null
-cat >"$STATE/nats.conf" <<CONF
+NATS_URLS=""
+if [ "$NODES" = 1 ]; then
+  NATS_URLS="nats://127.0.0.1:$NATS_PORT"
+  cat >"$STATE/nats.conf" <<CONF
 # Written by scripts/local-fleet.sh: JetStream, decentralized JWT auth and TLS (from the include).
 listen: "127.0.0.1:$NATS_PORT"
 http: "127.0.0.1:$MON_PORT"
@@ -44,6 +54,26 @@ server_name: fleet-local
 jetstream { store_dir: "$STATE/nats" }
 include "identity/nats-auth.conf"
 CONF
+else
+  routes="\"nats-route://127.0.0.1:$ROUTE_PORT\", \"nats-route://127.0.0.1:$((ROUTE_PORT + 1))\", \"nats-route://127.0.0.1:$((ROUTE_PORT + 2))\""
+  for i in 0 1 2; do
+    n=n$((i + 1))
+    mkdir -p "$STATE/cluster/$n"
+    NATS_URLS="${NATS_URLS:+$NATS_URLS,}nats://127.0.0.1:$((NATS_PORT + i))"
+    # The resolver block after the include gives each node its own account folder; routes
+    # are plain because they stay on loopback (across hosts they need TLS and auth).
+    cat >"$STATE/nats-$n.conf" <<CONF
+# Written by scripts/local-fleet.sh: node $n of a 3-node cluster.
+listen: "127.0.0.1:$((NATS_PORT + i))"
+http: "127.0.0.1:$((MON_PORT + i))"
+server_name: $n
+jetstream { store_dir: "$STATE/cluster/$n/store" }
+include "identity/nats-auth.conf"
+resolver: { type: full, dir: "$STATE/cluster/$n/jwt", allow_delete: false, interval: "2m", timeout: "3s" }
+cluster { name: fleet-local, listen: "127.0.0.1:$((ROUTE_PORT + i))", routes: [$routes] }
+CONF
+  done
+fi
 pids=()
 cleanup() {
   trap - INT TERM EXIT
@@ -71,18 +101,36 @@ wait_for() { # wait_for WHAT URL [JQ-CONDITION]
   exit 1
 }
 
-say "starting nats-server on 127.0.0.1:$NATS_PORT (TLS with the fleet CA, JWT auth, JetStream in $STATE/nats)"
-nats-server -c "$STATE/nats.conf" >"$STATE/logs/nats.log" 2>&1 &
-pids+=($!)
-wait_for nats-server "http://127.0.0.1:$MON_PORT/healthz?js-enabled-only=true"
+if [ "$NODES" = 1 ]; then
+  say "starting nats-server on 127.0.0.1:$NATS_PORT (TLS with the fleet CA, JWT auth, JetStream in $STATE/nats)"
+  nats-server -c "$STATE/nats.conf" >"$STATE/logs/nats.log" 2>&1 &
+  pids+=($!)
+  wait_for nats-server "http://127.0.0.1:$MON_PORT/healthz?js-enabled-only=true"
+else
+  say "starting a 3-node nats-server cluster on 127.0.0.1:$NATS_PORT-$((NATS_PORT + 2)) (TLS, JWT auth, JetStream in $STATE/cluster)"
+  for i in 0 1 2; do
+    nats-server -c "$STATE/nats-n$((i + 1)).conf" >"$STATE/logs/nats-n$((i + 1)).log" 2>&1 &
+    pids+=($!)
+  done
+  # Plain /healthz: a cluster node answers 200 once it has caught up with the others.
+  for i in 0 1 2; do wait_for "nats-server n$((i + 1))" "http://127.0.0.1:$((MON_PORT + i))/healthz"; done
+fi
 
 say "starting fleet-operator on $FLEET_SERVER"
-"$BIN/fleet-operator" --nats-url "nats://127.0.0.1:$NATS_PORT" --listen "127.0.0.1:$HTTP_PORT" \
-  --identity "$STATE/identity" \
+"$BIN/fleet-operator" --nats-url "$NATS_URLS" --listen "127.0.0.1:$HTTP_PORT" \
+  --identity "$STATE/identity" --instance operator-a --kv-replicas "$NODES" \
   >"$STATE/logs/operator.log" 2>&1 &
 pids+=($!)
 auth=(-H "Authorization: Bearer $(cat "$FLEET_TOKEN_FILE")")
 wait_for fleet-operator "$FLEET_SERVER/api/v1/status" '.state == "converged"'
+if [ -n "${FLEET_STANDBY:-}" ]; then
+  say "starting a standby fleet-operator on http://127.0.0.1:$((HTTP_PORT + 1))"
+  "$BIN/fleet-operator" --nats-url "$NATS_URLS" --listen "127.0.0.1:$((HTTP_PORT + 1))" \
+    --identity "$STATE/identity" --instance operator-b --kv-replicas "$NODES" \
+    >"$STATE/logs/operator-standby.log" 2>&1 &
+  pids+=($!)
+  wait_for "standby fleet-operator" "http://127.0.0.1:$((HTTP_PORT + 1))/api/v1/status" '.role == "standby"'
+fi
 
 if [ ! -f "$STATE/agent/identity/device.jwt" ]; then
   say "creating a one-time enrollment token for pi-01"
@@ -94,7 +142,7 @@ fi
 cat >"$STATE/agent.toml" <<TOML
 # Written by scripts/local-fleet.sh.
 device_id = "pi-01"
-nats_url = "nats://127.0.0.1:$NATS_PORT"
+nats_url = "$NATS_URLS"
 state_dir = "$STATE/agent"
 nats_ca_file = "$STATE/identity/tls/ca.pem"
 heartbeat_interval_secs = 2
@@ -113,8 +161,9 @@ say "applying examples/hello.yaml"
 cat <<MSG
 
   The local fleet is running:
-    nats-server     nats://127.0.0.1:$NATS_PORT   (log: $STATE/logs/nats.log)
-    fleet-operator  $FLEET_SERVER/   status page; metrics at /metrics   (log: $STATE/logs/operator.log)
+    nats-server     $NATS_URLS   (logs: $STATE/logs/nats*.log)
+    fleet-operator  $FLEET_SERVER/   status page; metrics at /metrics   (log: $STATE/logs/operator.log)${FLEET_STANDBY:+
+    standby         http://127.0.0.1:$((HTTP_PORT + 1))/   takes over when the first one stops   (log: $STATE/logs/operator-standby.log)}
     fleet-agent     device pi-01, enrolled with a one-time token, host podman   (log: $STATE/logs/agent.log)
     hello           http://127.0.0.1:18080/  -> $(curl -fsS http://127.0.0.1:18080/ 2>/dev/null || echo "not answering yet")
 

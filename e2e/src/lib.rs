@@ -448,6 +448,23 @@ impl Operator {
         instance: &str,
         extra: &[&str],
     ) -> Result<Operator> {
+        let op = Operator::spawn(dir, nats, instance, extra)?;
+        let client = op.client();
+        eventually("the operator to converge", WAIT, || {
+            let status = client.status();
+            async move {
+                Ok(status
+                    .ok()
+                    .filter(|s| s.state == fleet_contracts::api::RecoveryState::Converged)
+                    .map(drop))
+            }
+        })
+        .await?;
+        Ok(op)
+    }
+
+    /// Starts an operator process and returns at once (it may still be recovering).
+    pub fn spawn(dir: &Path, nats: &Nats, instance: &str, extra: &[&str]) -> Result<Operator> {
         let port = free_port();
         let mut cmd = Command::new(binary("fleet-operator"));
         cmd.args([
@@ -474,23 +491,11 @@ impl Operator {
         let token = std::fs::read_to_string(nats.identity.join("admin.token"))?
             .trim()
             .to_owned();
-        let op = Operator {
+        Ok(Operator {
             url: format!("http://127.0.0.1:{port}"),
             token,
             proc,
-        };
-        let client = op.client();
-        eventually("the operator to converge", WAIT, || {
-            let status = client.status();
-            async move {
-                Ok(status
-                    .ok()
-                    .filter(|s| s.state == fleet_contracts::api::RecoveryState::Converged)
-                    .map(drop))
-            }
         })
-        .await?;
-        Ok(op)
     }
 
     pub fn client(&self) -> ctl::Client {

@@ -14,7 +14,11 @@
 //!   which it shares with the host, so both ends read one clock, at 10 ms resolution);
 //! - blacklist command to disconnect, and un-blacklist to the device reconnected and converged
 //!   (a change made while it was out), median over 10 runs;
-//! - the size of the stripped static aarch64 agent, when built.
+//! - the size of the stripped static aarch64 agent, when built;
+//! - operator recovery (hollow devices, KV state written directly): a full fan-out of one
+//!   Deployment to 1,000 and 10,000 devices until every device has acknowledged it, against
+//!   the floor of raw pipelined KV puts of as many keys in the same run; operator start to
+//!   "converged" on that state; and SIGKILL to converged under a continuous writer.
 //!
 //! Run it through `scripts/bench.sh`, which builds everything in release mode first.
 #![allow(clippy::print_stdout, clippy::disallowed_methods)] // A benchmark prints and times podman.
@@ -147,6 +151,8 @@ async fn main() -> Result<()> {
         Err(_) => println!("aarch64 agent not built (scripts/bench.sh builds it)"),
     }
     drop(agent);
+    drop(fleet);
+    recovery_figures().await?;
     Ok(())
 }
 
@@ -476,5 +482,308 @@ async fn follow_figures(fleet: &Fleet) -> Result<()> {
         ms(percentile(&lags, 99.0))
     );
     fleet.operator.client().delete("deployments", "clock")?;
+    Ok(())
+}
+
+/// A fleet user that may read and write every key: the benchmark's hollow devices.
+fn hollow_fleet_creds(fleet: &Fleet) -> Result<String> {
+    use fleet_operator::identity::jwt::{Permission, UserPermissions};
+    let identity = fleet_operator::identity::Identity::init_or_load(&fleet.nats.identity)?;
+    Ok(identity.fleet_user_creds(
+        "fleet-bench-hollow",
+        UserPermissions {
+            publish: Permission::allow(&["$JS.API.>", "$KV.>", "$JS.ACK.>", "$JS.FC.>"]),
+            subscribe: Permission::allow(&["_INBOX.>"]),
+            resp: None,
+            subs: Some(-1),
+            data: Some(-1),
+            payload: Some(-1),
+        },
+    )?)
+}
+
+async fn hollow_client(fleet: &Fleet) -> Result<async_nats::jetstream::Context> {
+    let creds = hollow_fleet_creds(fleet)?;
+    let client = async_nats::ConnectOptions::with_credentials(&creds)?
+        .add_root_certificates(fleet.nats.ca())
+        .require_tls(true)
+        .connect(fleet.nats.url())
+        .await?;
+    Ok(async_nats::jetstream::new(client))
+}
+
+/// Puts every `(subject, bytes)` pipelined (all publishes out before the acks are awaited),
+/// `window` at a time.
+async fn put_all(
+    js: &async_nats::jetstream::Context,
+    puts: Vec<(String, Vec<u8>)>,
+    window: usize,
+) -> Result<()> {
+    for chunk in puts.chunks(window) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for (subject, bytes) in chunk {
+            acks.push(js.publish(subject.clone(), bytes.clone().into()).await?);
+        }
+        for ack in acks {
+            ack.await?;
+        }
+    }
+    Ok(())
+}
+
+/// Hollow devices acknowledging every desired value: for each desired put it reports the
+/// deployment Ready at that generation, as an agent would once it runs.
+fn spawn_acker(js: async_nats::jetstream::Context) -> tokio::task::JoinHandle<Result<()>> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
+    tokio::spawn(async move {
+        let stream = js
+            .get_stream(names::kv_stream(names::DESIRED_BUCKET))
+            .await?;
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: format!("$KV.{}.>", names::DESIRED_BUCKET),
+                deliver_subject: js.client().new_inbox(),
+                deliver_policy: DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let prefix = format!("$KV.{}.", names::DESIRED_BUCKET);
+        let mut pending = Vec::new();
+        loop {
+            // Batch whatever has arrived, then publish the reports pipelined.
+            let first = messages.next().await;
+            let Some(first) = first else { return Ok(()) };
+            let mut batch = vec![first?];
+            while let Ok(Some(Ok(m))) =
+                tokio::time::timeout(Duration::from_millis(1), messages.next()).await
+            {
+                batch.push(m);
+                if batch.len() >= 2000 {
+                    break;
+                }
+            }
+            for m in batch {
+                let Some(key) = m.subject.as_str().strip_prefix(&prefix) else {
+                    continue;
+                };
+                let Ok(d) =
+                    serde_json::from_slice::<fleet_contracts::state::DesiredDeployment>(&m.payload)
+                else {
+                    continue;
+                };
+                let report = ReportedDeployment {
+                    schema: fleet_contracts::SCHEMA_VERSION,
+                    deployment: d.deployment.clone(),
+                    observed_generation: d.generation,
+                    phase: Phase::Ready,
+                    message: String::new(),
+                    container_id: None,
+                    since_ms: 0,
+                };
+                let subject = format!("$KV.{}.{key}", names::REPORTED_BUCKET);
+                pending.push(
+                    js.publish(subject, serde_json::to_vec(&report)?.into())
+                        .await?,
+                );
+            }
+            for ack in pending.drain(..) {
+                ack.await?;
+            }
+        }
+    })
+}
+
+/// Counts the reported keys of `deployment` that are Ready at `generation`, until `n`.
+async fn wait_acks(
+    js: &async_nats::jetstream::Context,
+    deployment: &str,
+    generation: u64,
+    n: usize,
+) -> Result<()> {
+    let kv = js.get_key_value(names::REPORTED_BUCKET).await?;
+    let mut watch = kv.watch(format!("*.{deployment}")).await?;
+    let mut acked = std::collections::BTreeSet::new();
+    tokio::time::timeout(Duration::from_secs(300), async {
+        while let Some(entry) = watch.next().await {
+            let entry = entry?;
+            if let Ok(r) = serde_json::from_slice::<ReportedDeployment>(&entry.value) {
+                if r.phase == Phase::Ready && r.observed_generation == generation {
+                    acked.insert(entry.key);
+                    if acked.len() == n {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        bail!("watch ended")
+    })
+    .await
+    .context("not every device acknowledged within 300 s")?
+}
+
+/// Polls the operator's status every 10 ms until it says converged.
+async fn wait_converged(op: &fleet_e2e::Operator) -> Result<()> {
+    let client = op.client();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(s) = client.status() {
+            if s.state == fleet_contracts::api::RecoveryState::Converged
+                && s.role == fleet_contracts::api::Role::Leader
+            {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the operator did not converge within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn fan_doc(version: u64) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "fleet.dev/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "fan"},
+        "spec": {
+            "selector": {"matchLabels": {"fleet": "bench"}},
+            "template": {"containers": [{
+                "name": "fan",
+                "image": "localhost/fleet-busybox:1",
+                "env": [{"name": "VERSION", "value": version.to_string()}]
+            }]}
+        }
+    })
+}
+
+/// Fan-out to N hollow devices until all acknowledged, against raw KV puts of N keys; operator
+/// start to converged on that state; SIGKILL to converged under a writer.
+async fn recovery_figures() -> Result<()> {
+    println!("operator recovery (hollow devices; KV state written directly, pipelined)");
+    for n in [1_000usize, 10_000] {
+        let mut fleet = Fleet::start().await?;
+        let js = hollow_client(&fleet).await?;
+        // Devices (labelled for the fan-out and, alternately, for the writer below) and one
+        // heartbeat each, written straight into KV.
+        let mut puts = Vec::with_capacity(2 * n);
+        for i in 0..n {
+            let name = format!("h{i:05}");
+            let doc = serde_json::json!({
+                "apiVersion": "fleet.dev/v1", "kind": "Device",
+                "metadata": {"name": name, "generation": 1,
+                             "labels": {"fleet": "bench", "role": fleet_e2e::churn::ROLES[i % 2]}}
+            });
+            let key = names::resource_key("Device", &name);
+            puts.push((
+                format!("$KV.{}.{key}", names::RESOURCES_BUCKET),
+                serde_json::to_vec(&doc)?,
+            ));
+            let hb = fleet_contracts::state::Heartbeat {
+                schema: fleet_contracts::SCHEMA_VERSION,
+                device: name.clone(),
+                agent_version: "hollow".into(),
+                os: "none".into(),
+                uptime_secs: 0,
+                sent_at_ms: 0,
+                interval_ms: 3_600_000,
+                health_flags: vec![],
+                deployments: 1,
+                last_reconcile_ms: None,
+            };
+            puts.push((
+                format!("$KV.{}.{}", names::REPORTED_BUCKET, names::info_key(&name)),
+                serde_json::to_vec(&hb)?,
+            ));
+        }
+        put_all(&js, puts, 10_000).await?;
+        let client = fleet.operator.client();
+        fleet_e2e::eventually("the operator to know every device", WAIT * 5, || async {
+            Ok((client.status()?.devices == n).then_some(()))
+        })
+        .await?;
+
+        // The floor: raw pipelined puts of n keys of the same size, in a scratch bucket.
+        let scratch = js
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: "fleet-bench-floor".into(),
+                ..Default::default()
+            })
+            .await?;
+        let value = desired_value_bytes(1)?;
+        let floor_puts = (0..n)
+            .map(|i| (format!("$KV.{}.h{i:05}.fan", scratch.name), value.clone()))
+            .collect();
+        let started = Instant::now();
+        put_all(&js, floor_puts, n).await?;
+        let floor = started.elapsed();
+
+        let acker = spawn_acker(js.clone());
+        let started = Instant::now();
+        fleet.operator.apply(&fan_doc(1))?;
+        wait_acks(&js, "fan", 1, n).await?;
+        let fan_out = started.elapsed();
+        println!(
+            "  {n:>6} devices: fan-out of one Deployment until every device acknowledged it {:>8.1} ms; raw pipelined KV puts of {n} keys {:>7.1} ms; ratio {:.1}x",
+            ms(fan_out),
+            ms(floor),
+            fan_out.as_secs_f64() / floor.as_secs_f64()
+        );
+
+        // Start to converged on n devices, n desired keys, 2n reported keys.
+        fleet.operator.proc.kill();
+        let started = Instant::now();
+        fleet.operator = fleet_e2e::Operator::spawn(fleet.path(), &fleet.nats, "e2e", &[])?;
+        wait_converged(&fleet.operator).await?;
+        println!(
+            "  {n:>6} devices: operator start -> converged {:>8.1} ms ({} KV entries)",
+            ms(started.elapsed()),
+            4 * n
+        );
+        if n == 1_000 {
+            kill_under_load(&mut fleet).await?;
+        }
+        acker.abort();
+    }
+    Ok(())
+}
+
+fn desired_value_bytes(version: u64) -> Result<Vec<u8>> {
+    let doc: fleet_contracts::resource::Deployment = serde_json::from_value(fan_doc(version))?;
+    let d = fleet_contracts::state::DesiredDeployment::new("fan", 1, doc.spec.template);
+    Ok(serde_json::to_vec(&d)?)
+}
+
+/// SIGKILL -> converged while a writer applies and deletes Deployments (each on half of the
+/// devices), 5 times.
+async fn kill_under_load(fleet: &mut Fleet) -> Result<()> {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    };
+    let mut times = Vec::new();
+    for round in 0..5u64 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let last = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+        let writing = tokio::task::spawn_blocking({
+            let (url, token) = (fleet.operator.url.clone(), fleet.operator.token.clone());
+            let (stop, last) = (stop.clone(), last.clone());
+            move || fleet_e2e::churn::writer(url, token, round + 1, stop, last)
+        });
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        fleet.operator.proc.kill();
+        let killed = Instant::now();
+        fleet.operator = fleet_e2e::Operator::spawn(fleet.path(), &fleet.nats, "e2e", &[])?;
+        // The writer keeps writing against the new operator while it recovers.
+        wait_converged(&fleet.operator).await?;
+        times.push(killed.elapsed());
+        stop.store(true, Ordering::Relaxed);
+        writing.await?;
+    }
+    println!(
+        "    1000 devices, under a continuous writer: SIGKILL -> restarted operator converged, n=5: median {:>8.1} ms   p99 {:>8.1} ms (p99 is the max)",
+        ms(percentile(&times, 50.0)),
+        ms(percentile(&times, 99.0))
+    );
     Ok(())
 }

@@ -341,6 +341,23 @@ impl Identity {
         )
     }
 
+    /// Credentials of a user `name` in the fleet account with exactly `permissions`, signed by
+    /// the operator service's key: for tools that act as a fleet of their own (the benchmark's
+    /// hollow devices). Whoever holds the identity folder can mint these anyway.
+    pub fn fleet_user_creds(
+        &self,
+        name: &str,
+        permissions: UserPermissions,
+    ) -> Result<String, IdentityError> {
+        self.user_creds(
+            &KeyPair::new_user(),
+            name,
+            &self.service_signing,
+            Some(self.fleet_account.public_key()),
+            permissions,
+        )
+    }
+
     /// Credentials in the system account, for pushing account JWT updates.
     pub fn sys_creds(&self) -> Result<String, IdentityError> {
         let user = KeyPair::new_user();

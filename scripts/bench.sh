@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks of the local fleet (not tests: they print figures and never fail on time).
-#   scripts/bench.sh [N]     N deployments for the latency figures (default 25)
+#   scripts/bench.sh [N]       N deployments for the latency figures (default 25)
+#   scripts/bench.sh recovery  only the operator recovery figures (hollow devices)
 # Builds release binaries and the static aarch64 agent, then runs e2e/src/bin/fleet-bench.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

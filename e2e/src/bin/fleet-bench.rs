@@ -20,7 +20,8 @@
 //!   the floor of raw pipelined KV puts of as many keys in the same run; operator start to
 //!   "converged" on that state; and SIGKILL to converged under a continuous writer.
 //!
-//! Run it through `scripts/bench.sh`, which builds everything in release mode first.
+//! Run it through `scripts/bench.sh` (`scripts/bench.sh recovery`: the recovery figures only),
+//! which builds everything in release mode first.
 #![allow(clippy::print_stdout, clippy::disallowed_methods)] // A benchmark prints and times podman.
 
 use std::time::{Duration, Instant};
@@ -37,6 +38,9 @@ const DEVICE: &str = "bench-01";
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("recovery") {
+        return recovery_figures().await;
+    }
     let n: usize = std::env::args()
         .nth(1)
         .map(|a| a.parse())
@@ -512,8 +516,9 @@ async fn hollow_client(fleet: &Fleet) -> Result<async_nats::jetstream::Context> 
     Ok(async_nats::jetstream::new(client))
 }
 
-/// Puts every `(subject, bytes)` pipelined (all publishes out before the acks are awaited),
-/// `window` at a time.
+/// Puts every `(subject, bytes)` pipelined (a window of publishes out before its acks are
+/// awaited). The window must stay under async-nats' limit of acks in flight (5,000 by
+/// default): past it a publish waits for an ack nobody is awaiting yet.
 async fn put_all(
     js: &async_nats::jetstream::Context,
     puts: Vec<(String, Vec<u8>)>,
@@ -559,7 +564,7 @@ fn spawn_acker(js: async_nats::jetstream::Context) -> tokio::task::JoinHandle<Re
                 tokio::time::timeout(Duration::from_millis(1), messages.next()).await
             {
                 batch.push(m);
-                if batch.len() >= 2000 {
+                if batch.len() >= 1000 {
                     break;
                 }
             }
@@ -664,6 +669,7 @@ async fn recovery_figures() -> Result<()> {
     for n in [1_000usize, 10_000] {
         let mut fleet = Fleet::start().await?;
         let js = hollow_client(&fleet).await?;
+        eprintln!("  ({n} devices: writing their state)");
         // Devices (labelled for the fan-out and, alternately, for the writer below) and one
         // heartbeat each, written straight into KV.
         let mut puts = Vec::with_capacity(2 * n);
@@ -696,7 +702,8 @@ async fn recovery_figures() -> Result<()> {
                 serde_json::to_vec(&hb)?,
             ));
         }
-        put_all(&js, puts, 10_000).await?;
+        put_all(&js, puts, 1_000).await?;
+        eprintln!("  ({n} devices: waiting for the operator to read them)");
         let client = fleet.operator.client();
         fleet_e2e::eventually("the operator to know every device", WAIT * 5, || async {
             Ok((client.status()?.devices == n).then_some(()))
@@ -715,7 +722,7 @@ async fn recovery_figures() -> Result<()> {
             .map(|i| (format!("$KV.{}.h{i:05}.fan", scratch.name), value.clone()))
             .collect();
         let started = Instant::now();
-        put_all(&js, floor_puts, n).await?;
+        put_all(&js, floor_puts, 1_000).await?;
         let floor = started.elapsed();
 
         let acker = spawn_acker(js.clone());

@@ -168,6 +168,16 @@ impl Proc {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) and leaves the process be.
+    pub fn send_signal(&mut self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+
     /// SIGKILL: the process gets no chance to clean up.
     pub fn kill(&mut self) {
         self.signal_and_wait("KILL");

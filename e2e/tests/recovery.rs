@@ -421,3 +421,30 @@ async fn an_unreadable_resource_is_reported_and_skipped_and_its_devices_keep_the
     assert!(err.to_string().contains("cannot be read"), "{err}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_leader_is_replaced_and_steps_down_when_it_wakes() -> Result<()> {
+    let mut fleet = Fleet::start().await?;
+    let _device = Hollow::start(&fleet, "pi-a", &[("role", "edge")], true).await?;
+    let standby = Operator::start_named(fleet.path(), &fleet.nats, "standby", &[]).await?;
+    standby.wait_role(Role::Standby).await?;
+    let mut leader = std::mem::replace(&mut fleet.operator, standby);
+    // The leader freezes (a stopped VM, a long GC pause): it cannot renew its lease.
+    leader.proc.send_signal("STOP");
+    fleet.operator.wait_role(Role::Leader).await?;
+    let generation = fleet.operator.apply(&job("web", "edge", "v1"))?.generation;
+    fleet
+        .operator
+        .wait_phase("web", generation, RolloutPhase::Running)
+        .await?;
+    // It wakes up: its lease is gone, so it stands by and names the new leader.
+    leader.proc.send_signal("CONT");
+    let client = leader.client();
+    eventually("the woken operator to stand by", WAIT, || async {
+        let s = client.status()?;
+        Ok((s.role == Role::Standby && s.leader.as_deref() == Some("standby")).then_some(()))
+    })
+    .await?;
+    assert_eq!(fleet.operator.client().status()?.role, Role::Leader);
+    Ok(())
+}

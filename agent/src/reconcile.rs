@@ -207,7 +207,7 @@ impl<R: CommandRunner + 'static> Reconciler<R> {
                 generation,
                 phase,
             } => {
-                if self.in_flight.get(&deployment) == Some(&hash) {
+                if self.in_flight.get(&deployment) == Some(&hash) && self.is_desired(&deployment) {
                     self.report_one(
                         &deployment,
                         generation,
@@ -236,6 +236,8 @@ impl<R: CommandRunner + 'static> Reconciler<R> {
                     Ok(()) => {
                         self.failures.remove(&deployment);
                     }
+                    // Deleted meanwhile: nothing to retry.
+                    Err(_) if !self.is_desired(&deployment) => {}
                     Err(message) => {
                         let wait = match self.failures.get(&deployment) {
                             Some(f) if f.hash == hash => (f.wait * 2).min(MAX_RETRY),
@@ -257,6 +259,12 @@ impl<R: CommandRunner + 'static> Reconciler<R> {
                 true
             }
         }
+    }
+
+    fn is_desired(&self, deployment: &str) -> bool {
+        self.desired
+            .as_ref()
+            .is_some_and(|d| d.contains_key(deployment))
     }
 
     /// Starts `action` on its own task.

@@ -112,7 +112,14 @@ pub async fn follow_desired(
         let started = tokio::time::Instant::now();
         let followed = tokio::select! {
             r = replay_and_follow(&js, &device, attempt, &tx) => r,
-            () = reconnected => Err("reconnected to NATS; starting over".into()),
+            () = reconnected => {
+                // Not a failure: start over soon (jittered, so a fleet that lost its server
+                // does not come back in lockstep).
+                debug!(%device, "reconnected to NATS; following the desired state afresh");
+                backoff = FIRST_BACKOFF;
+                tokio::time::sleep(jittered(FIRST_BACKOFF)).await;
+                continue;
+            }
         };
         if started.elapsed() > Duration::from_secs(30) {
             backoff = FIRST_BACKOFF; // It worked for a while: this is a new failure.

@@ -44,19 +44,7 @@ impl Rng {
 }
 
 pub fn job(name: &str, role: &str, version: u64) -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "fleet.dev/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "selector": {"matchLabels": {"role": role}},
-            "template": {"containers": [{
-                "name": name,
-                "image": "localhost/fleet-busybox:1",
-                "env": [{"name": "VERSION", "value": version.to_string()}]
-            }]}
-        }
-    })
+    crate::busybox_deployment(name, role, &version.to_string())
 }
 
 /// The writer's last operation on a name, and whether the API acknowledged it.

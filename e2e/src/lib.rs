@@ -771,6 +771,24 @@ fn test_dir() -> Result<tempfile::TempDir> {
     Ok(dir)
 }
 
+/// A Deployment of one busybox container on the devices labelled `role`, whose env
+/// `VERSION` tells versions apart.
+pub fn busybox_deployment(name: &str, role: &str, version: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "fleet.dev/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "selector": {"matchLabels": {"role": role}},
+            "template": {"containers": [{
+                "name": name,
+                "image": "localhost/fleet-busybox:1",
+                "env": [{"name": "VERSION", "value": version}]
+            }]}
+        }
+    })
+}
+
 /// Everything one test needs: a temp folder, NATS, the operator, and helpers.
 #[derive(Debug)]
 pub struct Fleet {

@@ -91,7 +91,11 @@ async fn a_node_killed_under_load_loses_no_acknowledged_write_and_the_fleet_conv
     let acknowledged = writing.await?;
     assert!(acknowledged > 0, "no write went through");
 
-    let declared = churn::declared(&fleet).await?;
+    // The first requests after the node churn may time out while leaders settle: retry.
+    let declared = eventually("the resources to be readable", WAIT, || async {
+        churn::declared(&fleet).await.map(Some)
+    })
+    .await?;
     churn::check_acknowledged(&last.lock().unwrap(), &declared)?;
     let want = churn::expected(&declared, &roles);
     eventually("desired keys, devices and reports to match", WAIT, || {

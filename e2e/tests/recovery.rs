@@ -23,19 +23,7 @@ fn device_doc(name: &str, role: &str) -> serde_json::Value {
 }
 
 fn job(name: &str, role: &str, version: &str) -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "fleet.dev/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "selector": {"matchLabels": {"role": role}},
-            "template": {"containers": [{
-                "name": name,
-                "image": "localhost/fleet-busybox:1",
-                "env": [{"name": "VERSION", "value": version}]
-            }]}
-        }
-    })
+    fleet_e2e::busybox_deployment(name, role, version)
 }
 
 /// Every value of the desired bucket, decoded.

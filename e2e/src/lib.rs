@@ -343,7 +343,30 @@ impl Nats {
         }
         let mut nats = Nats { nodes, identity };
         nats.restart().await?;
+        nats.wait_placement(size).await?;
         Ok(nats)
+    }
+
+    /// Waits until the cluster places a stream with `replicas` replicas. A fresh cluster says
+    /// "no suitable peers for placement" until its meta leader has heard from every peer,
+    /// which on a loaded 2-core machine has taken over a minute.
+    async fn wait_placement(&self, replicas: usize) -> Result<()> {
+        let js = async_nats::jetstream::new(self.client().await?);
+        let config = async_nats::jetstream::kv::Config {
+            bucket: "fleet-e2e-ready".into(),
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        eventually("the cluster to place a replicated bucket", WAIT * 3, || {
+            let (js, config) = (js.clone(), config.clone());
+            async move {
+                js.create_key_value(config).await?;
+                Ok(Some(()))
+            }
+        })
+        .await?;
+        js.delete_key_value("fleet-e2e-ready").await?;
+        Ok(())
     }
 
     fn identity(dir: &Path) -> Result<PathBuf> {

@@ -93,7 +93,7 @@ trap cleanup INT TERM EXIT
 auth=()  # curl arguments for the operator's API, once its token exists
 wait_for() { # wait_for WHAT URL [JQ-CONDITION]
   local what=$1 url=$2 cond=${3:-.} i
-  for i in $(seq 1 200); do
+  for i in $(seq 1 900); do  # up to 90 s: a fresh NATS cluster can take a minute to place its buckets
     if out=$(curl -fsS "${auth[@]}" "$url" 2>/dev/null) && jq -e "$cond" >/dev/null 2>&1 <<<"$out"; then return 0; fi
     sleep 0.1
   done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Dependency invariants, checked mechanically (docs/ARCHITECTURE.md):
-# fleet-contracts stays pure (serde only: no tokio, no NATS client, no HTTP).
+# fleet-contracts stays pure (serde only: no tokio, no NATS client, no HTTP);
+# fleet-bootguard stays small (no tokio, no NATS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fail=0
@@ -17,5 +18,7 @@ forbid() { # forbid PACKAGE CRATE...
   done
 }
 forbid fleet-contracts tokio async-nats axum ureq nkeys
+# fleet-bootguard runs in the initramfs before root is mounted: no async runtime, no NATS.
+forbid fleet-bootguard tokio async-nats axum ureq nkeys serde_json
 [ $fail -eq 0 ] && echo "check-deps: ok"
 exit $fail

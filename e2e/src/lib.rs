@@ -666,6 +666,14 @@ impl Drop for PodmanSandbox {
             .args(self.global_args())
             .args(["volume", "prune", "--force"])
             .output();
+        // podman's overlay driver mounts its folder onto itself; a podman call still running
+        // from the agent can keep it, and the temp folder could not be removed. Detach it.
+        let overlay = self.root.join("overlay");
+        if std::fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|m| m.contains(&*overlay.to_string_lossy()))
+        {
+            let _ = Command::new("umount").arg("-l").arg(&overlay).output();
+        }
     }
 }
 

@@ -140,7 +140,9 @@ impl Proc {
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = cmd
+        // Its own process group, so that dropping it also ends what it started (an agent's
+        // podman calls), which would otherwise outlive the test and hold its folder.
+        let child = std::os::unix::process::CommandExt::process_group(&mut cmd, 0)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -212,7 +214,12 @@ impl Drop for Proc {
                 self.log_tail(40)
             );
         }
-        self.kill();
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+        }
     }
 }
 

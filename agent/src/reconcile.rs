@@ -661,9 +661,7 @@ mod tests {
     #[tokio::test]
     async fn unreadable_desired_value_keeps_the_running_container() {
         let runner = RecordingRunner::default();
-        let ps = r#"[{"Id":"c1","Names":["fleet-web"],"State":"running","Labels":{"fleet.device":"pi-01",
-            "fleet.deployment":"web","fleet.generation":"1","fleet.spec-hash":"old"}}]"#;
-        runner.answer(0, ps, "");
+        runner.answer(0, &format!("[{}]", ps_entry("web", "c1", "old")), "");
         let (mut r, mut rx) = reconciler(runner);
         r.apply(DesiredEvent::Snapshot(
             [("web".to_owned(), Err("cannot read: schema 9".to_owned()))].into(),

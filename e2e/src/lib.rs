@@ -1,6 +1,8 @@
-//! Test support for Fleet's end-to-end tests and benchmarks: starts real `nats-server`,
-//! `fleet-operator` and `fleet-agent` processes on free loopback ports, each agent with its own
-//! podman storage, and stops them on drop.
+//! Test support for Fleet's end-to-end tests and benchmarks: starts real `nats-server` (one,
+//! or a cluster), `fleet-operator` and `fleet-agent` processes on free loopback ports, each
+//! agent with its own podman storage, and stops them on drop. [`Hollow`] devices enroll and
+//! speak the agent's protocol with the agent's own code, without podman; [`churn`] writes
+//! continuously and checks that the fleet holds exactly the declared state.
 //!
 //! It never fakes a component. It expects the workspace binaries to be built
 //! (`cargo build --bins`, which `scripts/test.sh` does) and the tools installed by
@@ -939,10 +941,7 @@ impl Hollow {
         auto_ready: bool,
     ) -> Result<Hollow> {
         use fleet_agent::{identity, sync};
-        use fleet_contracts::{
-            SCHEMA_VERSION, names,
-            state::{Heartbeat, Phase, ReportedDeployment},
-        };
+        use fleet_contracts::{names, state::Phase};
         std::fs::create_dir_all(state_dir)?;
         let key = identity::load_or_create_key(state_dir)?;
         let jwt = identity::enroll(&nats.url(), &nats.ca(), name, &key, token).await?;
@@ -989,16 +988,7 @@ impl Hollow {
                     out.delete(names::deployment_key(&device, gone));
                 }
                 for (deployment, d) in map.iter() {
-                    let report = ReportedDeployment {
-                        schema: SCHEMA_VERSION,
-                        deployment: deployment.clone(),
-                        observed_generation: d.generation,
-                        phase: Phase::Ready,
-                        message: String::new(),
-                        container_id: None,
-                        since_ms: 0,
-                    };
-                    let bytes = serde_json::to_vec(&report).expect("a report serializes");
+                    let bytes = hollow_report(deployment, d.generation, Phase::Ready);
                     out.put(names::deployment_key(&device, deployment), bytes);
                 }
             }
@@ -1009,20 +999,11 @@ impl Hollow {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                let hb = Heartbeat {
-                    schema: SCHEMA_VERSION,
-                    device: device.clone(),
-                    agent_version: "hollow".into(),
-                    os: "none".into(),
-                    uptime_secs: 0,
-                    sent_at_ms: 0,
-                    interval_ms: 1000,
-                    health_flags: vec![],
-                    deployments: count.lock().unwrap().len() as u32,
-                    last_reconcile_ms: None,
-                };
-                let bytes = serde_json::to_vec(&hb).expect("a heartbeat serializes");
-                out.put(names::info_key(&device), bytes);
+                let deployments = count.lock().unwrap().len() as u32;
+                out.put(
+                    names::info_key(&device),
+                    hollow_heartbeat(&device, 1000, deployments),
+                );
             }
         }));
         Ok(Hollow {
@@ -1042,21 +1023,46 @@ impl Hollow {
 
     /// Reports `deployment` at `generation` in `phase`.
     pub fn report(&self, deployment: &str, generation: u64, phase: fleet_contracts::state::Phase) {
-        let report = fleet_contracts::state::ReportedDeployment {
-            schema: fleet_contracts::SCHEMA_VERSION,
-            deployment: deployment.to_owned(),
-            observed_generation: generation,
-            phase,
-            message: String::new(),
-            container_id: None,
-            since_ms: 0,
-        };
-        let bytes = serde_json::to_vec(&report).expect("a report serializes");
         self.outbox.put(
             fleet_contracts::names::deployment_key(&self.name, deployment),
-            bytes,
+            hollow_report(deployment, generation, phase),
         );
     }
+}
+
+/// The bytes of a device's report on `deployment`, as a hollow device sends it.
+pub fn hollow_report(
+    deployment: &str,
+    generation: u64,
+    phase: fleet_contracts::state::Phase,
+) -> Vec<u8> {
+    let report = fleet_contracts::state::ReportedDeployment {
+        schema: fleet_contracts::SCHEMA_VERSION,
+        deployment: deployment.to_owned(),
+        observed_generation: generation,
+        phase,
+        message: String::new(),
+        container_id: None,
+        since_ms: 0,
+    };
+    serde_json::to_vec(&report).expect("a report serializes")
+}
+
+/// The bytes of a hollow device's heartbeat.
+pub fn hollow_heartbeat(device: &str, interval_ms: u64, deployments: u32) -> Vec<u8> {
+    let hb = fleet_contracts::state::Heartbeat {
+        schema: fleet_contracts::SCHEMA_VERSION,
+        device: device.to_owned(),
+        agent_version: "hollow".into(),
+        os: "none".into(),
+        uptime_secs: 0,
+        sent_at_ms: 0,
+        interval_ms,
+        health_flags: vec![],
+        deployments,
+        last_reconcile_ms: None,
+    };
+    serde_json::to_vec(&hb).expect("a heartbeat serializes")
 }
 
 impl Drop for Hollow {

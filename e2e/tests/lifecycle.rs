@@ -38,6 +38,20 @@ fn graceful(signal: &str) -> String {
 /// Ignores SIGTERM (and its children do too): only SIGKILL ends it.
 const STUBBORN: &str = "trap '' TERM; sleep 3600 & wait; sleep 3600";
 
+/// Runs a v1 that ignores SIGTERM, then applies v2: the upgrade takes `grace` seconds.
+async fn start_slow_upgrade(fleet: &Fleet, grace: u32) -> Result<()> {
+    let policy = serde_json::json!({"graceSeconds": grace});
+    fleet.operator.apply(&app("v1", STUBBORN, policy.clone()))?;
+    fleet
+        .operator
+        .wait_phase("app", 1, RolloutPhase::Running)
+        .await?;
+    fleet
+        .operator
+        .apply(&app("v2", &graceful("TERM"), policy))?;
+    Ok(())
+}
+
 fn stops(sandbox: &PodmanSandbox) -> Result<String> {
     sandbox.podman(&[
         "exec",
@@ -138,15 +152,7 @@ async fn a_long_stop_grace_does_not_make_the_device_look_stale() -> Result<()> {
     let fleet = Fleet::start().await?;
     let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "lc")]).await?;
     // Heartbeats every second: three missed ones would make the device Stale.
-    let policy = serde_json::json!({"graceSeconds": 8});
-    fleet.operator.apply(&app("v1", STUBBORN, policy.clone()))?;
-    fleet
-        .operator
-        .wait_phase("app", 1, RolloutPhase::Running)
-        .await?;
-    fleet
-        .operator
-        .apply(&app("v2", &graceful("TERM"), policy))?;
+    start_slow_upgrade(&fleet, 8).await?;
     let client = fleet.operator.client();
     // Throughout the eight seconds the old container takes to die, the device stays Healthy.
     eventually("v2 to run, the device Healthy all along", WAIT, || async {
@@ -166,15 +172,7 @@ async fn a_long_upgrade_of_one_deployment_does_not_hold_up_another() -> Result<(
     let fleet = Fleet::start().await?;
     let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "lc")]).await?;
     // The old version ignores its stop signal and has a long grace: its upgrade takes 30 s.
-    let policy = serde_json::json!({"graceSeconds": 30});
-    fleet.operator.apply(&app("v1", STUBBORN, policy.clone()))?;
-    fleet
-        .operator
-        .wait_phase("app", 1, RolloutPhase::Running)
-        .await?;
-    fleet
-        .operator
-        .apply(&app("v2", &graceful("TERM"), policy))?;
+    start_slow_upgrade(&fleet, 30).await?;
     let client = fleet.operator.client();
     let app_phase = || -> Result<(u64, Phase)> {
         let d = client.deployment("app")?;

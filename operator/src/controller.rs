@@ -1,9 +1,11 @@
 //! The operator's control loop: keeps the in-memory [`Fleet`] in step with NATS KV through
-//! three watches (resources, reported, desired) and writes the desired bucket to match the
-//! resources (fan-out).
+//! four watches (resources, reported, desired, device identities), each rebuilt from scratch
+//! after a failure or a reconnect, and, while this operator holds the lease
+//! ([`crate::lease`]), writes the desired bucket to match the resources (fan-out).
 //!
-//! Fan-out runs only once every watch has caught up with its bucket (`converged`): acting on a
-//! partial view would delete the desired keys of resources not read yet.
+//! Fan-out runs only once every watch has caught up with its bucket: acting on a partial view
+//! would delete the desired keys of resources not read yet. `converged` adds that the leader's
+//! last fan-out pass found nothing left to write.
 
 use std::{
     sync::{

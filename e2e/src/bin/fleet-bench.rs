@@ -577,20 +577,9 @@ fn spawn_acker(js: async_nats::jetstream::Context) -> tokio::task::JoinHandle<Re
                 else {
                     continue;
                 };
-                let report = ReportedDeployment {
-                    schema: fleet_contracts::SCHEMA_VERSION,
-                    deployment: d.deployment.clone(),
-                    observed_generation: d.generation,
-                    phase: Phase::Ready,
-                    message: String::new(),
-                    container_id: None,
-                    since_ms: 0,
-                };
                 let subject = format!("$KV.{}.{key}", names::REPORTED_BUCKET);
-                pending.push(
-                    js.publish(subject, serde_json::to_vec(&report)?.into())
-                        .await?,
-                );
+                let report = fleet_e2e::hollow_report(&d.deployment, d.generation, Phase::Ready);
+                pending.push(js.publish(subject, report.into()).await?);
             }
             for ack in pending.drain(..) {
                 ack.await?;
@@ -685,21 +674,9 @@ async fn recovery_figures() -> Result<()> {
                 format!("$KV.{}.{key}", names::RESOURCES_BUCKET),
                 serde_json::to_vec(&doc)?,
             ));
-            let hb = fleet_contracts::state::Heartbeat {
-                schema: fleet_contracts::SCHEMA_VERSION,
-                device: name.clone(),
-                agent_version: "hollow".into(),
-                os: "none".into(),
-                uptime_secs: 0,
-                sent_at_ms: 0,
-                interval_ms: 3_600_000,
-                health_flags: vec![],
-                deployments: 1,
-                last_reconcile_ms: None,
-            };
             puts.push((
                 format!("$KV.{}.{}", names::REPORTED_BUCKET, names::info_key(&name)),
-                serde_json::to_vec(&hb)?,
+                fleet_e2e::hollow_heartbeat(&name, 3_600_000, 1),
             ));
         }
         put_all(&js, puts, 1_000).await?;

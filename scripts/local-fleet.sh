@@ -55,9 +55,14 @@ jetstream { store_dir: "$STATE/nats" }
 include "identity/nats-auth.conf"
 CONF
 else
-  routes="\"nats-route://127.0.0.1:$ROUTE_PORT\", \"nats-route://127.0.0.1:$((ROUTE_PORT + 1))\", \"nats-route://127.0.0.1:$((ROUTE_PORT + 2))\""
   for i in 0 1 2; do
     n=n$((i + 1))
+    # Only the other nodes' routes: with its own route listed, a fresh nats-server 2.10
+    # cluster under load can form a meta group that leaves one node out.
+    routes=""
+    for j in 0 1 2; do
+      [ "$j" = "$i" ] || routes="${routes:+$routes, }\"nats-route://127.0.0.1:$((ROUTE_PORT + j))\""
+    done
     mkdir -p "$STATE/cluster/$n"
     NATS_URLS="${NATS_URLS:+$NATS_URLS,}nats://127.0.0.1:$((NATS_PORT + i))"
     # The resolver block after the include gives each node its own account folder; routes

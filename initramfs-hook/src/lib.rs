@@ -12,10 +12,16 @@
 //! that boots and finishes the job on the next boot (proven by the model test below, which
 //! cuts the power after every step of every plan).
 //!
-//! No tokio, no NATS, no dependencies at all (checked by `scripts/check-deps.sh`): it runs in
-//! the initramfs. The I/O around it (mounting the FAT, `lvm lvconvert --merge`, the watchdog)
-//! and the initramfs-tools hook come next (issue 3).
+//! [`boot`] is the boot partition (state file, known-good copy with its manifest, event log);
+//! [`run`] applies the steps on a device (LVM through the `lvm` tool, the watchdog, the reboot)
+//! and holds the userspace commands `arm`, `commit` and `request-rollback`. The binary
+//! (`src/main.rs`) is what the initramfs-tools `local-top` script (`initramfs/`) calls.
+//!
+//! No tokio, no NATS, no serde_json (checked by `scripts/check-deps.sh`): it runs in the
+//! initramfs, a static musl binary of a few hundred KiB.
 
+pub mod boot;
+pub mod run;
 pub mod state;
 
 use state::{BootState, Corrupt, Phase};
@@ -114,7 +120,13 @@ pub fn decide(observed: &Observed) -> Vec<Step> {
                 ]
             }
         }
-        Phase::RollbackRequested => rollback(observed, state, "requested by userspace"),
+        Phase::RollbackRequested => {
+            let why = match state.last_result.as_str() {
+                "" => "requested by userspace".to_owned(),
+                reason => format!("requested by userspace: {reason}"),
+            };
+            rollback(observed, state, &why)
+        }
         Phase::RollingBack => {
             let why = if state.last_result.is_empty() {
                 "interrupted rollback".to_owned()

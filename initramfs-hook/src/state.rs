@@ -88,6 +88,8 @@ impl fmt::Display for Corrupt {
     }
 }
 
+impl std::error::Error for Corrupt {}
+
 impl BootState {
     /// Reads the file's text. Unknown keys are ignored (a newer writer); a missing `phase`, a
     /// value out of range, or a line that is not `key=value` makes the file corrupt.

@@ -1,0 +1,367 @@
+//! The boot (FAT) partition as the bootguard and the upgrade commands see it: the state file,
+//! the known-good copy of the boot files with its manifest, and an event log.
+//!
+//! ```text
+//! <boot>/rollback/state              the upgrade state (state.rs), replaced whole
+//! <boot>/rollback/events             one line per decision, for people (bounded)
+//! <boot>/rollback/boot-prev/MANIFEST "<sha256> <size> <path>" per file, written last
+//! <boot>/rollback/boot-prev/<path>   the copies
+//! ```
+//!
+//! Every write goes to a temporary file, is fsynced, renamed over the old one, and the folder
+//! is fsynced: a power cut leaves the old or the new file. `rollback/` and `fleet/` (the
+//! device's first-boot settings) are never part of the known-good set and never removed by a
+//! restore.
+
+use std::{
+    collections::BTreeSet,
+    fs::{self, File, OpenOptions},
+    io::{self, Read, Write},
+    path::{Path, PathBuf},
+};
+
+use sha2::{Digest, Sha256};
+
+use crate::{
+    KnownGood,
+    state::{BootState, Corrupt},
+};
+
+/// Folders of the boot partition that belong to the device, not to the OS's boot set.
+const KEEP: [&str; 2] = ["rollback", "fleet"];
+const MANIFEST: &str = "MANIFEST";
+/// The event log is cut to its newer half past this size.
+const EVENTS_MAX: u64 = 64 * 1024;
+
+/// A mounted boot partition.
+#[derive(Debug, Clone)]
+pub struct BootPartition {
+    root: PathBuf,
+}
+
+/// One file of the known-good set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    digest: String,
+    size: u64,
+    path: String,
+}
+
+impl BootPartition {
+    pub fn new(root: impl Into<PathBuf>) -> BootPartition {
+        BootPartition { root: root.into() }
+    }
+
+    fn rollback(&self) -> PathBuf {
+        self.root.join("rollback")
+    }
+
+    fn prev(&self) -> PathBuf {
+        self.rollback().join("boot-prev")
+    }
+
+    /// The state file: `Ok(None)` when there is none.
+    pub fn read_state(&self) -> io::Result<Result<Option<BootState>, Corrupt>> {
+        match fs::read(self.rollback().join("state")) {
+            Ok(bytes) => Ok(match String::from_utf8(bytes) {
+                Ok(text) => BootState::parse(&text).map(Some),
+                Err(_) => Err(Corrupt("the state file is not text".into())),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Ok(None)),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn write_state(&self, state: &BootState) -> io::Result<()> {
+        fs::create_dir_all(self.rollback())?;
+        write_atomic(&self.rollback().join("state"), state.render().as_bytes())
+    }
+
+    /// Appends a line to `rollback/events`, keeping the file under 64 KiB.
+    pub fn log_event(&self, line: &str) -> io::Result<()> {
+        fs::create_dir_all(self.rollback())?;
+        let path = self.rollback().join("events");
+        let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if size > EVENTS_MAX {
+            let old = fs::read(&path)?;
+            let half = &old[old.len() / 2..];
+            let start = half
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(half.len(), |i| i + 1);
+            write_atomic(&path, &half[start..])?;
+        }
+        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+        writeln!(f, "{}", line.replace('\n', " "))?;
+        f.sync_all()
+    }
+
+    /// Whether the known-good copy is there and whole.
+    pub fn known_good(&self) -> io::Result<KnownGood> {
+        let manifest = match fs::read_to_string(self.prev().join(MANIFEST)) {
+            Ok(m) => m,
+            // A copy without its manifest was never finished: there is nothing to restore.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(KnownGood::Missing),
+            Err(e) => return Err(e),
+        };
+        let Some(entries) = parse_manifest(&manifest) else {
+            return Ok(KnownGood::Incomplete);
+        };
+        for entry in &entries {
+            match digest_file(&self.prev().join(&entry.path)) {
+                Ok((digest, size)) if digest == entry.digest && size == entry.size => {}
+                Ok(_) => return Ok(KnownGood::Incomplete),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Ok(KnownGood::Incomplete);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(KnownGood::Complete)
+    }
+
+    /// Copies the boot set (every file outside `rollback/` and `fleet/`) into
+    /// `rollback/boot-prev/`, the manifest last. Returns the number of files.
+    pub fn save_known_good(&self) -> io::Result<usize> {
+        let prev = self.prev();
+        if prev.exists() {
+            fs::remove_dir_all(&prev)?;
+        }
+        let mut manifest = String::new();
+        let files = self.boot_set()?;
+        for rel in &files {
+            let dest = prev.join(rel);
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::copy(self.root.join(rel), &dest)?;
+            File::open(&dest)?.sync_all()?;
+            let (digest, size) = digest_file(&dest)?;
+            manifest.push_str(&format!("{digest} {size} {rel}\n"));
+        }
+        write_atomic(&prev.join(MANIFEST), manifest.as_bytes())?;
+        Ok(files.len())
+    }
+
+    /// Puts the known-good files back: each file through a temporary copy and a rename,
+    /// `config.txt` last, files the copy does not have removed, then the copy itself removed.
+    /// Repeating it after a power cut gives the same result.
+    pub fn restore_known_good(&self) -> io::Result<usize> {
+        let manifest = fs::read_to_string(self.prev().join(MANIFEST))?;
+        let entries = parse_manifest(&manifest)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable MANIFEST"))?;
+        let wanted: BTreeSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        for stale in self.boot_set()? {
+            if !wanted.contains(stale.as_str()) {
+                fs::remove_file(self.root.join(&stale))?;
+            }
+        }
+        let (last, first): (Vec<&Entry>, Vec<&Entry>) =
+            entries.iter().partition(|e| e.path == "config.txt");
+        for entry in first.iter().chain(last.iter()) {
+            let dest = self.root.join(&entry.path);
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            let bytes = fs::read(self.prev().join(&entry.path))?;
+            write_atomic(&dest, &bytes)?;
+        }
+        sync_dir(&self.root)?;
+        fs::remove_dir_all(self.prev())?;
+        sync_dir(&self.rollback())?;
+        Ok(entries.len())
+    }
+
+    /// Removes the known-good copy (after a commit).
+    pub fn drop_known_good(&self) -> io::Result<()> {
+        match fs::remove_dir_all(self.prev()) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => sync_dir(&self.rollback()),
+        }
+    }
+
+    /// Every file of the boot set, relative to the root, sorted.
+    fn boot_set(&self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        walk(&self.root, "", &mut out)?;
+        out.sort();
+        Ok(out)
+    }
+}
+
+fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if prefix.is_empty() && KEEP.iter().any(|k| k.eq_ignore_ascii_case(&name)) {
+            continue;
+        }
+        let rel = format!("{prefix}{name}");
+        if entry.file_type()?.is_dir() {
+            walk(&entry.path(), &format!("{rel}/"), out)?;
+        } else {
+            out.push(rel);
+        }
+    }
+    Ok(())
+}
+
+fn parse_manifest(text: &str) -> Option<Vec<Entry>> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let mut parts = line.splitn(3, ' ');
+            let digest = parts.next()?.to_owned();
+            let size = parts.next()?.parse().ok()?;
+            let path = parts.next()?.to_owned();
+            let sane = digest.len() == 64
+                && !path.starts_with('/')
+                && !path.split('/').any(|c| c == ".." || c.is_empty());
+            sane.then_some(Entry { digest, size, path })
+        })
+        .collect()
+}
+
+fn digest_file(path: &Path) -> io::Result<(String, u64)> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    let hex = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((hex, size))
+}
+
+/// Write `<path>.tmp`, fsync, rename over `path`, fsync the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Phase;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    fn temp(name: &str) -> Dir {
+        let dir = std::env::temp_dir().join(format!("bootguard-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Dir(dir)
+    }
+
+    fn boot_files(root: &Path, kernel: &str) {
+        fs::create_dir_all(root.join("overlays")).unwrap();
+        fs::write(root.join("config.txt"), format!("kernel={kernel}\n")).unwrap();
+        fs::write(root.join("cmdline.txt"), "root=/dev/mapper/vg0-root\n").unwrap();
+        fs::write(root.join(kernel), kernel.repeat(1000)).unwrap();
+        fs::write(root.join("overlays/a.dtbo"), "overlay").unwrap();
+        fs::create_dir_all(root.join("fleet")).unwrap();
+        fs::write(root.join("fleet/device.toml"), "nats_url = \"x\"\n").unwrap();
+    }
+
+    #[test]
+    fn state_round_trips_and_a_missing_file_is_none() {
+        let dir = temp("state");
+        let boot = BootPartition::new(&dir.0);
+        assert_eq!(boot.read_state().unwrap(), Ok(None));
+        let state = BootState {
+            phase: Phase::Pending,
+            boot_count: 2,
+            upgrade_id: "u7".into(),
+            ..BootState::default()
+        };
+        boot.write_state(&state).unwrap();
+        assert_eq!(boot.read_state().unwrap(), Ok(Some(state)));
+        assert!(!dir.0.join("rollback/state.tmp").exists());
+        fs::write(dir.0.join("rollback/state"), [0xff, 0xfe]).unwrap();
+        assert!(boot.read_state().unwrap().is_err());
+    }
+
+    #[test]
+    fn a_saved_boot_set_restores_exactly_and_keeps_the_devices_own_files() {
+        let dir = temp("restore");
+        let boot = BootPartition::new(&dir.0);
+        boot_files(&dir.0, "vmlinuz-1");
+        assert_eq!(boot.known_good().unwrap(), KnownGood::Missing);
+        assert_eq!(boot.save_known_good().unwrap(), 4);
+        assert_eq!(boot.known_good().unwrap(), KnownGood::Complete);
+        let before = boot.boot_set().unwrap();
+        let config_before = fs::read(dir.0.join("config.txt")).unwrap();
+
+        // The upgrade: a new kernel, a rewritten config.txt, an overlay gone.
+        fs::remove_file(dir.0.join("vmlinuz-1")).unwrap();
+        fs::remove_file(dir.0.join("overlays/a.dtbo")).unwrap();
+        boot_files(&dir.0, "vmlinuz-2");
+        fs::remove_file(dir.0.join("overlays/a.dtbo")).unwrap();
+        fs::write(dir.0.join("fleet/device.toml"), "changed by the user\n").unwrap();
+
+        assert_eq!(boot.restore_known_good().unwrap(), 4);
+        assert_eq!(boot.boot_set().unwrap(), before);
+        assert_eq!(fs::read(dir.0.join("config.txt")).unwrap(), config_before);
+        assert_eq!(
+            fs::read_to_string(dir.0.join("fleet/device.toml")).unwrap(),
+            "changed by the user\n"
+        );
+        assert_eq!(boot.known_good().unwrap(), KnownGood::Missing);
+    }
+
+    #[test]
+    fn a_damaged_copy_is_incomplete() {
+        let dir = temp("damaged");
+        let boot = BootPartition::new(&dir.0);
+        boot_files(&dir.0, "vmlinuz-1");
+        boot.save_known_good().unwrap();
+        fs::write(dir.0.join("rollback/boot-prev/vmlinuz-1"), "truncated").unwrap();
+        assert_eq!(boot.known_good().unwrap(), KnownGood::Incomplete);
+        fs::remove_file(dir.0.join("rollback/boot-prev/vmlinuz-1")).unwrap();
+        assert_eq!(boot.known_good().unwrap(), KnownGood::Incomplete);
+        fs::write(dir.0.join("rollback/boot-prev/MANIFEST"), "nonsense\n").unwrap();
+        assert_eq!(boot.known_good().unwrap(), KnownGood::Incomplete);
+        fs::remove_file(dir.0.join("rollback/boot-prev/MANIFEST")).unwrap();
+        assert_eq!(boot.known_good().unwrap(), KnownGood::Missing);
+    }
+
+    #[test]
+    fn the_event_log_stays_bounded_and_keeps_the_newest_lines() {
+        let dir = temp("events");
+        let boot = BootPartition::new(&dir.0);
+        for i in 0..3000 {
+            boot.log_event(&format!("event {i} with some words to fill the line"))
+                .unwrap();
+        }
+        let log = fs::read_to_string(dir.0.join("rollback/events")).unwrap();
+        assert!(log.len() as u64 <= EVENTS_MAX + 100, "{} bytes", log.len());
+        assert!(log.ends_with("event 2999 with some words to fill the line\n"));
+        assert!(log.lines().all(|l| l.starts_with("event ")));
+    }
+}

@@ -1,0 +1,155 @@
+//! `fleet-bootguard`: the initramfs step (`boot`) and the userspace commands around an OS
+//! upgrade (`arm`, `commit`, `request-rollback`, `status`). See the library's docs.
+
+use std::{
+    io::{self, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use fleet_bootguard::{
+    boot::BootPartition,
+    run::{self, Lvm, Outcome, Watchdog},
+};
+
+const USAGE: &str = "usage: fleet-bootguard <command> [options]
+
+commands:
+  boot              (initramfs) count the boot of a pending upgrade; past the limit, roll back
+  status            print the upgrade state
+  arm               save the known-good boot files, mark an upgrade pending, snapshot root
+  commit            accept the running upgrade: remove the snapshot and the saved files
+  request-rollback  make the next boot roll back
+
+options:
+  --boot-dir DIR     the mounted boot partition (default /boot/firmware)
+  --vg NAME          the volume group (default vg0)
+  --origin NAME      the root LV to snapshot (arm; default root)
+  --upgrade-id ID    names the upgrade (arm)
+  --reason TEXT      why (request-rollback)
+  --watchdog PATH    the watchdog to arm (boot; default /dev/watchdog0)
+  --no-reboot        (boot) print the reboot instead of doing it";
+
+#[derive(Debug)]
+struct Args {
+    command: String,
+    boot_dir: PathBuf,
+    vg: String,
+    origin: String,
+    upgrade_id: Option<String>,
+    reason: Option<String>,
+    watchdog: PathBuf,
+    reboot: bool,
+}
+
+fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
+    let command = argv.next().ok_or("no command")?;
+    let mut args = Args {
+        command,
+        boot_dir: PathBuf::from("/boot/firmware"),
+        vg: "vg0".into(),
+        origin: "root".into(),
+        upgrade_id: None,
+        reason: None,
+        watchdog: PathBuf::from("/dev/watchdog0"),
+        reboot: true,
+    };
+    while let Some(flag) = argv.next() {
+        if flag == "--no-reboot" {
+            args.reboot = false;
+            continue;
+        }
+        let value = argv.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--boot-dir" => args.boot_dir = value.into(),
+            "--vg" => args.vg = value,
+            "--origin" => args.origin = value,
+            "--upgrade-id" => args.upgrade_id = Some(value),
+            "--reason" => args.reason = Some(value),
+            "--watchdog" => args.watchdog = value.into(),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    Ok(args)
+}
+
+fn say(line: &str) {
+    // The console in the initramfs; a terminal or the journal otherwise.
+    let _ = writeln!(io::stderr(), "fleet-bootguard: {line}");
+}
+
+fn main() -> ExitCode {
+    let args = match parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            say(&format!("{e}\n{USAGE}"));
+            return ExitCode::from(2);
+        }
+    };
+    match execute(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say(&format!("{}: {e}", args.command));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(args: &Args) -> io::Result<()> {
+    let part = BootPartition::new(&args.boot_dir);
+    let lvm = Lvm::new(&args.vg);
+    match args.command.as_str() {
+        "boot" => {
+            // Armed first, so a hang anywhere from here on resets the device.
+            let watchdog = Watchdog::arm(&args.watchdog)?;
+            match &watchdog {
+                Some(_) => say(&format!("watchdog {} armed", args.watchdog.display())),
+                None => say(&format!("no watchdog at {}", args.watchdog.display())),
+            }
+            let outcome = run::boot(&part, &lvm, &mut say)?;
+            drop(watchdog); // Still armed: systemd takes it over.
+            if outcome == Outcome::Reboot {
+                if args.reboot {
+                    run::reboot_now()?;
+                } else {
+                    say("reboot (skipped: --no-reboot)");
+                }
+            }
+            Ok(())
+        }
+        "status" => {
+            let text = match part.read_state()? {
+                Ok(Some(state)) => state.render(),
+                Ok(None) => "phase=idle (no state file)\n".to_owned(),
+                Err(corrupt) => format!("corrupt: {corrupt}\n"),
+            };
+            io::stdout().write_all(text.as_bytes())
+        }
+        "arm" => {
+            let id = args
+                .upgrade_id
+                .as_deref()
+                .ok_or_else(|| io::Error::other("arm needs --upgrade-id"))?;
+            let state = run::arm(&part, &lvm, &args.origin, id)?;
+            say(&format!(
+                "upgrade {id} pending: snapshot {}/{} taken, {} boots to check in",
+                args.vg, state.snapshot, state.max_boots
+            ));
+            Ok(())
+        }
+        "commit" => {
+            let state = run::commit(&part, &lvm)?;
+            say(&state.last_result);
+            Ok(())
+        }
+        "request-rollback" => {
+            let reason = args.reason.as_deref().unwrap_or("requested by hand");
+            run::request_rollback(&part, reason)?;
+            say("the next boot rolls back");
+            Ok(())
+        }
+        other => Err(io::Error::other(format!(
+            "unknown command {other}\n{USAGE}"
+        ))),
+    }
+}

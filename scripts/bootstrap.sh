@@ -57,6 +57,37 @@ runtime = "runc"
 CONF
 fi
 
+# --- The device image and its QEMU tests (scripts/bootstrap.sh --image) -----------------------
+# mmdebstrap builds the arm64 base system through qemu-user and binfmt; qemu-system-aarch64 10
+# (bookworm-backports: bookworm's 7.2 conflicts with the preinstalled qemu-utils 10) boots the
+# image's helper VM and the tests' devices; mtools, dosfstools and fdisk make and read the card.
+if [ "${1:-}" = "--image" ]; then
+  if [ ! -f /etc/apt/sources.list.d/fleet-bookworm-backports.sources ]; then
+    log "adding the bookworm-backports apt source (QEMU 10)"
+    cat > /etc/apt/sources.list.d/fleet-bookworm-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    apt_updated=0
+  fi
+  if ! qemu-system-aarch64 --version 2>/dev/null | grep -q 'version 10'; then
+    [ $apt_updated -eq 1 ] || { apt-get update -qq; apt_updated=1; }
+    log "installing QEMU 10 from bookworm-backports"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      -t bookworm-backports qemu-system-arm qemu-system-data qemu-user-static ipxe-qemu >/dev/null
+  fi
+  apt_install mmdebstrap arch-test mtools dosfstools fdisk e2fsprogs openssh-client
+  # binfmt for arm64 binaries (mmdebstrap's package scripts, the image's chroot).
+  mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+    log "registering qemu-aarch64 with binfmt_misc"
+    cat /usr/lib/binfmt.d/qemu-aarch64.conf > /proc/sys/fs/binfmt_misc/register
+  fi
+fi
+
 # --- nats-server 2.10 from Debian trixie, unpacked (bookworm's 2.9 lacks 2.10 features) ------
 if ! "$TOOLS/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_VERSION_WANT"; then
   if [ ! -f /etc/apt/sources.list.d/fleet-trixie.sources ]; then

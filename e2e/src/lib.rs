@@ -403,10 +403,14 @@ impl Nats {
 
     fn identity(dir: &Path) -> Result<PathBuf> {
         let identity = dir.join("identity");
+        // 10.0.2.2 is how a QEMU guest on user networking reaches this host's loopback
+        // (qemu-tests/): its agent checks the server certificate against that address.
         let status = Command::new(binary("fleet-operator"))
             .arg("--identity")
             .arg(&identity)
             .arg("init-identity")
+            .args(["--tls-host", "127.0.0.1", "--tls-host", "localhost"])
+            .args(["--tls-host", "10.0.2.2"])
             .stdout(Stdio::null())
             .status()?;
         if !status.success() {

@@ -243,7 +243,12 @@ fn digest_file(path: &Path) -> io::Result<(String, u64)> {
     Ok((hex, size))
 }
 
-/// Write `<path>.tmp`, fsync, rename over `path`, fsync the folder.
+/// Write `<path>.tmp`, fsync, rename over `path`, fsync the renamed file and the folder.
+///
+/// The fsync after the rename matters on vfat: its rename only marks the moved inode dirty,
+/// and the directory entry naming the new clusters is written with that inode, not with the
+/// folder. Without it, a reboot soon after left `config.txt` pointing at the clusters of the
+/// file it replaced, already freed (seen under QEMU in the bootguard test).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -254,6 +259,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         f.sync_all()?;
     }
     fs::rename(&tmp, path)?;
+    File::open(path)?.sync_all()?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 

@@ -16,6 +16,7 @@ const USAGE: &str = "usage: fleet-bootguard <command> [options]
 
 commands:
   boot              (initramfs) count the boot of a pending upgrade; past the limit, roll back
+                    and exit 10: the caller unmounts the boot partition and reboots
   status            print the upgrade state
   arm               save the known-good boot files, mark an upgrade pending, snapshot root
   commit            accept the running upgrade: remove the snapshot and the saved files
@@ -27,8 +28,7 @@ options:
   --origin NAME      the root LV to snapshot (arm; default root)
   --upgrade-id ID    names the upgrade (arm)
   --reason TEXT      why (request-rollback)
-  --watchdog PATH    the watchdog to arm (boot; default /dev/watchdog0)
-  --no-reboot        (boot) print the reboot instead of doing it";
+  --watchdog PATH    the watchdog to arm (boot; default /dev/watchdog0)";
 
 #[derive(Debug)]
 struct Args {
@@ -39,7 +39,6 @@ struct Args {
     upgrade_id: Option<String>,
     reason: Option<String>,
     watchdog: PathBuf,
-    reboot: bool,
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -52,13 +51,8 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         upgrade_id: None,
         reason: None,
         watchdog: PathBuf::from("/dev/watchdog0"),
-        reboot: true,
     };
     while let Some(flag) = argv.next() {
-        if flag == "--no-reboot" {
-            args.reboot = false;
-            continue;
-        }
         let value = argv.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--boot-dir" => args.boot_dir = value.into(),
@@ -87,7 +81,7 @@ fn main() -> ExitCode {
         }
     };
     match execute(&args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             say(&format!("{}: {e}", args.command));
             ExitCode::FAILURE
@@ -95,7 +89,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn execute(args: &Args) -> io::Result<()> {
+/// `boot`'s exit status when the device must reboot (after a rollback).
+const REBOOT: u8 = 10;
+
+fn execute(args: &Args) -> io::Result<ExitCode> {
     let part = BootPartition::new(&args.boot_dir);
     let lvm = Lvm::new(&args.vg);
     match args.command.as_str() {
@@ -108,14 +105,11 @@ fn execute(args: &Args) -> io::Result<()> {
             }
             let outcome = run::boot(&part, &lvm, &mut say)?;
             drop(watchdog); // Still armed: systemd takes it over.
-            if outcome == Outcome::Reboot {
-                if args.reboot {
-                    run::reboot_now()?;
-                } else {
-                    say("reboot (skipped: --no-reboot)");
-                }
-            }
-            Ok(())
+            // The caller unmounts the boot partition (flushing it whole) and then reboots.
+            Ok(match outcome {
+                Outcome::Continue => ExitCode::SUCCESS,
+                Outcome::Reboot => ExitCode::from(REBOOT),
+            })
         }
         "status" => {
             let text = match part.read_state()? {
@@ -123,7 +117,8 @@ fn execute(args: &Args) -> io::Result<()> {
                 Ok(None) => "phase=idle (no state file)\n".to_owned(),
                 Err(corrupt) => format!("corrupt: {corrupt}\n"),
             };
-            io::stdout().write_all(text.as_bytes())
+            io::stdout().write_all(text.as_bytes())?;
+            Ok(ExitCode::SUCCESS)
         }
         "arm" => {
             let id = args
@@ -135,18 +130,18 @@ fn execute(args: &Args) -> io::Result<()> {
                 "upgrade {id} pending: snapshot {}/{} taken, {} boots to check in",
                 args.vg, state.snapshot, state.max_boots
             ));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         "commit" => {
             let state = run::commit(&part, &lvm)?;
             say(&state.last_result);
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         "request-rollback" => {
             let reason = args.reason.as_deref().unwrap_or("requested by hand");
             run::request_rollback(&part, reason)?;
             say("the next boot rolls back");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         other => Err(io::Error::other(format!(
             "unknown command {other}\n{USAGE}"

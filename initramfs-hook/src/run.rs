@@ -1,6 +1,8 @@
 //! Carrying out the decision: what the bootguard observes on a real device, the steps applied
 //! to the boot partition and the volumes, the hardware watchdog, and the userspace commands
-//! that start, commit or abandon an upgrade (`arm`, `commit`, `request-rollback`).
+//! that start, commit or abandon an upgrade (`arm`, `commit`, `request-rollback`). The reboot
+//! itself is the caller's: the `local-top` script unmounts the boot partition first, so the
+//! FAT is written out whole (its allocation summary too) before the reboot.
 //!
 //! LVM is reached through the [`Volumes`] seam: [`Lvm`] runs the `lvm` tool (the real thing,
 //! proven under QEMU in `qemu-tests/`); the unit tests here use an in-memory set of volumes.
@@ -313,11 +315,6 @@ impl Drop for Watchdog {
             let _ = p.join();
         }
     }
-}
-
-/// Reboots at once (`sysrq b`): every write before it was fsynced.
-pub fn reboot_now() -> io::Result<()> {
-    std::fs::write("/proc/sysrq-trigger", b"b")
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, then formatting, lints, dependency
-# invariants, unit and end-to-end tests (real nats-server and podman), and the static aarch64
-# agent build with its size budget. `.ci/run` calls exactly this.
+# invariants, unit and end-to-end tests (real nats-server and podman), the device image and
+# the QEMU aarch64 device tests, and the static aarch64 agent's size budget. `.ci/run` calls
+# exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLEET_CACHE=${FLEET_CACHE:-/var/cache/fleet}
@@ -31,7 +32,16 @@ cargo build --locked --release --quiet --target x86_64-unknown-linux-musl -p fle
 export FLEET_AGENT_BIN=$PWD/target/x86_64-unknown-linux-musl/release/fleet-agent
 
 step "tests (unit and end-to-end)"
-cargo nextest run --locked --workspace --no-fail-fast
+cargo nextest run --locked --workspace --exclude fleet-qemu-tests --no-fail-fast
+
+step "device image (cached layers; cold: about 25 min, most of it mmdebstrap)"
+start=$(date +%s)
+bash scripts/image.sh
+echo "image build: $(( $(date +%s) - start )) s"
+
+step "QEMU device tests (one emulated Pi at a time; TCG)"
+# One at a time: each VM uses both cores.
+cargo nextest run --locked -p fleet-qemu-tests --test-threads 1 --no-fail-fast
 
 step "static aarch64 agent and its size budget"
 cargo build --locked --release --quiet --target aarch64-unknown-linux-musl -p fleet-agent

@@ -112,7 +112,8 @@ impl Builder {
         })
     }
 
-    fn base_key(&self) -> Result<String> {
+    /// The base layer's cache key (`base-<key>.tar` in the cache).
+    pub fn base_key(&self) -> Result<String> {
         Ok(key(&[
             BUILDER_VERSION.as_bytes(),
             serde_json::to_string(&self.recipe.base)?.as_bytes(),
@@ -288,9 +289,10 @@ impl Builder {
             );
         }
         let cmdline = fs::read_to_string(firmware.join("cmdline.txt"))?;
+        let root = format!("root=/dev/mapper/{}-root", self.recipe.layout.vg);
         ensure!(
-            cmdline.contains("root=/dev/mapper/vg0-root"),
-            "cmdline.txt does not boot the thin LV: {cmdline:?}"
+            cmdline.contains(&root),
+            "cmdline.txt does not say {root} (files/raspi-firmware sets ROOTPART): {cmdline:?}"
         );
         // The helper VM boots the same kernel and initramfs.
         for (prefix, name) in [("vmlinuz-", "vmlinuz"), ("initrd.img-", "initrd.img")] {

@@ -69,13 +69,24 @@ fn run(args: Args) -> Result<()> {
     match args.command {
         Cmd::Check { recipe } => {
             let r = recipe::Recipe::load(&recipe)?;
-            let _ = writeln!(
-                std::io::stdout(),
+            let summary = format!(
                 "{}: ok ({} packages, {} files, image {})",
                 recipe.display(),
                 r.base.packages.len(),
                 r.files.len() + r.boot_files.len(),
                 r.layout.image_size
+            );
+            let builder = build::Builder {
+                recipe: r,
+                recipe_dir: PathBuf::new(),
+                artifacts: BTreeMap::new(),
+                cache: PathBuf::new(),
+            };
+            let _ = writeln!(
+                std::io::stdout(),
+                "{summary}
+base layer: base-{}.tar",
+                builder.base_key()?
             );
             Ok(())
         }

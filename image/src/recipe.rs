@@ -182,8 +182,8 @@ impl Recipe {
             l.boot_label
         );
         ensure!(
-            l.vg.chars().all(simple),
-            "layout.vg {:?}: use letters, digits, - and _",
+            !l.vg.is_empty() && l.vg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "layout.vg {:?}: use letters, digits and _ (device-mapper doubles a -)",
             l.vg
         );
         ensure!(
@@ -333,6 +333,7 @@ mod tests {
                 Box::new(|r| r.boot_files[0].path = "../escape".into()),
                 "relative to the boot partition",
             ),
+            (Box::new(|r| r.layout.vg = "vg-0".into()), "layout.vg"),
             (
                 Box::new(|r| r.services.push("ssh".into())),
                 "is not a unit name",

@@ -133,16 +133,22 @@ impl Vm {
             "boot partition not MiB-aligned"
         );
         let _ = fs::remove_file(self.fat());
+        // qemu-img dd counts `count` from the start of the input, skipped blocks included.
         run(
             Command::new("qemu-img")
                 .args(["dd", "-f", "qcow2", "-O", "raw", "bs=1M"])
                 .arg(format!("skip={}", offset >> 20))
-                .arg(format!("count={}", len >> 20))
+                .arg(format!("count={}", (offset + len) >> 20))
                 .arg(format!("if={}", self.overlay.display()))
                 .arg(format!("of={}", self.fat().display())),
             "reading the boot partition",
-        )
-        .map(drop)
+        )?;
+        let got = fs::metadata(self.fat())?.len();
+        ensure!(
+            got == len,
+            "read {got} bytes of the boot partition, not {len}"
+        );
+        Ok(())
     }
 
     /// Every file on the boot partition (after [`Vm::extract_boot`]).

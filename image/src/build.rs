@@ -179,6 +179,15 @@ impl Builder {
             .arg(&b.mirror);
         stream(&mut cmd, "mmdebstrap", |line| line.starts_with("I: "))?;
         fs::rename(&partial, &tar)?;
+        // Older bases (other package lists) are 700 MB each.
+        if let Ok(entries) = fs::read_dir(&self.cache) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("base-") && name.ends_with(".tar") && e.path() != tar {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         Ok((tar, false))
     }
 

@@ -34,7 +34,7 @@ export FLEET_AGENT_BIN=$PWD/target/x86_64-unknown-linux-musl/release/fleet-agent
 step "tests (unit and end-to-end)"
 cargo nextest run --locked --workspace --exclude fleet-qemu-tests --no-fail-fast
 
-step "device image (cached layers; cold: about 25 min, most of it mmdebstrap)"
+step "device image (cached layers; cold: about 15 min, most of it mmdebstrap)"
 start=$(date +%s)
 bash scripts/image.sh
 echo "image build: $(( $(date +%s) - start )) s"

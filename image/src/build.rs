@@ -200,9 +200,7 @@ impl Builder {
         fs::create_dir_all(&layer)?;
         let work = self.cache.join(format!("work-{}", self.recipe.name));
         let _ = Mounts::unmount_all(&work);
-        if work.exists() {
-            fs::remove_dir_all(&work)?;
-        }
+        remove_work(&work)?;
         fs::create_dir_all(&work)?;
         detail("unpacking the base system");
         run(
@@ -337,7 +335,7 @@ impl Builder {
                 .arg(format!("{}M", l.root_size.mib())),
             "making the root file system",
         )?;
-        fs::remove_dir_all(&work)?;
+        remove_work(&work)?;
         fs::write(layer.join("done"), key)?;
         self.prune("rootfs", &layer);
         Ok((layer, false))
@@ -449,6 +447,25 @@ impl Builder {
         self.prune("disk", &layer);
         Ok((image, false))
     }
+}
+
+/// Removes the chroot folder, refusing while anything is still mounted in it: a bind mount
+/// of `/dev` left behind would make `remove_dir_all` delete the host's device nodes.
+fn remove_work(work: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(root) = fs::metadata(work) else {
+        return Ok(());
+    };
+    for sub in ["dev", "proc", "sys"] {
+        if let Ok(m) = fs::metadata(work.join(sub)) {
+            ensure!(
+                m.dev() == root.dev(),
+                "{} is still mounted: unmount it (umount -l) before the next build",
+                work.join(sub).display()
+            );
+        }
+    }
+    fs::remove_dir_all(work).with_context(|| format!("removing {}", work.display()))
 }
 
 /// The mounts a qemu-user chroot needs, undone on drop.

@@ -118,12 +118,18 @@ pub enum Outcome {
 pub fn observe(boot: &BootPartition, volumes: &dyn Volumes) -> io::Result<Observed> {
     let state = boot.read_state()?;
     let snapshot = match &state {
-        Ok(Some(s)) => s.snapshot.clone(),
-        _ => BootState::default().snapshot,
+        // No upgrade ever: nothing to ask LVM (which may not even hold the volume group yet).
+        Ok(None) => None,
+        Ok(Some(s)) => Some(s.snapshot.clone()),
+        Err(_) => Some(BootState::default().snapshot),
+    };
+    let snapshot_present = match snapshot {
+        Some(name) => volumes.exists(&name)?,
+        None => false,
     };
     Ok(Observed {
         state,
-        snapshot_present: volumes.exists(&snapshot)?,
+        snapshot_present,
         known_good: boot.known_good()?,
     })
 }
@@ -425,6 +431,40 @@ mod tests {
             "{}",
             state.last_result
         );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Volumes that cannot be asked (no volume group yet, a broken lvm).
+    struct Unreachable;
+    impl Volumes for Unreachable {
+        fn exists(&self, _: &str) -> io::Result<bool> {
+            Err(io::Error::other("Volume group \"vg0\" not found"))
+        }
+        fn merge(&self, _: &str) -> io::Result<()> {
+            unreachable!()
+        }
+        fn snapshot(&self, _: &str, _: &str) -> io::Result<()> {
+            unreachable!()
+        }
+        fn remove(&self, _: &str) -> io::Result<()> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn without_a_state_file_lvm_is_not_asked() {
+        let (dir, part) = device("no-state");
+        assert_eq!(
+            boot(&part, &Unreachable, &mut |_| {}).unwrap(),
+            Outcome::Continue
+        );
+        part.write_state(&BootState {
+            phase: Phase::Pending,
+            ..BootState::default()
+        })
+        .unwrap();
+        let err = boot(&part, &Unreachable, &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("not found"), "{err}");
         fs::remove_dir_all(dir).unwrap();
     }
 

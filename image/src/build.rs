@@ -199,7 +199,7 @@ impl Builder {
         let _ = fs::remove_dir_all(&layer);
         fs::create_dir_all(&layer)?;
         let work = self.cache.join(format!("work-{}", self.recipe.name));
-        let _ = Mounts::unmount_all(&work);
+        Mounts::unmount_all(&work);
         remove_work(&work)?;
         fs::create_dir_all(&work)?;
         detail("unpacking the base system");
@@ -493,7 +493,7 @@ impl Mounts {
     }
 
     /// Unmounts whatever a crashed build left mounted under `root`.
-    fn unmount_all(root: &Path) -> Result<()> {
+    fn unmount_all(root: &Path) {
         for target in ["dev", "sys", "proc"] {
             let _ = Command::new("umount")
                 .arg("-l")
@@ -501,7 +501,6 @@ impl Mounts {
                 .stderr(Stdio::null())
                 .status();
         }
-        Ok(())
     }
 }
 

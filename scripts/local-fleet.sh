@@ -119,6 +119,39 @@ else
   done
   # Plain /healthz: a cluster node answers 200 once it has caught up with the others.
   for i in 0 1 2; do wait_for "nats-server n$((i + 1))" "http://127.0.0.1:$((MON_PORT + i))/healthz"; done
+  # Now and then a fresh nats-server 2.10 cluster elects a meta leader whose group leaves a
+  # node out for good (R3 buckets then fail: "no suitable peers for placement"). Restarting
+  # the left-out node makes the leader add it.
+  left_out() { # the 0-based nodes the meta leader's group lacks; fails while no leader answers
+    local i out
+    for i in 0 1 2; do
+      out=$(curl -fsS "http://127.0.0.1:$((MON_PORT + i))/jsz" 2>/dev/null) || continue
+      if jq -e --arg me "n$((i + 1))" '.meta_cluster.leader == $me' >/dev/null <<<"$out"; then
+        jq -r --arg me "n$((i + 1))" \
+          '["n1", "n2", "n3"] - [.meta_cluster.replicas[]?.name] - [$me] | .[] | ltrimstr("n") | tonumber - 1' <<<"$out"
+        return 0
+      fi
+    done
+    return 1
+  }
+  for attempt in 1 2 3; do
+    for _ in $(seq 1 150); do
+      if missing=$(left_out) && [ -z "$missing" ]; then break 2; fi
+      sleep 0.1
+    done
+    if [ "$attempt" = 3 ]; then
+      echo "local-fleet: the NATS cluster's JetStream meta group still lacks a node; see $STATE/logs" >&2
+      exit 1
+    fi
+    for i in ${missing:-0 1 2}; do
+      say "nats-server n$((i + 1)) is not in the JetStream meta group: restarting it"
+      kill -TERM "${pids[$i]}" 2>/dev/null || true
+      wait "${pids[$i]}" 2>/dev/null || true
+      nats-server -c "$STATE/nats-n$((i + 1)).conf" >>"$STATE/logs/nats-n$((i + 1)).log" 2>&1 &
+      pids[i]=$!
+      wait_for "nats-server n$((i + 1))" "http://127.0.0.1:$((MON_PORT + i))/healthz"
+    done
+  done
 fi
 
 say "starting fleet-operator on $FLEET_SERVER"

@@ -43,10 +43,10 @@ pub fn workspace() -> PathBuf {
 /// `FLEET_AGENT_BIN` replaces the agent with another build: `scripts/test.sh` points it at the
 /// static `x86_64-unknown-linux-musl` release binary, so the tests run what ships.
 pub fn binary(name: &str) -> PathBuf {
-    if name == "fleet-agent" {
-        if let Some(path) = std::env::var_os("FLEET_AGENT_BIN") {
-            return PathBuf::from(path);
-        }
+    if name == "fleet-agent"
+        && let Some(path) = std::env::var_os("FLEET_AGENT_BIN")
+    {
+        return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test>-<hash> or target/<profile>/<bin>
@@ -97,12 +97,45 @@ pub fn peak_rss_kib(pid: u32) -> Result<u64> {
         .context("no VmHWM in /proc/<pid>/status")
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; tests use it at once).
+/// A TCP port on 127.0.0.1 that nothing listens on, reserved for this test process: for a
+/// server the test starts next, and starts again on the same port after killing it.
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`): a port from that range,
+/// what binding port 0 gives, can become the local end of another process's outgoing
+/// connection between this check and the server's own bind (then the server exits with
+/// "address already in use"; under load on two cores it happened). A lock file per port, held
+/// until this process ends (nextest runs every test in its own process), keeps parallel tests
+/// from taking the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    const LOWEST: u16 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral > LOWEST + 1_000,
+        "the ephemeral port range starts at {ephemeral}: no room below it for test servers"
+    );
+    let locks = std::env::temp_dir().join("fleet-e2e-ports");
+    std::fs::create_dir_all(&locks).expect("the port lock folder");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut rng = churn::Rng(u64::from(std::process::id()) << 32 | u64::from(nanos) | 1);
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1_000 {
+        let port = LOWEST + rng.below(u64::from(ephemeral - LOWEST)) as u16;
+        let Ok(lock) = std::fs::File::create(locks.join(port.to_string())) else {
+            continue;
+        };
+        // A second lock on the same file fails in this process too (a new open file).
+        if lock.try_lock().is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            held.push(lock);
+            return port;
+        }
+    }
+    panic!("no free port below {ephemeral} after 1,000 tries");
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout` with the last
@@ -122,7 +155,11 @@ where
         }
         if Instant::now() >= deadline {
             FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
-            bail!("timed out after {timeout:?} waiting for {what}: {last_error}");
+            let message = format!("timed out after {timeout:?} waiting for {what}: {last_error}");
+            // Printed now too: the processes' log tails follow on drop, and a long report
+            // (CI keeps only its start and end) would bury the cause under them.
+            eprintln!("----- {message}");
+            bail!(message);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -276,6 +313,12 @@ impl NatsNode {
         .await
     }
 
+    /// The monitoring endpoint's `/jsz`, if the node answers.
+    fn jsz(&self) -> Option<serde_json::Value> {
+        let (_, body) = http_get(&format!("http://127.0.0.1:{}/jsz", self.monitor)).ok()?;
+        serde_json::from_str(&body).ok()
+    }
+
     fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.stop();
@@ -356,9 +399,100 @@ impl Nats {
             });
         }
         let mut nats = Nats { nodes, identity };
-        nats.restart().await?;
+        // A fresh nats-server 2.10.27 cluster does not always form: under load here, about 1 in
+        // 30 starts elected a meta leader whose group left a node out for good (the node
+        // follows the leader but is no peer; R3 buckets fail with "no suitable peers for
+        // placement"), and now and then none elected a leader at all within a minute. The
+        // tests are about what Fleet does on a cluster, not about forming one: a cluster that
+        // has not formed in 30 s is stopped, wiped (it holds nothing yet) and started again.
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            match nats.form_cluster(Duration::from_secs(30)).await {
+                Ok(()) => break,
+                Err(e) if attempt < ATTEMPTS => {
+                    eprintln!("----- {e:#}\nstarting the cluster afresh");
+                    nats.stop();
+                    for name in (1..=size).map(|i| format!("n{i}")) {
+                        for folder in [format!("nats-store-{name}"), format!("nats-jwt-{name}")] {
+                            let _ = std::fs::remove_dir_all(dir.join(folder));
+                        }
+                    }
+                }
+                Err(e) => {
+                    FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+                    eprintln!("----- {e:#}");
+                    return Err(e.context(format!("no cluster formed in {ATTEMPTS} starts")));
+                }
+            }
+        }
         nats.wait_placement(size).await?;
         Ok(nats)
+    }
+
+    /// Starts every node and waits until each answers healthy and the meta leader's group
+    /// holds them all.
+    async fn form_cluster(&mut self, timeout: Duration) -> Result<()> {
+        for node in &mut self.nodes {
+            node.spawn()?;
+        }
+        let deadline = Instant::now() + timeout;
+        // Not `eventually`: a cluster that does not form is started afresh, not a failure.
+        loop {
+            let healthy = self.nodes.iter().all(|node| {
+                http_get(&format!("http://127.0.0.1:{}/healthz", node.monitor))
+                    .is_ok_and(|(status, _)| status == 200)
+            });
+            if healthy
+                && self
+                    .meta_group()
+                    .is_some_and(|left_out| left_out.is_empty())
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "a fresh nats-server cluster did not form in {timeout:?} (every node \
+                     healthy: {healthy}); the meta group as each node sees it:\n{}",
+                    self.meta_views()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The nodes (0-based) the meta leader's group leaves out, as the leader sees it; `None`
+    /// while no node answers as leader.
+    fn meta_group(&self) -> Option<Vec<usize>> {
+        let name = |i: usize| format!("n{}", i + 1);
+        self.nodes.iter().enumerate().find_map(|(i, node)| {
+            let meta = node.jsz()?["meta_cluster"].take();
+            if meta["leader"].as_str() != Some(name(i).as_str()) {
+                return None;
+            }
+            let replicas = meta["replicas"].as_array().cloned().unwrap_or_default();
+            let members: Vec<&str> = replicas.iter().filter_map(|r| r["name"].as_str()).collect();
+            Some(
+                (0..self.nodes.len())
+                    .filter(|&j| j != i && !members.contains(&name(j).as_str()))
+                    .collect(),
+            )
+        })
+    }
+
+    /// Each node's `/jsz` view of the meta group, a line each (for failure reports).
+    fn meta_views(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let meta = node.jsz().map(|mut v| v["meta_cluster"].take());
+                format!(
+                    "{}: {}",
+                    node.config.display(),
+                    meta.map(|m| m.to_string()).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Waits until the cluster places a stream with `replicas` replicas: a fresh cluster says
@@ -380,22 +514,9 @@ impl Nats {
         })
         .await;
         if let Err(e) = placed {
-            let views: Vec<String> = self
-                .nodes
-                .iter()
-                .map(|node| {
-                    let jsz = http_get(&format!("http://127.0.0.1:{}/jsz", node.monitor));
-                    let meta = jsz.ok().and_then(|(_, body)| {
-                        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-                        Some(v["meta_cluster"].to_string())
-                    });
-                    format!("{}: {}", node.config.display(), meta.unwrap_or_default())
-                })
-                .collect();
-            bail!(
-                "{e:#}\nmeta group as each node sees it:\n{}",
-                views.join("\n")
-            );
+            let views = self.meta_views();
+            eprintln!("----- meta group as each node sees it:\n{views}");
+            bail!("{e:#}\nmeta group as each node sees it:\n{views}");
         }
         js.delete_key_value("fleet-e2e-ready").await?;
         Ok(())
@@ -599,10 +720,21 @@ impl Operator {
         generation: u64,
         phase: RolloutPhase,
     ) -> Result<Deployment> {
+        self.wait_phase_within(name, generation, phase, WAIT).await
+    }
+
+    /// [`Operator::wait_phase`] with its own time limit.
+    pub async fn wait_phase_within(
+        &self,
+        name: &str,
+        generation: u64,
+        phase: RolloutPhase,
+        timeout: Duration,
+    ) -> Result<Deployment> {
         let client = self.client();
         eventually(
             &format!("deployment {name} gen {generation} to be {phase:?}"),
-            WAIT,
+            timeout,
             || {
                 let got = client.deployment(name);
                 async move {

@@ -274,10 +274,11 @@ async fn blacklist_figures(
         tokio::time::timeout(WAIT, async {
             while let Some(entry) = watch.next().await {
                 let entry = entry?;
-                if let Ok(r) = serde_json::from_slice::<ReportedDeployment>(&entry.value) {
-                    if r.phase == Phase::Ready && r.observed_generation == generation {
-                        return Ok(());
-                    }
+                if let Ok(r) = serde_json::from_slice::<ReportedDeployment>(&entry.value)
+                    && r.phase == Phase::Ready
+                    && r.observed_generation == generation
+                {
+                    return Ok(());
                 }
             }
             bail!("watch ended")
@@ -601,12 +602,13 @@ async fn wait_acks(
     tokio::time::timeout(Duration::from_secs(300), async {
         while let Some(entry) = watch.next().await {
             let entry = entry?;
-            if let Ok(r) = serde_json::from_slice::<ReportedDeployment>(&entry.value) {
-                if r.phase == Phase::Ready && r.observed_generation == generation {
-                    acked.insert(entry.key);
-                    if acked.len() == n {
-                        return Ok(());
-                    }
+            if let Ok(r) = serde_json::from_slice::<ReportedDeployment>(&entry.value)
+                && r.phase == Phase::Ready
+                && r.observed_generation == generation
+            {
+                acked.insert(entry.key);
+                if acked.len() == n {
+                    return Ok(());
                 }
             }
         }
@@ -621,12 +623,11 @@ async fn wait_converged(op: &fleet_e2e::Operator) -> Result<()> {
     let client = op.client();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        if let Ok(s) = client.status() {
-            if s.state == fleet_contracts::api::RecoveryState::Converged
-                && s.role == fleet_contracts::api::Role::Leader
-            {
-                return Ok(());
-            }
+        if let Ok(s) = client.status()
+            && s.state == fleet_contracts::api::RecoveryState::Converged
+            && s.role == fleet_contracts::api::Role::Leader
+        {
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("the operator did not converge within 300 s");

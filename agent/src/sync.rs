@@ -70,6 +70,11 @@ pub async fn connect(
                 match event {
                     async_nats::Event::Connected => info!(%device, "connected to NATS"),
                     async_nats::Event::Disconnected => warn!(%device, "disconnected from NATS"),
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(error))
+                        if is_refused_consumer_delete(&error) =>
+                    {
+                        debug!(%device, %error, "the server refused async-nats' clean-up of an old consumer (expected: devices may not delete consumers; it expires by itself)");
+                    }
                     // Permission violations arrive only here; the failed call just times out.
                     other => warn!(%device, event = %other, "NATS event"),
                 }
@@ -78,6 +83,16 @@ pub async fn connect(
         .connect(servers(url))
         .await?;
     Ok((client, connections))
+}
+
+/// Whether a server error is the refusal of a consumer delete. After a reconnect async-nats'
+/// ordered consumer deletes its old consumer before making a new one; a device may not delete
+/// consumers (the name is one token, so a grant could not be limited to the device's own), so
+/// the server refuses it with a permissions violation on every reconnect. Expected, not a
+/// warning: the old consumer expires by itself.
+fn is_refused_consumer_delete(error: &str) -> bool {
+    error.starts_with("Permissions Violation for Publish to")
+        && error.contains("\"$JS.API.CONSUMER.DELETE.")
 }
 
 /// `nats://a:4222,nats://b:4222` -> each server of a cluster; the client fails over between them.
@@ -235,6 +250,21 @@ mod tests {
                 d >= Duration::from_secs(2) && d <= Duration::from_secs(3),
                 "{d:?}"
             );
+        }
+    }
+
+    #[test]
+    fn only_a_refused_consumer_delete_is_expected() {
+        // As nats-server 2.10 words it (seen in the agent's log after a reconnect).
+        let delete = r#"Permissions Violation for Publish to "$JS.API.CONSUMER.DELETE.KV_fleet-desired.agent-pi-01-9000-2""#;
+        assert!(is_refused_consumer_delete(delete));
+        for other in [
+            r#"Permissions Violation for Publish to "$JS.API.CONSUMER.CREATE.KV_fleet-desired.x""#,
+            r#"Permissions Violation for Subscription to "$JS.API.CONSUMER.DELETE.KV_fleet-desired.x""#,
+            r#"Permissions Violation for Publish to "$KV.fleet-reported.pi-02.hello""#,
+            "Maximum Payload Violation",
+        ] {
+            assert!(!is_refused_consumer_delete(other), "{other}");
         }
     }
 }

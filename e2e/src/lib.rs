@@ -826,10 +826,19 @@ pub struct ContainerRow {
 impl Drop for PodmanSandbox {
     fn drop(&mut self) {
         // Containers hold mounts inside the temp folder: remove them before the folder goes.
-        let _ = Command::new("podman")
-            .args(self.global_args())
-            .args(["rm", "--all", "--force", "--time", "0"])
-            .output();
+        // Stopped first: a test may end while the agent's `podman stop` waits out a long
+        // grace, and killing the agent leaves that container "stopping"; podman 4.3's
+        // `rm --force` then drops it from its records without killing it (it ran on for an
+        // hour after the test), while `stop` kills it.
+        for args in [
+            &["stop", "--all", "--time", "0"][..],
+            &["rm", "--all", "--force", "--time", "0"],
+        ] {
+            let _ = Command::new("podman")
+                .args(self.global_args())
+                .args(args)
+                .output();
+        }
         let _ = Command::new("podman")
             .args(self.global_args())
             .args(["volume", "prune", "--force"])

@@ -295,13 +295,17 @@ impl NatsNode {
     /// Waits until the server answers (a cluster node: until it has caught up too; the
     /// JetStream-only check answers before that).
     async fn ready(&self) -> Result<()> {
+        self.ready_within(WAIT).await
+    }
+
+    async fn ready_within(&self, timeout: Duration) -> Result<()> {
         let check = if self.clustered {
             ""
         } else {
             "?js-enabled-only=true"
         };
         let url = format!("http://127.0.0.1:{}/healthz{check}", self.monitor);
-        eventually("nats-server to answer", WAIT, || {
+        eventually("nats-server to answer", timeout, || {
             let url = url.clone();
             async move {
                 Ok(http_get(&url)
@@ -580,10 +584,11 @@ impl Nats {
         }
     }
 
-    /// Starts cluster node `i` again and waits until it has caught up.
+    /// Starts cluster node `i` again and waits until it has caught up: on every stream, so
+    /// this may take a while under load (once over a minute on two busy cores).
     pub async fn start_node(&mut self, i: usize) -> Result<()> {
         self.nodes[i].spawn()?;
-        self.nodes[i].ready().await
+        self.nodes[i].ready_within(WAIT * 2).await
     }
 
     /// A client with the operator service's credentials (what tests use to look into KV).

@@ -78,6 +78,9 @@ async fn a_node_killed_under_load_loses_no_acknowledged_write_and_the_fleet_conv
     }
     let mut rng = Rng(0x005e_edc1 ^ u64::from(std::process::id()));
     let stop = Arc::new(AtomicBool::new(false));
+    // Whatever way the test ends, the writer stops: the runtime waits for blocking tasks as it
+    // shuts down, so a writer left running would turn an early error into a hang.
+    let _stop_writer = StopOnDrop(stop.clone());
     let last = Arc::new(Mutex::new(BTreeMap::new()));
     let writing = tokio::task::spawn_blocking({
         let (url, token) = (fleet.operator.url.clone(), fleet.operator.token.clone());
@@ -108,4 +111,13 @@ async fn a_node_killed_under_load_loses_no_acknowledged_write_and_the_fleet_conv
     .await?;
     eprintln!("{acknowledged} acknowledged writes across three node kills");
     Ok(())
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }

@@ -113,10 +113,11 @@ if [ "$NODES" = 1 ]; then
   wait_for nats-server "http://127.0.0.1:$MON_PORT/healthz?js-enabled-only=true"
 else
   say "starting a 3-node nats-server cluster on 127.0.0.1:$NATS_PORT-$((NATS_PORT + 2)) (TLS, JWT auth, JetStream in $STATE/cluster)"
-  for i in 0 1 2; do
-    nats-server -c "$STATE/nats-n$((i + 1)).conf" >"$STATE/logs/nats-n$((i + 1)).log" 2>&1 &
-    pids+=($!)
-  done
+  start_node() { # start_node I: starts node I (0-based), its pid in pids[I]
+    nats-server -c "$STATE/nats-n$(($1 + 1)).conf" >>"$STATE/logs/nats-n$(($1 + 1)).log" 2>&1 &
+    pids[$1]=$!
+  }
+  for i in 0 1 2; do : >"$STATE/logs/nats-n$((i + 1)).log"; start_node "$i"; done
   # Plain /healthz: a cluster node answers 200 once it has caught up with the others.
   for i in 0 1 2; do wait_for "nats-server n$((i + 1))" "http://127.0.0.1:$((MON_PORT + i))/healthz"; done
   # Now and then a fresh nats-server 2.10 cluster elects a meta leader whose group leaves a
@@ -147,8 +148,7 @@ else
       say "nats-server n$((i + 1)) is not in the JetStream meta group: restarting it"
       kill -TERM "${pids[$i]}" 2>/dev/null || true
       wait "${pids[$i]}" 2>/dev/null || true
-      nats-server -c "$STATE/nats-n$((i + 1)).conf" >>"$STATE/logs/nats-n$((i + 1)).log" 2>&1 &
-      pids[i]=$!
+      start_node "$i"
       wait_for "nats-server n$((i + 1))" "http://127.0.0.1:$((MON_PORT + i))/healthz"
     done
   done

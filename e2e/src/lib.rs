@@ -299,22 +299,21 @@ impl NatsNode {
     }
 
     async fn ready_within(&self, timeout: Duration) -> Result<()> {
+        eventually("nats-server to answer", timeout, || async {
+            Ok(self.healthy().then_some(()))
+        })
+        .await
+    }
+
+    /// Whether `/healthz` answers 200 (a cluster node: only once it has caught up).
+    fn healthy(&self) -> bool {
         let check = if self.clustered {
             ""
         } else {
             "?js-enabled-only=true"
         };
-        let url = format!("http://127.0.0.1:{}/healthz{check}", self.monitor);
-        eventually("nats-server to answer", timeout, || {
-            let url = url.clone();
-            async move {
-                Ok(http_get(&url)
-                    .ok()
-                    .filter(|(status, _)| *status == 200)
-                    .map(drop))
-            }
-        })
-        .await
+        http_get(&format!("http://127.0.0.1:{}/healthz{check}", self.monitor))
+            .is_ok_and(|(status, _)| status == 200)
     }
 
     /// The monitoring endpoint's `/jsz`, if the node answers.
@@ -442,15 +441,8 @@ impl Nats {
         let deadline = Instant::now() + timeout;
         // Not `eventually`: a cluster that does not form is started afresh, not a failure.
         loop {
-            let healthy = self.nodes.iter().all(|node| {
-                http_get(&format!("http://127.0.0.1:{}/healthz", node.monitor))
-                    .is_ok_and(|(status, _)| status == 200)
-            });
-            if healthy
-                && self
-                    .meta_group()
-                    .is_some_and(|left_out| left_out.is_empty())
-            {
+            let healthy = self.nodes.iter().all(NatsNode::healthy);
+            if healthy && self.meta_group_complete() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -464,22 +456,16 @@ impl Nats {
         }
     }
 
-    /// The nodes (0-based) the meta leader's group leaves out, as the leader sees it; `None`
-    /// while no node answers as leader.
-    fn meta_group(&self) -> Option<Vec<usize>> {
-        let name = |i: usize| format!("n{}", i + 1);
-        self.nodes.iter().enumerate().find_map(|(i, node)| {
-            let meta = node.jsz()?["meta_cluster"].take();
-            if meta["leader"].as_str() != Some(name(i).as_str()) {
-                return None;
-            }
-            let replicas = meta["replicas"].as_array().cloned().unwrap_or_default();
-            let members: Vec<&str> = replicas.iter().filter_map(|r| r["name"].as_str()).collect();
-            Some(
-                (0..self.nodes.len())
-                    .filter(|&j| j != i && !members.contains(&name(j).as_str()))
-                    .collect(),
-            )
+    /// Whether a node answers as meta leader with every other node in its group.
+    fn meta_group_complete(&self) -> bool {
+        self.nodes.iter().enumerate().any(|(i, node)| {
+            let Some(mut jsz) = node.jsz() else {
+                return false;
+            };
+            let meta = jsz["meta_cluster"].take();
+            let replicas = meta["replicas"].as_array().map_or(0, Vec::len);
+            meta["leader"].as_str() == Some(format!("n{}", i + 1).as_str())
+                && replicas == self.nodes.len() - 1
         })
     }
 

@@ -68,7 +68,7 @@ impl Builder {
             steps.push((title.to_owned(), took, cached));
             Ok::<PathBuf, anyhow::Error>(path)
         };
-        let base_key = self.base_key()?;
+        let base_key = base_key(&self.recipe)?;
         let base = step(
             1,
             &format!(
@@ -110,14 +110,6 @@ impl Builder {
             image: out.to_owned(),
             steps,
         })
-    }
-
-    /// The base layer's cache key (`base-<key>.tar` in the cache).
-    pub fn base_key(&self) -> Result<String> {
-        Ok(key(&[
-            BUILDER_VERSION.as_bytes(),
-            serde_json::to_string(&self.recipe.base)?.as_bytes(),
-        ]))
     }
 
     /// The rootfs key covers the base, the recipe's other fields and every input file's bytes.
@@ -447,6 +439,15 @@ impl Builder {
         self.prune("disk", &layer);
         Ok((image, false))
     }
+}
+
+/// The base layer's cache key (`base-<key>.tar` in the cache): the builder's version and the
+/// recipe's `[base]`, nothing else.
+pub fn base_key(recipe: &Recipe) -> Result<String> {
+    Ok(key(&[
+        BUILDER_VERSION.as_bytes(),
+        serde_json::to_string(&recipe.base)?.as_bytes(),
+    ]))
 }
 
 /// Removes the chroot folder, refusing while anything is still mounted in it: a bind mount

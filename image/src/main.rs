@@ -76,18 +76,8 @@ fn run(args: Args) -> Result<()> {
                 r.files.len() + r.boot_files.len(),
                 r.layout.image_size
             );
-            let builder = build::Builder {
-                recipe: r,
-                recipe_dir: PathBuf::new(),
-                artifacts: BTreeMap::new(),
-                cache: PathBuf::new(),
-            };
-            let _ = writeln!(
-                std::io::stdout(),
-                "{summary}
-base layer: base-{}.tar",
-                builder.base_key()?
-            );
+            let base = build::base_key(&r)?;
+            let _ = writeln!(std::io::stdout(), "{summary}\nbase layer: base-{base}.tar");
             Ok(())
         }
         Cmd::Build {

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! <boot>/rollback/state              the upgrade state (state.rs), replaced whole
+//! <boot>/rollback/checks             what the storage checks found (checks.rs), replaced whole
 //! <boot>/rollback/events             one line per decision, for people (bounded)
 //! <boot>/rollback/boot-prev/MANIFEST "<sha256> <size> <path>" per file, written last
 //! <boot>/rollback/boot-prev/<path>   the copies
@@ -24,6 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     KnownGood,
+    checks::{Checks, Unreadable},
     state::{BootState, Corrupt},
 };
 
@@ -75,6 +77,23 @@ impl BootPartition {
     pub fn write_state(&self, state: &BootState) -> io::Result<()> {
         fs::create_dir_all(self.rollback())?;
         write_atomic(&self.rollback().join("state"), state.render().as_bytes())
+    }
+
+    /// The storage check record: `Ok(None)` when there is none (nothing was ever found).
+    pub fn read_checks(&self) -> io::Result<Result<Option<Checks>, Unreadable>> {
+        match fs::read(self.rollback().join("checks")) {
+            Ok(bytes) => Ok(match String::from_utf8(bytes) {
+                Ok(text) => Checks::parse(&text).map(Some),
+                Err(_) => Err(Unreadable("the file is not text".into())),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Ok(None)),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn write_checks(&self, checks: &Checks) -> io::Result<()> {
+        fs::create_dir_all(self.rollback())?;
+        write_atomic(&self.rollback().join("checks"), checks.render().as_bytes())
     }
 
     /// Appends a line to `rollback/events`, keeping the file under 64 KiB.

@@ -12,15 +12,22 @@
 //! that boots and finishes the job on the next boot (proven by the model test below, which
 //! cuts the power after every step of every plan).
 //!
-//! [`boot`] is the boot partition (state file, known-good copy with its manifest, event log);
-//! [`run`] applies the steps on a device (LVM through the `lvm` tool, the watchdog, the reboot)
-//! and holds the userspace commands `arm`, `commit` and `request-rollback`. The binary
+//! Before the upgrade's decision, every boot checks the device's storage: it records what
+//! `fsck.fat` fixed on the boot partition, and activates root's thin pool, repairing the pool's
+//! metadata with `lvconvert --repair` when it fails its check (once per boot, a bounded number
+//! of boots in a row; [`checks`] holds that decision and its record, `rollback/checks`).
+//!
+//! [`boot`] is the boot partition (state file, check record, known-good copy with its
+//! manifest, event log); [`run`] applies the steps on a device (LVM through the `lvm` tool,
+//! the watchdog, the reboot) and holds the userspace commands `arm`, `commit` and
+//! `request-rollback`. The binary
 //! (`src/main.rs`) is what the initramfs-tools `local-top` script (`initramfs/`) calls.
 //!
 //! No tokio, no NATS, no serde_json (checked by `scripts/check-deps.sh`): it runs in the
 //! initramfs, a static musl binary of a few hundred KiB.
 
 pub mod boot;
+pub mod checks;
 pub mod run;
 pub mod state;
 

@@ -9,7 +9,7 @@ use std::{
 
 use fleet_bootguard::{
     boot::BootPartition,
-    run::{self, Lvm, Outcome, Watchdog},
+    run::{self, FatCheck, Lvm, Outcome, WATCHDOG_BUDGET, Watchdog},
 };
 
 const USAGE: &str = "usage: fleet-bootguard <command> [options]
@@ -28,7 +28,10 @@ options:
   --origin NAME      the root LV to snapshot (arm; default root)
   --upgrade-id ID    names the upgrade (arm)
   --reason TEXT      why (request-rollback)
-  --watchdog PATH    the watchdog to arm (boot; default /dev/watchdog0)";
+  --watchdog PATH    the watchdog to arm (boot; default /dev/watchdog0)
+  --root-lv NAME     root's LV, whose thin pool is checked and repaired (boot; default root)
+  --fat-check-exit N, --fat-check-log FILE
+                     what `fsck.fat -a` of the boot partition said, to record (boot)";
 
 #[derive(Debug)]
 struct Args {
@@ -39,6 +42,9 @@ struct Args {
     upgrade_id: Option<String>,
     reason: Option<String>,
     watchdog: PathBuf,
+    root_lv: String,
+    fat_check_exit: Option<i32>,
+    fat_check_log: Option<PathBuf>,
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -51,6 +57,9 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         upgrade_id: None,
         reason: None,
         watchdog: PathBuf::from("/dev/watchdog0"),
+        root_lv: "root".into(),
+        fat_check_exit: None,
+        fat_check_log: None,
     };
     while let Some(flag) = argv.next() {
         let value = argv.next().ok_or(format!("{flag} needs a value"))?;
@@ -61,6 +70,15 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--upgrade-id" => args.upgrade_id = Some(value),
             "--reason" => args.reason = Some(value),
             "--watchdog" => args.watchdog = value.into(),
+            "--root-lv" => args.root_lv = value,
+            "--fat-check-exit" => {
+                args.fat_check_exit = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("--fat-check-exit {value:?} is not an exit status"))?,
+                )
+            }
+            "--fat-check-log" => args.fat_check_log = Some(value.into()),
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -98,12 +116,21 @@ fn execute(args: &Args) -> io::Result<ExitCode> {
     match args.command.as_str() {
         "boot" => {
             // Armed first, so a hang anywhere from here on resets the device.
-            let watchdog = Watchdog::arm(&args.watchdog)?;
+            let watchdog = Watchdog::arm(&args.watchdog, WATCHDOG_BUDGET)?;
             match &watchdog {
                 Some(_) => say(&format!("watchdog {} armed", args.watchdog.display())),
                 None => say(&format!("no watchdog at {}", args.watchdog.display())),
             }
-            let outcome = run::boot(&part, &lvm, &mut say)?;
+            let fat = args.fat_check_exit.map(|exit| FatCheck {
+                exit,
+                output: args
+                    .fat_check_log
+                    .as_ref()
+                    .and_then(|p| std::fs::read(p).ok())
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default(),
+            });
+            let outcome = run::boot(&part, &lvm, &args.root_lv, fat.as_ref(), &mut say)?;
             drop(watchdog); // Still armed: systemd takes it over.
             // The caller unmounts the boot partition (flushing it whole) and then reboots.
             Ok(match outcome {

@@ -88,10 +88,10 @@ SRC
   fi
 fi
 
-# --- nats-server 2.10 from Debian trixie, unpacked (bookworm's 2.9 lacks 2.10 features) ------
-if ! "$TOOLS/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_VERSION_WANT"; then
+# --- Packages from Debian trixie, downloaded and unpacked under $TOOLS, never installed -------
+trixie_source() {
   if [ ! -f /etc/apt/sources.list.d/fleet-trixie.sources ]; then
-    log "adding the trixie apt source pinned at priority 50 (used only to download nats-server)"
+    log "adding the trixie apt source pinned at priority 50 (used only to download packages)"
     cat > /etc/apt/sources.list.d/fleet-trixie.sources <<'SRC'
 Types: deb
 URIs: http://deb.debian.org/debian
@@ -106,14 +106,34 @@ Pin-Priority: 50
 PIN
     apt_updated=0
   fi
+}
+# unpack_trixie PACKAGE: the package's files under $TOOLS/PACKAGE-unpacked.
+unpack_trixie() {
+  local pkg=$1
+  trixie_source
   if [ $apt_updated -eq 0 ]; then apt-get update -qq; apt_updated=1; fi
   mkdir -p "$FLEET_CACHE/debs"
-  ( cd "$FLEET_CACHE/debs" && ls nats-server_*.deb >/dev/null 2>&1 || apt-get download -qq -o APT::Sandbox::User=root nats-server/trixie )
-  rm -rf "$TOOLS/nats-unpacked"
-  dpkg-deb -x "$(ls "$FLEET_CACHE"/debs/nats-server_*.deb | head -n1)" "$TOOLS/nats-unpacked"
-  ln -sf "$TOOLS/nats-unpacked/usr/sbin/nats-server" "$TOOLS/bin/nats-server"
+  ( cd "$FLEET_CACHE/debs" && ls "${pkg}"_*.deb >/dev/null 2>&1 || apt-get download -qq -o APT::Sandbox::User=root "$pkg/trixie" )
+  rm -rf "$TOOLS/$pkg-unpacked"
+  dpkg-deb -x "$(ls "$FLEET_CACHE/debs/${pkg}"_*.deb | head -n1)" "$TOOLS/$pkg-unpacked"
+}
+
+# nats-server 2.10 (bookworm's 2.9 lacks 2.10 features).
+if ! "$TOOLS/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_VERSION_WANT"; then
+  unpack_trixie nats-server
+  ln -sf "$TOOLS/nats-server-unpacked/usr/sbin/nats-server" "$TOOLS/bin/nats-server"
   "$TOOLS/bin/nats-server" --version | grep -q "v$NATS_VERSION_WANT" || { echo "bootstrap: unpacked nats-server is not $NATS_VERSION_WANT" >&2; exit 1; }
   log "nats-server: $("$TOOLS/bin/nats-server" --version)"
+fi
+
+# The QEMU tests judge a device's thin-pool metadata from outside with the device's own
+# thin-provisioning-tools (1.x): bookworm's 0.9 does not notice a leaked data block.
+if [ "${1:-}" = "--image" ] && ! "$TOOLS/bin/thin_check" -V 2>/dev/null | grep -q '^1\.'; then
+  unpack_trixie thin-provisioning-tools
+  for t in thin_check thin_dump thin_repair thin_restore; do
+    ln -sf "$TOOLS/thin-provisioning-tools-unpacked/usr/sbin/pdata_tools" "$TOOLS/bin/$t"
+  done
+  log "thin_check: $("$TOOLS/bin/thin_check" -V)"
 fi
 
 # --- Rust targets ----------------------------------------------------------------------------

@@ -270,6 +270,13 @@ impl Builder {
                 "dm-thin-pool.ko",
                 "sbin/lvm",
                 "i6300esb.ko",
+                // The pool's self-repair and the boot partition's check (the hook also
+                // refuses an lvmlocal.conf without thin_check's --ignore-non-fatal-errors).
+                "usr/sbin/thin_repair",
+                "usr/sbin/fsck.fat",
+                "etc/lvm/lvmlocal.conf",
+                // Root's own check before it is mounted (conf.d/fleet-root-fsck).
+                "sbin/e2fsck",
             ] {
                 ensure!(
                     listing.contains(want),

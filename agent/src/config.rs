@@ -47,6 +47,10 @@ pub struct Config {
     /// How often the agent compares podman with the desired state even without a change.
     #[serde(default = "default_resync")]
     pub resync_interval_secs: u64,
+    /// How often the agent asks the operator for its whole desired state even without being
+    /// told it changed: the safety net for a missed doorbell.
+    #[serde(default = "default_desired_sync")]
+    pub desired_sync_secs: u64,
     /// A one-time enrollment token (`fleetctl enroll-token create`), used on the first start to
     /// obtain the device's NATS credentials. Ignored once the device is enrolled.
     pub enrollment_token: Option<String>,
@@ -54,6 +58,11 @@ pub struct Config {
     pub enrollment_token_file: Option<PathBuf>,
     #[serde(default)]
     pub podman: PodmanConfig,
+    /// The mounted boot partition, where the bootguard leaves its record of the storage checks
+    /// at boot (`rollback/checks`); the agent reports what it finds there. Nothing is reported
+    /// when it does not exist (a development host).
+    #[serde(default = "default_boot_dir")]
+    pub boot_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,11 +92,17 @@ impl Default for PodmanConfig {
 fn default_state_dir() -> PathBuf {
     "/var/lib/fleet".into()
 }
+fn default_boot_dir() -> PathBuf {
+    "/boot/firmware".into()
+}
 fn default_heartbeat() -> u64 {
     10
 }
 fn default_resync() -> u64 {
     5
+}
+fn default_desired_sync() -> u64 {
+    60
 }
 fn default_podman() -> String {
     "podman".into()
@@ -166,6 +181,12 @@ impl Config {
         if self.resync_interval_secs == 0 {
             return Err(invalid("resync_interval_secs", "must be at least 1".into()));
         }
+        if self.desired_sync_secs < 5 {
+            return Err(invalid(
+                "desired_sync_secs",
+                format!("must be at least 5, got {}", self.desired_sync_secs),
+            ));
+        }
         Ok(())
     }
 
@@ -185,6 +206,10 @@ impl Config {
 
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_secs(self.heartbeat_interval_secs)
+    }
+
+    pub fn desired_sync_interval(&self) -> Duration {
+        Duration::from_secs(self.desired_sync_secs)
     }
 
     pub fn resync_interval(&self) -> Duration {
@@ -240,6 +265,10 @@ mod tests {
         check(
             &format!("{ok}heartbeat_interval_secs = 0\n"),
             Err("heartbeat_interval_secs: must be at least 1"),
+        );
+        check(
+            &format!("{ok}desired_sync_secs = 1\n"),
+            Err("desired_sync_secs: must be at least 5, got 1"),
         );
         check("device_id = [", Err("agent.toml is not valid"));
         // A malformed line holding the token is located, never quoted.

@@ -42,6 +42,10 @@ pub enum IdentityError {
     TokenExpired { id: String, expired_at: u64 },
     #[error("enrollment did not get an answer: {0}")]
     Unanswered(String),
+    #[error(
+        "NATS refused the enrollment token {id}: it was used or revoked (its user is revoked at once); create a new one with `fleetctl enroll-token create`"
+    )]
+    TokenRevoked { id: String },
 }
 
 impl IdentityError {
@@ -183,10 +187,13 @@ pub async fn enroll(
     .request_timeout(Some(Duration::from_secs(15)))
     .connect(crate::sync::servers(nats_url))
     .await
-    .map_err(|e| {
-        IdentityError::Unanswered(format!(
+    .map_err(|e| match e.kind() {
+        async_nats::ConnectErrorKind::AuthorizationViolation => IdentityError::TokenRevoked {
+            id: token.id.clone(),
+        },
+        _ => IdentityError::Unanswered(format!(
             "cannot connect to {nats_url} with the enrollment token: {e}"
-        ))
+        )),
     })?;
     let request = EnrollRequest {
         schema: SCHEMA_VERSION,

@@ -1,17 +1,19 @@
-//! `fleet-agent`: runs on each device and converges it to the state declared for it in NATS
-//! JetStream KV, driving podman.
+//! `fleet-agent`: runs on each device and converges it to the state declared for it, driving
+//! podman.
 //!
-//! The flow: [`sync`] replays and follows this device's desired keys and hands events to the
+//! The flow: [`sync`] gets this device's whole desired state from the operator over core NATS
+//! (at start, when told it changed, and periodically) and hands it to the
 //! [`reconcile::Reconciler`], which runs the pure [`plan`] against [`podman`] (each action on
 //! its own task, one at a time per deployment) and reports each deployment's phase back
 //! through the [`sync::Outbox`]; a heartbeat goes out on a timer. The
 //! desired state is cached on disk ([`cache`]) so a reboot without network still brings the
 //! workloads back. [`probe`] decides readiness; [`serve`] answers the operator's logs and exec
 //! requests. Before its first connection the agent enrolls ([`identity`]): it generates
-//! its own key and trades a one-time token for NATS credentials confined to its own keys.
+//! its own key and trades a one-time token for NATS credentials confined to its own subjects.
 //!
-//! The agent never writes desired state and never reads another device's keys (NATS refuses
-//! it: the permissions come from the fleet account, see `operator/src/identity`).
+//! The agent never writes desired state and never reads another device's keys, and uses no
+//! JetStream at all: its NATS permissions (from the fleet account, see
+//! `operator/src/identity`) reach only its own request subjects and inbox.
 
 pub mod cache;
 pub mod config;
@@ -22,6 +24,7 @@ pub mod probe;
 pub mod reconcile;
 pub mod runner;
 pub mod serve;
+pub mod storage;
 pub mod sync;
 
 use std::{
@@ -41,9 +44,6 @@ use crate::{
 };
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// Timeout of the agent's JetStream API requests (consumer creation, publish acks).
-const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -97,13 +97,22 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     if !identity::is_enrolled(&config.state_dir) && config.enrollment_token()?.is_none() {
         return Err(RunError::NoToken);
     }
-    let (js_tx, js_rx) = tokio::sync::oneshot::channel();
-    let mut outbox: Outbox = sync::outbox(js_rx);
+    let (client_tx, client_rx) = tokio::sync::oneshot::channel();
+    let mut outbox: Outbox = sync::outbox(client_rx, config.device_id.clone());
     let (desired_tx, mut desired_rx) = mpsc::channel(64);
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<RunError>(1);
     // NATS comes up in the background (enrolling first if needed): the cached workloads must
     // come back even while NATS is unreachable.
-    tokio::spawn(start_nats(config.clone(), key, js_tx, desired_tx, fatal_tx));
+    // Counts what arrived on the device's request subjects that was not an operator request.
+    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    tokio::spawn(start_nats(
+        config.clone(),
+        key,
+        client_tx,
+        desired_tx,
+        fatal_tx,
+        dropped.clone(),
+    ));
 
     let mut resync = tokio::time::interval(config.resync_interval());
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -115,18 +124,24 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         cache_error: cache_error.clone(),
         ..Default::default()
     });
-    tokio::spawn(heartbeat(config.clone(), outbox.clone(), vitals, started));
+    tokio::spawn(heartbeat(
+        config.clone(),
+        outbox.clone(),
+        vitals,
+        started,
+        dropped,
+    ));
 
     info!(device = %config.device_id, version = VERSION, nats = %config.nats_url, "agent started");
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             Some(e) = fatal_rx.recv() => return Err(e),
-            Some(event) = desired_rx.recv() => {
-                let mut changed = reconciler.apply(event);
+            Some(snapshot) = desired_rx.recv() => {
+                let mut changed = reconciler.apply(snapshot);
                 // Take every queued change before acting, so a burst costs one pass.
-                while let Ok(event) = desired_rx.try_recv() {
-                    changed |= reconciler.apply(event);
+                while let Ok(snapshot) = desired_rx.try_recv() {
+                    changed |= reconciler.apply(snapshot);
                 }
                 if changed {
                     if let Some(desired) = reconciler.desired_for_cache() {
@@ -177,6 +192,7 @@ async fn heartbeat(
     outbox: Outbox,
     vitals: tokio::sync::watch::Receiver<Vitals>,
     started: tokio::time::Instant,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let os = os_name();
     let mut tick = tokio::time::interval(config.heartbeat_interval());
@@ -202,6 +218,8 @@ async fn heartbeat(
             health_flags,
             deployments: v.deployments,
             last_reconcile_ms: v.last_reconcile_ms,
+            storage: storage::read(&config.boot_dir),
+            dropped_requests: dropped.load(std::sync::atomic::Ordering::Relaxed),
         };
         let bytes = serde_json::to_vec(&hb).expect("a heartbeat serializes");
         outbox.put(names::info_key(&config.device_id), bytes);
@@ -212,9 +230,10 @@ async fn heartbeat(
 async fn start_nats(
     config: Config,
     key: nkeys::KeyPair,
-    js_tx: tokio::sync::oneshot::Sender<async_nats::jetstream::Context>,
-    desired_tx: mpsc::Sender<sync::DesiredEvent>,
+    client_tx: tokio::sync::oneshot::Sender<async_nats::Client>,
+    desired_tx: mpsc::Sender<sync::DesiredSnapshot>,
     fatal: mpsc::Sender<RunError>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut backoff = Duration::from_secs(1);
     while !identity::is_enrolled(&config.state_dir) {
@@ -257,25 +276,27 @@ async fn start_nats(
             return drop(fatal.send(RunError::Connect { url, source }).await);
         }
     };
-    // A short JetStream timeout: when async-nats recreates the ordered consumer it first tries
-    // to delete the old one, which a device may not do; the denied request just times out, and
-    // this bounds how long that delays the new consumer.
-    let js = async_nats::jetstream::ContextBuilder::new()
-        .timeout(JETSTREAM_TIMEOUT)
-        .build(client);
-    let _ = js_tx.send(js.clone());
+    let _ = client_tx.send(client.clone());
     let requests = Arc::new(Podman::new(TokioRunner, &config.podman));
     tokio::spawn(serve::serve(
-        js.client(),
+        client.clone(),
         config.device_id.clone(),
         requests,
+        dropped,
     ));
     tokio::spawn(identity::renew_forever(
-        js.client(),
+        client.clone(),
         config.state_dir.clone(),
         config.device_id.clone(),
     ));
-    sync::follow_desired(js, config.device_id, desired_tx, connections).await;
+    sync::follow_desired(
+        client,
+        config.device_id.clone(),
+        desired_tx,
+        connections,
+        config.desired_sync_interval(),
+    )
+    .await;
 }
 
 async fn shutdown_signal() {

@@ -29,7 +29,7 @@ use crate::{
     podman::{CreateSpec, InitOutcome, Observed, Podman},
     probe::Readiness,
     runner::CommandRunner,
-    sync::{DesiredEvent, DesiredValue},
+    sync::{DesiredSnapshot, DesiredValue},
 };
 
 /// First wait before retrying a create that failed; doubles up to [`MAX_RETRY`].
@@ -160,17 +160,11 @@ impl<R: CommandRunner + 'static> Reconciler<R> {
     }
 
     /// Applies a change from NATS. Returns whether the desired state changed.
-    pub fn apply(&mut self, event: DesiredEvent) -> bool {
+    pub fn apply(&mut self, DesiredSnapshot(all): DesiredSnapshot) -> bool {
         let desired = self.desired.get_or_insert_with(BTreeMap::new);
-        match event {
-            DesiredEvent::Snapshot(all) => {
-                let changed = *desired != all;
-                *desired = all;
-                changed
-            }
-            DesiredEvent::Put(name, value) => desired.insert(name, value.clone()) != Some(value),
-            DesiredEvent::Delete(name) => desired.remove(&name).is_some(),
-        }
+        let changed = *desired != all;
+        *desired = all;
+        changed
     }
 
     /// One level-triggered pass: observe, plan, start the actions, probe, report. The
@@ -628,7 +622,7 @@ mod tests {
         runner.answer(0, "[]", ""); // ps after
         runner.answer(0, "[]", ""); // ps on the next pass
         let (mut r, mut rx) = reconciler(runner);
-        r.apply(DesiredEvent::Snapshot(
+        r.apply(DesiredSnapshot(
             [("web".to_owned(), Ok(desired("localhost/nope:1")))].into(),
         ));
         let mut reports = Reports::default();
@@ -663,7 +657,7 @@ mod tests {
         let runner = RecordingRunner::default();
         runner.answer(0, &format!("[{}]", ps_entry("web", "c1", "old")), "");
         let (mut r, mut rx) = reconciler(runner);
-        r.apply(DesiredEvent::Snapshot(
+        r.apply(DesiredSnapshot(
             [("web".to_owned(), Err("cannot read: schema 9".to_owned()))].into(),
         ));
         let mut reports = Reports::default();
@@ -700,7 +694,7 @@ mod tests {
         runner.answer(0, "", ""); // start
         runner.answer(0, &format!("[{}]", ps_entry("web", "c2", &hash)), "");
         let (mut r, mut rx) = reconciler(runner);
-        r.apply(DesiredEvent::Snapshot([("web".to_owned(), Ok(new))].into()));
+        r.apply(DesiredSnapshot([("web".to_owned(), Ok(new))].into()));
         let mut reports = Reports::default();
         settle(&mut r, &mut rx, &mut reports, 1).await;
         let steps: Vec<_> = reports
@@ -739,7 +733,7 @@ mod tests {
             ("api".to_owned(), Ok(desired("img:1"))),
             ("web".to_owned(), Ok(desired("img:1"))),
         ];
-        r.apply(DesiredEvent::Snapshot(two.into()));
+        r.apply(DesiredSnapshot(two.into()));
         let mut reports = Reports::default();
         r.pass(&mut reports, 1).await;
         let mut busy: Vec<_> = r.in_flight.keys().cloned().collect();

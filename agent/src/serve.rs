@@ -1,11 +1,22 @@
 //! Answers the operator's requests to this device over NATS request/reply: the tail of a
 //! deployment's logs and one-shot exec in its container.
 //!
-//! Only the operator can send them: NATS lets a device subscribe to its own
-//! `fleet.dev.<device>.>` subjects only, and only the operator may publish there. Replies are
-//! capped at [`MAX_REPLY_BYTES`] so an oversized output cannot break the connection.
+//! Only the operator can publish them: NATS lets a device subscribe to its own
+//! `fleet.dev.<device>.>` subjects only, and only the operator may publish there. But a
+//! JetStream consumer's deliveries reach any subject its creator names, whatever the creator
+//! may publish, so another device can make the server deliver stream messages here. A request
+//! is served only when its reply subject is under the operator's inbox
+//! ([`names::OPERATOR_INBOX`]) and its body is a well-formed request; anything else is dropped
+//! and counted (the count goes out with the heartbeat). Replies are capped at
+//! [`MAX_REPLY_BYTES`] so an oversized output cannot break the connection.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use fleet_contracts::{
     api::{
@@ -15,18 +26,45 @@ use fleet_contracts::{
     names,
 };
 use futures::StreamExt;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     podman::{Podman, container_name},
     runner::CommandRunner,
 };
 
-/// Serves logs and exec requests until the connection closes.
+/// A request of the operator to this device, as received.
+#[derive(Debug)]
+enum Request {
+    Logs(LogsRequest),
+    Exec(ExecRequest),
+}
+
+/// The request in `payload` if it is a well-formed operator request answering to `reply`:
+/// `None` for anything else (a reply outside the operator's inbox, a body that is not the
+/// request, a follow session id that is not a plain subject token).
+fn accept(is_logs: bool, reply: Option<&str>, payload: &[u8]) -> Option<Request> {
+    if !reply.is_some_and(|r| names::is_reply_under(r, names::OPERATOR_INBOX)) {
+        return None;
+    }
+    if is_logs {
+        let req: LogsRequest = serde_json::from_slice(payload).ok()?;
+        if let Some(session) = &req.follow_session {
+            names::check_name(session).ok()?;
+        }
+        Some(Request::Logs(req))
+    } else {
+        serde_json::from_slice(payload).ok().map(Request::Exec)
+    }
+}
+
+/// Serves logs and exec requests until the connection closes; `dropped` counts what was not a
+/// well-formed operator request.
 pub async fn serve<R: CommandRunner + 'static>(
     client: async_nats::Client,
     device: String,
     podman: Arc<Podman<R>>,
+    dropped: Arc<AtomicU64>,
 ) {
     let subscribe = |subject: String| {
         let client = client.clone();
@@ -44,42 +82,34 @@ pub async fn serve<R: CommandRunner + 'static>(
     };
     let mut requests = futures::stream::select(logs.map(|m| (true, m)), exec.map(|m| (false, m)));
     while let Some((is_logs, msg)) = requests.next().await {
-        let Some(reply) = msg.reply.clone() else {
+        let reply = msg.reply.clone();
+        let Some(request) = accept(is_logs, reply.as_deref(), &msg.payload) else {
+            let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            debug!(subject = %msg.subject, reply = ?reply.as_deref().map(|r| r.chars().take(80).collect::<String>()),
+                dropped = n, "dropped a message that is not a well-formed operator request");
             continue;
         };
+        let reply = reply.expect("accepted requests have a reply subject");
         let (client, podman, device) = (client.clone(), podman.clone(), device.clone());
         // Each request on its own task: a slow exec must not hold up a logs request.
         tokio::spawn(async move {
-            let body = if is_logs {
-                let answer = match serde_json::from_slice::<LogsRequest>(&msg.payload) {
-                    Ok(LogsRequest {
-                        follow_session: Some(session),
-                        deployment,
-                        tail,
-                        ..
-                    }) => {
-                        let f = Follow {
-                            client: &client,
-                            device: &device,
-                            session: &session,
-                            reply,
-                        };
-                        return f.run(&podman, &deployment, tail).await;
-                    }
-                    Ok(req) => logs_reply(&podman, &req).await,
-                    Err(e) => LogsReply::Error {
-                        message: format!("malformed logs request: {e}"),
-                    },
-                };
-                serde_json::to_vec(&answer)
-            } else {
-                let answer = match serde_json::from_slice::<ExecRequest>(&msg.payload) {
-                    Ok(req) => exec_reply(&podman, &req).await,
-                    Err(e) => ExecReply::Error {
-                        message: format!("malformed exec request: {e}"),
-                    },
-                };
-                serde_json::to_vec(&answer)
+            let body = match request {
+                Request::Logs(LogsRequest {
+                    follow_session: Some(session),
+                    deployment,
+                    tail,
+                    ..
+                }) => {
+                    let f = Follow {
+                        client: &client,
+                        device: &device,
+                        session: &session,
+                        reply,
+                    };
+                    return f.run(&podman, &deployment, tail).await;
+                }
+                Request::Logs(req) => serde_json::to_vec(&logs_reply(&podman, &req).await),
+                Request::Exec(req) => serde_json::to_vec(&exec_reply(&podman, &req).await),
             };
             if let Err(e) = client
                 .publish(reply, body.expect("replies serialize").into())

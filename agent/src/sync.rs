@@ -1,23 +1,27 @@
-//! The agent's NATS side: replays and follows its own desired keys, and publishes its reports.
+//! The agent's NATS side: its whole desired state on request, and its reports, both through
+//! the operator over core NATS. A device uses no JetStream at all (docs/adr/0010): nothing it
+//! sends can make the server publish on its behalf to a subject it chose.
 //!
-//! Desired state arrives through a named ordered push consumer on the desired bucket's stream,
-//! filtered to `$KV.fleet-desired.<device>.>` (async-nats then uses the filtered
-//! consumer-create subject, which per-device permissions can allow). It deliberately avoids
-//! async-nats' `Store::watch*` helpers: they create consumers through the unfiltered subject
-//! and need `STREAM.INFO`, which a device must not be granted (docs/adr/0007).
+//! Desired state: the agent asks for all of it on `fleet.sync.<device>` at start, after every
+//! (re)connect, whenever the operator rings `fleet.dev.<device>.desired`, and every
+//! `desired_sync_secs` as a safety net for a missed ring. Each answer is complete and replaces
+//! everything the agent knew; an answer older than one already applied (from an operator whose
+//! view lags) is ignored. An operator that has not read the whole desired bucket yet says so
+//! instead of answering.
 //!
-//! Reports go out with plain JetStream publishes to the device's own reported keys, through an
-//! outbox that coalesces by key and retries until NATS acknowledges, so nothing reported while
-//! disconnected is lost and only the newest value per key is sent.
+//! Reports go out as requests on `fleet.report.<device>`, through an outbox that coalesces by
+//! key and sends again until the operator has stored them, so nothing reported while
+//! disconnected is lost and only the newest value per key is sent. An entry the operator
+//! refuses for good is dropped and logged.
 
 use std::{collections::BTreeMap, time::Duration};
 
-use async_nats::{
-    HeaderMap,
-    jetstream::{self, consumer::DeliverPolicy, consumer::push::OrderedConfig},
-};
 use fleet_contracts::{
-    names::{self, DESIRED_BUCKET, REPORTED_BUCKET},
+    SCHEMA_VERSION, names,
+    rpc::{
+        MAX_REPORT_BYTES, MAX_REPORT_ENTRIES, ReportEntry, ReportReply, ReportRequest, SyncReply,
+        SyncRequest,
+    },
     state::DesiredDeployment,
 };
 use futures::StreamExt;
@@ -27,15 +31,9 @@ use tracing::{debug, info, warn};
 /// A desired value as received: parsed, or the reason it could not be.
 pub type DesiredValue = Result<DesiredDeployment, String>;
 
+/// The device's complete desired state: replaces everything the agent knew.
 #[derive(Debug)]
-pub enum DesiredEvent {
-    /// The complete desired state after a replay: replaces everything the agent knew.
-    Snapshot(BTreeMap<String, DesiredValue>),
-    /// A deployment was added or changed after the replay.
-    Put(String, DesiredValue),
-    /// A deployment was removed after the replay.
-    Delete(String),
-}
+pub struct DesiredSnapshot(pub BTreeMap<String, DesiredValue>);
 
 /// Counts the connections made (the first and every reconnect).
 pub type Connections = tokio::sync::watch::Receiver<u64>;
@@ -58,7 +56,7 @@ pub async fn connect(
         .name(format!("fleet-agent {device}"))
         // Its own inbox prefix: replies to other devices are out of its reach (`_INBOX.>` is
         // not granted).
-        .custom_inbox_prefix(format!("_INBOX.dev.{device}"))
+        .custom_inbox_prefix(names::device_inbox(device))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .event_callback(move |event| {
@@ -70,11 +68,6 @@ pub async fn connect(
                 match event {
                     async_nats::Event::Connected => info!(%device, "connected to NATS"),
                     async_nats::Event::Disconnected => warn!(%device, "disconnected from NATS"),
-                    async_nats::Event::ServerError(async_nats::ServerError::Other(error))
-                        if is_refused_consumer_delete(&error) =>
-                    {
-                        debug!(%device, %error, "the server refused async-nats' clean-up of an old consumer (expected: devices may not delete consumers; it expires by itself)");
-                    }
                     // Permission violations arrive only here; the failed call just times out.
                     other => warn!(%device, event = %other, "NATS event"),
                 }
@@ -85,71 +78,115 @@ pub async fn connect(
     Ok((client, connections))
 }
 
-/// Whether a server error is the refusal of a consumer delete. After a reconnect async-nats'
-/// ordered consumer deletes its old consumer before making a new one; a device may not delete
-/// consumers (the name is one token, so a grant could not be limited to the device's own), so
-/// the server refuses it with a permissions violation on every reconnect. Expected, not a
-/// warning: the old consumer expires by itself.
-fn is_refused_consumer_delete(error: &str) -> bool {
-    error.starts_with("Permissions Violation for Publish to")
-        && error.contains("\"$JS.API.CONSUMER.DELETE.")
-}
-
 /// `nats://a:4222,nats://b:4222` -> each server of a cluster; the client fails over between them.
 pub fn servers(urls: &str) -> Vec<&str> {
     urls.split(',').map(str::trim).collect()
 }
 
-/// Follows this device's desired keys forever, sending events to the reconciler.
-///
-/// After a reconnect it starts over with a fresh consumer (and a full replay) instead of
-/// letting async-nats recreate the ordered consumer: that recreation retries silently forever
-/// and, when a create times out on a cluster electing leaders but happened anyway, it keeps
-/// failing on the name it already used, so the device would hear nothing more.
+/// Keeps the reconciler's desired state current forever (see the module docs).
 pub async fn follow_desired(
-    js: jetstream::Context,
+    client: async_nats::Client,
     device: String,
-    tx: mpsc::Sender<DesiredEvent>,
+    tx: mpsc::Sender<DesiredSnapshot>,
     mut connections: Connections,
+    every: Duration,
 ) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-    let mut backoff = FIRST_BACKOFF;
-    let mut attempt: u32 = 0;
-    loop {
-        attempt += 1;
-        connections.borrow_and_update();
-        let reconnected = async {
-            if connections.changed().await.is_err() {
-                // The client is gone; nothing will reconnect.
-                std::future::pending::<()>().await;
+    let mut doorbell = loop {
+        match client
+            .subscribe(names::desired_doorbell_subject(&device))
+            .await
+        {
+            Ok(s) => break s,
+            Err(e) => {
+                warn!(%device, error = %e, "cannot hear the operator's doorbell yet");
+                tokio::time::sleep(jittered(Duration::from_secs(1))).await;
             }
-        };
-        let started = tokio::time::Instant::now();
-        let followed = tokio::select! {
-            r = replay_and_follow(&js, &device, attempt, &tx) => r,
-            () = reconnected => {
-                // Not a failure: start over soon (jittered, so a fleet that lost its server
-                // does not come back in lockstep).
-                debug!(%device, "reconnected to NATS; following the desired state afresh");
-                backoff = FIRST_BACKOFF;
-                tokio::time::sleep(jittered(FIRST_BACKOFF)).await;
+        }
+    };
+    let mut timer = tokio::time::interval(every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer.tick().await; // The first tick is now; the first sync happens anyway.
+    let mut applied: Option<u64> = None;
+    let mut backoff = FIRST_BACKOFF;
+    let mut due = true;
+    loop {
+        if due {
+            match sync_once(&client, &device).await {
+                Ok(Synced::Desired(revision, _)) if applied.is_some_and(|a| revision < a) => {
+                    debug!(%device, revision, applied = ?applied, "an answer older than the one applied; asking again");
+                }
+                Ok(Synced::Desired(revision, desired)) => {
+                    debug!(%device, revision, deployments = desired.len(), "desired state received");
+                    applied = Some(revision);
+                    if tx.send(DesiredSnapshot(desired)).await.is_err() {
+                        return; // The reconciler is gone: the agent is shutting down.
+                    }
+                    due = false;
+                    backoff = FIRST_BACKOFF;
+                }
+                Ok(Synced::NotReady) => {
+                    debug!(%device, "the operator is still reading the desired state");
+                }
+                Err(e) => warn!(%device, error = %e, "cannot get the desired state yet"),
+            }
+            if due {
+                // Jitter, so a fleet that lost its operator does not come back in lockstep.
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
-        };
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = FIRST_BACKOFF; // It worked for a while: this is a new failure.
         }
-        match followed {
-            Ok(()) => return, // The reconciler is gone: the agent is shutting down.
-            Err(e) => {
-                // Jitter, so a fleet that lost its server does not come back in lockstep and
-                // flood the JetStream API queue with consumer creates.
-                let wait = jittered(backoff);
-                warn!(%device, error = %e, retry_in = ?wait, "desired-state stream failed");
-                tokio::time::sleep(wait).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+        tokio::select! {
+            ring = doorbell.next() => match ring {
+                Some(_) => due = true,
+                None => return, // The client is gone.
+            },
+            _ = timer.tick() => due = true,
+            changed = connections.changed() => {
+                if changed.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                // Spread the fleet's reconnect syncs a little.
+                tokio::time::sleep(jittered(FIRST_BACKOFF)).await;
+                due = true;
             }
         }
+    }
+}
+
+/// What one sync got.
+enum Synced {
+    Desired(u64, BTreeMap<String, DesiredValue>),
+    NotReady,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn sync_once(client: &async_nats::Client, device: &str) -> Result<Synced, BoxError> {
+    let body = serde_json::to_vec(&SyncRequest {
+        schema: SCHEMA_VERSION,
+    })?;
+    let reply = client
+        .request(names::sync_subject(device), body.into())
+        .await?;
+    match serde_json::from_slice::<SyncReply>(&reply.payload)? {
+        SyncReply::Desired { revision, desired } => {
+            let desired = desired
+                .into_iter()
+                .filter_map(|(deployment, value)| {
+                    if names::check_name(&deployment).is_err() {
+                        warn!(%device, key = %deployment, "ignoring a desired key that is not a deployment name");
+                        return None;
+                    }
+                    let parsed = parse_desired(&deployment, value);
+                    Some((deployment, parsed))
+                })
+                .collect();
+            Ok(Synced::Desired(revision, desired))
+        }
+        SyncReply::NotReady => Ok(Synced::NotReady),
+        SyncReply::Refused { reason } => Err(format!("the operator refused: {reason}").into()),
     }
 }
 
@@ -161,81 +198,6 @@ fn jittered(base: Duration) -> Duration {
         .map_or(0, |d| d.subsec_nanos());
     let spread = (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) % 1000;
     base + base.mul_f64(f64::from(spread) / 2000.0)
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-async fn replay_and_follow(
-    js: &jetstream::Context,
-    device: &str,
-    attempt: u32,
-    tx: &mpsc::Sender<DesiredEvent>,
-) -> Result<(), BoxError> {
-    let prefix = format!("$KV.{DESIRED_BUCKET}.{device}.");
-    let config = OrderedConfig {
-        // A fresh name per process and attempt: a consumer left by a previous run (it expires
-        // by itself) never clashes with this one.
-        name: Some(format!("agent-{device}-{}-{attempt}", std::process::id())),
-        filter_subject: names::device_filter(DESIRED_BUCKET, device),
-        deliver_subject: js.client().new_inbox(),
-        deliver_policy: DeliverPolicy::LastPerSubject,
-        ..Default::default()
-    };
-    let consumer = js
-        .create_consumer_on_stream(config, names::kv_stream(DESIRED_BUCKET))
-        .await?;
-    let mut pending = consumer.cached_info().num_pending;
-    let mut messages = consumer.messages().await?;
-    let mut snapshot = Some(BTreeMap::new());
-    debug!(%device, pending, "replaying desired state");
-    if pending == 0 {
-        let done = snapshot.take().unwrap_or_default();
-        if tx.send(DesiredEvent::Snapshot(done)).await.is_err() {
-            return Ok(());
-        }
-    }
-    while let Some(message) = messages.next().await {
-        let message = message?;
-        let Some(deployment) = message.subject.as_str().strip_prefix(&prefix) else {
-            continue;
-        };
-        if names::check_name(deployment).is_err() {
-            warn!(%device, key = %message.subject, "ignoring a desired key that is not a deployment name");
-            continue;
-        }
-        let deleted = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("KV-Operation"))
-            .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-        let value = (!deleted).then(|| parse_desired(deployment, &message.payload));
-        if let Ok(info) = message.info() {
-            pending = info.pending;
-        }
-        let event = match (&mut snapshot, value) {
-            (Some(snap), Some(v)) => {
-                snap.insert(deployment.to_owned(), v);
-                None
-            }
-            (Some(snap), None) => {
-                snap.remove(deployment);
-                None
-            }
-            (None, Some(v)) => Some(DesiredEvent::Put(deployment.to_owned(), v)),
-            (None, None) => Some(DesiredEvent::Delete(deployment.to_owned())),
-        };
-        let event = match event {
-            Some(e) => Some(e),
-            None if pending == 0 => snapshot.take().map(DesiredEvent::Snapshot),
-            None => None,
-        };
-        if let Some(event) = event {
-            if tx.send(event).await.is_err() {
-                return Ok(());
-            }
-        }
-    }
-    Err("the desired-state consumer ended".into())
 }
 
 #[cfg(test)]
@@ -252,25 +214,10 @@ mod tests {
             );
         }
     }
-
-    #[test]
-    fn only_a_refused_consumer_delete_is_expected() {
-        // As nats-server 2.10 words it (seen in the agent's log after a reconnect).
-        let delete = r#"Permissions Violation for Publish to "$JS.API.CONSUMER.DELETE.KV_fleet-desired.agent-pi-01-9000-2""#;
-        assert!(is_refused_consumer_delete(delete));
-        for other in [
-            r#"Permissions Violation for Publish to "$JS.API.CONSUMER.CREATE.KV_fleet-desired.x""#,
-            r#"Permissions Violation for Subscription to "$JS.API.CONSUMER.DELETE.KV_fleet-desired.x""#,
-            r#"Permissions Violation for Publish to "$KV.fleet-reported.pi-02.hello""#,
-            "Maximum Payload Violation",
-        ] {
-            assert!(!is_refused_consumer_delete(other), "{other}");
-        }
-    }
 }
 
-fn parse_desired(deployment: &str, payload: &[u8]) -> DesiredValue {
-    let d: DesiredDeployment = serde_json::from_slice(payload)
+fn parse_desired(deployment: &str, value: serde_json::Value) -> DesiredValue {
+    let d: DesiredDeployment = serde_json::from_value(value)
         .map_err(|e| format!("cannot read the desired state of {deployment}: {e}"))?;
     if d.deployment != deployment {
         return Err(format!(
@@ -281,14 +228,15 @@ fn parse_desired(deployment: &str, payload: &[u8]) -> DesiredValue {
     Ok(d)
 }
 
-/// Reported values waiting to be published: the newest per key, `None` meaning delete.
+/// Reported values waiting to be sent: the newest per key, `None` meaning delete.
 #[derive(Debug, Clone)]
 pub struct Outbox {
     tx: mpsc::UnboundedSender<(String, Option<Vec<u8>>)>,
 }
 
 impl Outbox {
-    /// Queues `value` for the reported key `key` (`<device>.<deployment>` or `<device>._info`).
+    /// Queues `value` (JSON) for the reported key `key` (`<device>.<deployment>` or
+    /// `<device>._info`).
     pub fn put(&self, key: String, value: Vec<u8>) {
         let _ = self.tx.send((key, Some(value)));
     }
@@ -298,12 +246,19 @@ impl Outbox {
     }
 }
 
-/// Starts the publisher task behind an [`Outbox`]. Reports queue until `js` arrives (the
-/// device may still be enrolling) and NATS acknowledges them.
-pub fn outbox(js: tokio::sync::oneshot::Receiver<jetstream::Context>) -> Outbox {
+/// Most bytes of values in one report request, well under NATS's 1 MiB payload.
+const MAX_BATCH_BYTES: usize = 512 * 1024;
+
+/// Starts the sender behind an [`Outbox`] for `device`. Reports queue until `client` arrives
+/// (the device may still be enrolling) and the operator has stored them.
+pub fn outbox(
+    client: tokio::sync::oneshot::Receiver<async_nats::Client>,
+    device: String,
+) -> Outbox {
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, Option<Vec<u8>>)>();
     tokio::spawn(async move {
-        let Ok(js) = js.await else { return };
+        let Ok(client) = client.await else { return };
+        let prefix = format!("{device}.");
         let mut pending: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
         let mut retry = Duration::from_millis(200);
         loop {
@@ -318,52 +273,114 @@ pub fn outbox(js: tokio::sync::oneshot::Receiver<jetstream::Context>) -> Outbox 
             while let Ok((k, v)) = rx.try_recv() {
                 pending.insert(k, v);
             }
-            let mut failed = false;
-            while let Some((key, value)) = pending.pop_first() {
-                if let Err(e) = publish(&js, &key, value.as_deref()).await {
-                    debug!(%key, error = %e, "report not published yet; will retry");
-                    pending.insert(key, value);
-                    failed = true;
-                    break;
-                }
-                // Newer values for other keys may have arrived meanwhile; take them too.
-                while let Ok((k, v)) = rx.try_recv() {
-                    pending.insert(k, v);
-                }
+            let batch = take_batch(&mut pending, &prefix);
+            if batch.is_empty() {
+                continue;
             }
-            if failed {
-                // Wait for the retry time, but keep collecting (newer values replace older).
-                let sleep = tokio::time::sleep(retry);
-                tokio::pin!(sleep);
-                loop {
-                    tokio::select! {
-                        _ = &mut sleep => break,
-                        msg = rx.recv() => match msg {
-                            Some((k, v)) => { pending.insert(k, v); }
-                            None => return,
-                        },
+            match send(&client, &device, &batch).await {
+                Ok(refused) => {
+                    for (key, why) in refused {
+                        warn!(%key, reason = %why, "the operator refused a report; dropping it");
                     }
+                    retry = Duration::from_millis(200);
                 }
-                retry = (retry * 2).min(Duration::from_secs(5));
-            } else {
-                retry = Duration::from_millis(200);
+                Err(e) => {
+                    debug!(error = %e, entries = batch.len(), "reports not stored yet; will retry");
+                    // Put them back unless something newer for the key came meanwhile.
+                    for (key, value) in batch {
+                        pending.entry(format!("{prefix}{key}")).or_insert(value);
+                    }
+                    // Wait for the retry time, but keep collecting (newer values replace older).
+                    let sleep = tokio::time::sleep(retry);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut sleep => break,
+                            msg = rx.recv() => match msg {
+                                Some((k, v)) => { pending.insert(k, v); }
+                                None => return,
+                            },
+                        }
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(5));
+                }
             }
         }
     });
     Outbox { tx }
 }
 
-async fn publish(js: &jetstream::Context, key: &str, value: Option<&[u8]>) -> Result<(), BoxError> {
-    let subject = names::kv_subject(REPORTED_BUCKET, key);
-    let ack = match value {
-        Some(v) => js.publish(subject, v.to_vec().into()).await?,
-        None => {
-            let mut headers = HeaderMap::new();
-            headers.insert("KV-Operation", "DEL");
-            js.publish_with_headers(subject, headers, Default::default())
-                .await?
+/// Takes up to one request's worth of entries out of `pending` as (key under the device, value).
+/// A key that is not the device's own, or a value that is not JSON or is too large, is dropped
+/// with a warning: the operator would refuse it forever.
+fn take_batch(
+    pending: &mut BTreeMap<String, Option<Vec<u8>>>,
+    prefix: &str,
+) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    while batch.len() < MAX_REPORT_ENTRIES {
+        let Some(entry) = pending.first_entry() else {
+            break;
+        };
+        let size = entry.get().as_ref().map_or(0, Vec::len);
+        if !batch.is_empty() && bytes + size > MAX_BATCH_BYTES {
+            break;
         }
+        let (key, value) = entry.remove_entry();
+        let Some(own) = key.strip_prefix(prefix) else {
+            warn!(%key, "dropping a report for a key that is not this device's");
+            continue;
+        };
+        if size > MAX_REPORT_BYTES {
+            warn!(%key, size, "dropping a report larger than the operator stores");
+            continue;
+        }
+        bytes += size;
+        batch.push((own.to_owned(), value));
+    }
+    batch
+}
+
+/// One report request; `Ok` with the entries the operator refused for good.
+async fn send(
+    client: &async_nats::Client,
+    device: &str,
+    batch: &[(String, Option<Vec<u8>>)],
+) -> Result<BTreeMap<String, String>, BoxError> {
+    let mut refused = BTreeMap::new();
+    let mut entries = Vec::new();
+    for (key, value) in batch {
+        let value = match value {
+            Some(bytes) => match serde_json::from_slice(bytes) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    refused.insert(key.clone(), format!("not JSON: {e}"));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        entries.push(ReportEntry {
+            key: key.clone(),
+            value,
+        });
+    }
+    let request = ReportRequest {
+        schema: SCHEMA_VERSION,
+        entries,
     };
-    tokio::time::timeout(Duration::from_secs(5), ack).await??;
-    Ok(())
+    let reply = client
+        .request(
+            names::report_subject(device),
+            serde_json::to_vec(&request)?.into(),
+        )
+        .await?;
+    match serde_json::from_slice::<ReportReply>(&reply.payload)? {
+        ReportReply::Stored { refused: more } => {
+            refused.extend(more);
+            Ok(refused)
+        }
+        ReportReply::Failed { reason } => Err(reason.into()),
+    }
 }

@@ -140,6 +140,11 @@ pub struct EnrollmentToken {
     pub used_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub revoked: bool,
+    /// The public key of the token's own NATS user (what the token's holder connects as):
+    /// revoked in the fleet account as soon as the token is used or revoked. Absent in
+    /// records older than that rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_key: Option<String>,
 }
 
 impl EnrollmentToken {
@@ -183,6 +188,10 @@ pub struct DeviceIdentity {
     /// The last time a blacklist was lifted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_unblacklist: Option<Audit>,
+    /// When the newest JWT minted for this key expires (unix seconds): a revocation of the key
+    /// must last until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_expires_secs: Option<u64>,
 }
 
 /// Who did something, when, and why.
@@ -194,8 +203,9 @@ pub struct Audit {
     pub reason: String,
 }
 
-/// `fleet-enrollment` `revocations`: the device keys revoked in the fleet account, key ->
-/// (device, unix seconds). The account JWT's revocation list is rendered from it.
+/// `fleet-enrollment` `revocations`: the user keys revoked in the fleet account (blacklisted
+/// and deleted devices, used and revoked enrollment tokens), key -> what and since when. The
+/// account JWT's revocation list is rendered from it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocations {
     pub schema: u32,
@@ -205,9 +215,31 @@ pub struct Revocations {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revoked {
+    /// The device whose key this is, or for an enrollment token its id.
     pub device: String,
     /// JWTs issued at or before this second are refused.
     pub at_secs: u64,
+    #[serde(default)]
+    pub reason: RevokedFor,
+    /// No JWT of this key is valid after this second anyway: the entry may then go, which
+    /// keeps the account JWT small. `None`: kept until undone (a blacklist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_secs: Option<u64>,
+}
+
+/// Why a key is revoked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RevokedFor {
+    /// A blacklisted device (undone by un-blacklisting).
+    #[default]
+    Blacklisted,
+    /// A deleted device: its id may enroll again, with a new key, never this one.
+    Deleted,
+    /// An enrollment token that was used or revoked: its holder may not even ask again.
+    Token,
+    #[serde(other)]
+    Unknown,
 }
 
 /// `fleet-resources` `rollout.<deployment>`: an operator's decision to continue a halted
@@ -253,6 +285,7 @@ mod tests {
             used_by: None,
             used_ms: None,
             revoked: false,
+            user_key: None,
         };
         assert_eq!(token.refusal(999), None);
         assert_eq!(

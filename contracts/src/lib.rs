@@ -1,5 +1,6 @@
 //! Every type that crosses a Fleet process boundary: resource documents, the values stored in
-//! NATS KV, the HTTP API bodies, and the names of buckets, keys and subjects.
+//! NATS KV, the HTTP API bodies, the device's request/reply messages (`rpc`), and the names of
+//! buckets, keys and subjects.
 //!
 //! This crate is pure: serde and nothing else. It never touches NATS, tokio, a file or a clock;
 //! callers pass timestamps in. Values evolve additively: readers ignore unknown fields, writers
@@ -8,6 +9,7 @@
 pub mod api;
 pub mod names;
 pub mod resource;
+pub mod rpc;
 pub mod state;
 
 /// The schema version every KV value carries in its `schema` field.

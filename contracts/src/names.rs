@@ -36,15 +36,59 @@ pub fn exec_subject(device: &str) -> String {
     format!("fleet.dev.{device}.exec")
 }
 
+/// Where a device asks the operator for its whole desired state
+/// ([`crate::rpc::SyncRequest`]).
+pub fn sync_subject(device: &str) -> String {
+    format!("fleet.sync.{device}")
+}
+
+/// Where a device sends its reports for the operator to store ([`crate::rpc::ReportRequest`]).
+pub fn report_subject(device: &str) -> String {
+    format!("fleet.report.{device}")
+}
+
+/// Where the operator tells a device its desired state changed
+/// ([`crate::rpc::DesiredChanged`]).
+pub fn desired_doorbell_subject(device: &str) -> String {
+    format!("fleet.dev.{device}.desired")
+}
+
 /// Where an enrolled device asks for a fresh JWT before its current one expires; answered with
 /// an [`crate::api::EnrollReply`].
 pub fn renew_subject(device: &str) -> String {
     format!("fleet.renew.{device}")
 }
 
-/// The inbox prefix of a connection made with enrollment token `token_id`.
+/// The inbox prefix of a connection made with enrollment token `token_id`: the operator
+/// answers an enrollment request only on a subject under it.
 pub fn enroll_inbox(token_id: &str) -> String {
     format!("_INBOX.enroll.{token_id}")
+}
+
+/// The inbox prefix of a device's connection: the operator answers a renewal only on a subject
+/// under it, and a device may subscribe to nothing else of `_INBOX`.
+pub fn device_inbox(device: &str) -> String {
+    format!("_INBOX.dev.{device}")
+}
+
+/// The inbox prefix of the operator's connections; no device id or token can produce it. A
+/// device answers only requests whose reply subject is under it.
+pub const OPERATOR_INBOX: &str = "_INBOX.ctl";
+
+/// Whether `reply` is a single reply subject under inbox prefix `prefix`: `<prefix>.<tokens>`,
+/// with no wildcard and nothing that is not a plain subject token. What a responder checks
+/// before answering, so a request cannot turn it into a publisher on someone else's subject.
+pub fn is_reply_under(reply: &str, prefix: &str) -> bool {
+    let Some(rest) = reply.strip_prefix(prefix).and_then(|r| r.strip_prefix('.')) else {
+        return false;
+    };
+    !rest.is_empty()
+        && rest.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+        })
 }
 
 /// The key suffix of a device's heartbeat in the reported bucket (`<device>._info`).
@@ -138,6 +182,39 @@ pub fn parse_device_key(key: &str) -> Option<DeviceKey<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_requesters_own_inbox_is_a_reply_subject() {
+        let dev = device_inbox("pi-01");
+        for (reply, ok) in [
+            ("_INBOX.dev.pi-01.AbC.1", true),
+            ("_INBOX.dev.pi-01.x", true),
+            ("_INBOX.dev.pi-01", false),
+            ("_INBOX.dev.pi-01.", false),
+            ("_INBOX.dev.pi-01..x", false),
+            ("_INBOX.dev.pi-01.*", false),
+            ("_INBOX.dev.pi-01.>", false),
+            ("_INBOX.dev.pi-01.a b", false),
+            ("_INBOX.dev.pi-012.x", false),
+            ("_INBOX.dev.pi-02.x", false),
+            ("$JS.API.STREAM.PURGE.KV_fleet-desired", false),
+            ("$KV.fleet-desired.pi-02.web", false),
+            ("fleet.dev.pi-02.exec", false),
+            ("", false),
+        ] {
+            assert_eq!(is_reply_under(reply, &dev), ok, "{reply:?}");
+        }
+        assert!(is_reply_under(
+            "_INBOX.enroll.tok1.z",
+            &enroll_inbox("tok1")
+        ));
+        assert!(!is_reply_under(
+            "_INBOX.enroll.tok1.z",
+            &enroll_inbox("tok2")
+        ));
+        assert!(is_reply_under("_INBOX.ctl.abc.def", OPERATOR_INBOX));
+        assert!(!is_reply_under("_INBOX.ctlx.abc", OPERATOR_INBOX));
+    }
 
     #[test]
     fn names() {

@@ -103,6 +103,37 @@ pub struct Heartbeat {
     /// whose reconcile time stands still means an agent that is alive but stuck.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reconcile_ms: Option<u64>,
+    /// What the device's boots found on its storage and did about it (the bootguard's record
+    /// on the boot partition); absent until a check first found something.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageChecks>,
+    /// Messages on the device's request subjects that were not well-formed operator requests
+    /// (dropped unanswered) since the agent started: something is trying its subjects.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_requests: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The bootguard's storage checks at boot, as the agent found them on the boot partition
+/// (`rollback/checks`). Counts are since the device was made; texts are the last finding.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageChecks {
+    /// Times the thin pool under root failed its check and `lvconvert --repair` brought it
+    /// back.
+    pub pool_repairs: u32,
+    /// Boots in a row whose pool failed its check (0 once one activates it again).
+    pub pool_repair_boots: u32,
+    /// The last pool finding and what was done, in words for people.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_pool: String,
+    /// Boots that found the boot partition not cleanly unmounted or damaged, fixed by
+    /// `fsck.fat` (each is an unclean shutdown: a crash or a power cut).
+    pub fat_repairs: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_fat: String,
 }
 
 /// Something wrong on a device that does not stop it from working.
@@ -166,6 +197,13 @@ mod tests {
             }],
             deployments: 2,
             last_reconcile_ms: Some(5),
+            storage: Some(StorageChecks {
+                pool_repairs: 1,
+                last_pool: "pool vg0/pool repaired".into(),
+                fat_repairs: 3,
+                ..StorageChecks::default()
+            }),
+            dropped_requests: 3,
         };
         let json = serde_json::to_string(&hb).unwrap();
         assert_eq!(serde_json::from_str::<Heartbeat>(&json).unwrap(), hb);

@@ -1,10 +1,12 @@
-"""Reads desired keys as a device, with nats-py: an independent NATS client, so Fleet's
+"""Reads desired state as a device, with nats-py: an independent NATS client, so Fleet's
 isolation does not rest on how async-nats happens to behave.
 
     foreign_read.py NATS_URL CA_FILE CREDS_FILE OWN_DEVICE OTHER_DEVICE
 
-Prints one JSON object: the own key's read (expected to work), the other device's read
-(expected to fail), and the permission violations the server reported.
+Prints one JSON object: the own desired state asked of the operator (expected to work), direct
+reads of the own and the other device's desired keys from JetStream (expected to fail: a device
+is no JetStream client), the KV helper (expected to fail), and the permission violations the
+server reported.
 """
 
 import asyncio
@@ -32,8 +34,13 @@ async def main(url, ca, creds, own, other):
         allow_reconnect=False,
         tls=ssl.create_default_context(cafile=ca),
     )
-    js = nc.jetstream(timeout=2)
     result = {}
+    try:
+        msg = await nc.request("fleet.sync." + own, b'{"schema":1}', timeout=5)
+        result["sync"] = {"ok": True, "data": msg.data.decode()}
+    except Exception as e:  # noqa: BLE001 - any failure is the answer
+        result["sync"] = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+    js = nc.jetstream(timeout=2)
     for label, device in (("own", own), ("other", other)):
         subject = "$KV.%s.%s.web" % (BUCKET, device)
         try:

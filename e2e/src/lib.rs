@@ -10,6 +10,8 @@
 #![allow(clippy::disallowed_methods)] // A harness starts processes; the product code may not.
 
 pub mod churn;
+pub mod raw;
+pub mod store;
 
 use std::{
     future::Future,
@@ -578,6 +580,36 @@ impl Nats {
     }
 
     /// A client with the operator service's credentials (what tests use to look into KV).
+    /// A connection that hears every subject of the fleet account and may publish nothing:
+    /// a test's witness of what an attack made anyone publish.
+    pub async fn spy(&self) -> Result<async_nats::Client> {
+        use fleet_operator::identity::{
+            Identity,
+            jwt::{Permission, UserPermissions},
+        };
+        let creds = Identity::init_or_load(&self.identity)?.fleet_user_creds(
+            "test-spy",
+            UserPermissions {
+                publish: Permission {
+                    allow: vec![],
+                    deny: vec![">".into()],
+                },
+                subscribe: Permission::allow(&[">"]),
+                resp: None,
+                subs: Some(-1),
+                data: Some(-1),
+                payload: Some(-1),
+            },
+        )?;
+        let url = self.url();
+        let servers: Vec<&str> = url.split(',').collect();
+        Ok(async_nats::ConnectOptions::with_credentials(&creds)?
+            .add_root_certificates(self.ca())
+            .require_tls(true)
+            .connect(servers)
+            .await?)
+    }
+
     pub async fn client(&self) -> Result<async_nats::Client> {
         let creds = std::fs::read_to_string(self.identity.join("operator.creds"))?;
         let url = self.url();
@@ -1107,18 +1139,16 @@ impl Hollow {
         identity::save_jwt(state_dir, &jwt)?;
         let options = identity::connect_options(state_dir, key);
         let (client, connections) = sync::connect(options, &nats.url(), &nats.ca(), name).await?;
-        let js = async_nats::jetstream::ContextBuilder::new()
-            .timeout(Duration::from_secs(3))
-            .build(client);
-        let (js_tx, js_rx) = tokio::sync::oneshot::channel();
-        let _ = js_tx.send(js.clone());
-        let outbox = sync::outbox(js_rx);
+        let (client_tx, client_rx) = tokio::sync::oneshot::channel();
+        let _ = client_tx.send(client.clone());
+        let outbox = sync::outbox(client_rx, name.to_owned());
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let mut tasks = vec![tokio::spawn(sync::follow_desired(
-            js,
+            client,
             name.to_owned(),
             tx,
             connections,
+            Duration::from_secs(60),
         ))];
         let desired = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
         let (map, out, device) = (desired.clone(), outbox.clone(), name.to_owned());
@@ -1126,20 +1156,11 @@ impl Hollow {
             while let Some(event) = rx.recv().await {
                 let mut map = map.lock().unwrap();
                 let before: Vec<String> = map.keys().cloned().collect();
-                match event {
-                    sync::DesiredEvent::Snapshot(all) => {
-                        *map = all
-                            .into_iter()
-                            .filter_map(|(k, v)| Some((k, v.ok()?)))
-                            .collect();
-                    }
-                    sync::DesiredEvent::Put(k, Ok(v)) => {
-                        map.insert(k, v);
-                    }
-                    sync::DesiredEvent::Put(k, Err(_)) | sync::DesiredEvent::Delete(k) => {
-                        map.remove(&k);
-                    }
-                }
+                let sync::DesiredSnapshot(all) = event;
+                *map = all
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v.ok()?)))
+                    .collect();
                 if !auto_ready {
                     continue;
                 }
@@ -1220,6 +1241,8 @@ pub fn hollow_heartbeat(device: &str, interval_ms: u64, deployments: u32) -> Vec
         health_flags: vec![],
         deployments,
         last_reconcile_ms: None,
+        storage: None,
+        dropped_requests: 0,
     };
     serde_json::to_vec(&hb).expect("a heartbeat serializes")
 }

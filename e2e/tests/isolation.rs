@@ -1,49 +1,19 @@
 //! Security by default, proven by trying: with a real nats-server in JWT mode and two enrolled
-//! devices A and B, device A's credentials cannot reach B's keys or subjects, the desired or
-//! resources buckets, or anyone's inbox; forged credentials and spent tokens are refused.
-//! Each attempt asserts the server's permission error; each has a positive control where one
-//! makes sense (A can do the same to its own keys), so a broken setup cannot pass silently.
+//! devices A and B, device A's credentials reach no JetStream at all (not even its own keys:
+//! it asks the operator), nor B's subjects, nor anyone's inbox; forged credentials and spent
+//! tokens are refused. Each attempt asserts the server's permission error; each has a positive
+//! control where one makes sense (A gets its own state through the operator), so a broken
+//! setup cannot pass silently.
 
-use std::time::Duration;
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use async_nats::{HeaderMap, jetstream::consumer::push::OrderedConfig};
 use fleet_agent::identity::{self, IdentityError};
 use fleet_contracts::names::{self, DESIRED_BUCKET, REPORTED_BUCKET, RESOURCES_BUCKET};
-use fleet_e2e::{Fleet, WAIT, eventually};
+use fleet_e2e::{
+    Fleet, WAIT, eventually,
+    raw::{self, Conn},
+};
 use nkeys::KeyPair;
-use tokio::sync::mpsc;
-
-/// A device's NATS connection and the server errors it receives.
-struct Conn {
-    client: async_nats::Client,
-    errors: mpsc::UnboundedReceiver<String>,
-}
-
-impl Conn {
-    /// Waits for the server's permission error naming `what` (e.g. `Publish to "x"`).
-    async fn violation(&mut self, what: &str) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut seen = Vec::new();
-        loop {
-            match tokio::time::timeout_at(deadline, self.errors.recv()).await {
-                Ok(Some(e)) if e.contains("Permissions Violation") && e.contains(what) => {
-                    return Ok(());
-                }
-                Ok(Some(e)) => seen.push(e),
-                Ok(None) | Err(_) => {
-                    bail!("no permission violation for {what}; server errors seen: {seen:?}")
-                }
-            }
-        }
-    }
-
-    fn js(&self) -> async_nats::jetstream::Context {
-        async_nats::jetstream::ContextBuilder::new()
-            .timeout(Duration::from_secs(2))
-            .build(self.client.clone())
-    }
-}
 
 /// Two enrolled devices and a Deployment on both, so each has a desired key.
 struct Setup {
@@ -54,13 +24,8 @@ struct Setup {
 
 async fn setup() -> Result<Setup> {
     let fleet = Fleet::start().await?;
-    let mut devices = Vec::new();
-    for name in ["dev-a", "dev-b"] {
-        let key = KeyPair::new_user();
-        let token = fleet.enrollment_token(&[("role", "iso")])?;
-        let jwt = identity::enroll(&fleet.nats.url(), &fleet.nats.ca(), name, &key, &token).await?;
-        devices.push((key, jwt));
-    }
+    let a = raw::enroll(&fleet, "dev-a", &[("role", "iso")]).await?;
+    let b = raw::enroll(&fleet, "dev-b", &[("role", "iso")]).await?;
     let mut doc = fleet_e2e::http_deployment("web", "iso", 1, "x");
     doc["spec"]["template"]["containers"][0]["ports"] = serde_json::json!([]);
     fleet.operator.apply(&doc)?;
@@ -72,37 +37,11 @@ async fn setup() -> Result<Setup> {
         Ok((a.is_some() && b.is_some()).then_some(()))
     })
     .await?;
-    let b = devices.pop().context("b")?;
-    let a = devices.pop().context("a")?;
     Ok(Setup { fleet, a, b })
 }
 
 async fn connect(fleet: &Fleet, device: &str, creds: &(KeyPair, String)) -> Result<Conn> {
-    let (tx, errors) = mpsc::unbounded_channel();
-    let key = std::sync::Arc::new(KeyPair::from_seed(&creds.0.seed()?)?);
-    let client = async_nats::ConnectOptions::with_jwt(creds.1.clone(), move |nonce| {
-        let key = key.clone();
-        async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
-    })
-    .add_root_certificates(fleet.nats.ca())
-    .require_tls(true)
-    .custom_inbox_prefix(identity_inbox(device))
-    .request_timeout(Some(Duration::from_secs(2)))
-    .event_callback(move |event| {
-        let tx = tx.clone();
-        async move {
-            if let async_nats::Event::ServerError(e) = event {
-                let _ = tx.send(e.to_string());
-            }
-        }
-    })
-    .connect(fleet.nats.url())
-    .await?;
-    Ok(Conn { client, errors })
-}
-
-fn identity_inbox(device: &str) -> String {
-    format!("_INBOX.dev.{device}")
+    raw::device(fleet, device, &creds.0, &creds.1).await
 }
 
 /// A direct get of `key` in `bucket`, the way a device reads a key.
@@ -115,41 +54,66 @@ async fn direct_get(conn: &Conn, bucket: &str, key: &str) -> Result<async_nats::
     Ok(conn.client.request(subject, "".into()).await?)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_device_cannot_get_another_devices_desired_keys() -> Result<()> {
-    let s = setup().await?;
-    let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
-    // Control: its own key is readable.
-    let own = direct_get(&a, DESIRED_BUCKET, "dev-a.web").await?;
-    assert!(String::from_utf8_lossy(&own.payload).contains("\"deployment\":\"web\""));
-    assert!(direct_get(&a, DESIRED_BUCKET, "dev-b.web").await.is_err());
-    a.violation("Publish to \"$JS.API.DIRECT.GET.KV_fleet-desired.$KV.fleet-desired.dev-b.web\"")
-        .await
+/// Asks the operator for `device`'s desired state on `conn`, the way the agent does.
+async fn sync(conn: &Conn, device: &str) -> Result<fleet_contracts::rpc::SyncReply> {
+    let reply = conn
+        .client
+        .request(names::sync_subject(device), "{\"schema\":1}".into())
+        .await?;
+    Ok(serde_json::from_slice(&reply.payload)?)
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_device_cannot_watch_another_devices_desired_keys() -> Result<()> {
+async fn a_device_gets_its_own_desired_state_and_no_one_elses() -> Result<()> {
+    let s = setup().await?;
+    let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
+    // Control: the operator answers with its own desired state.
+    match sync(&a, "dev-a").await? {
+        fleet_contracts::rpc::SyncReply::Desired { desired, .. } => {
+            assert_eq!(desired.keys().collect::<Vec<_>>(), ["web"]);
+        }
+        other => anyhow::bail!("{other:?}"),
+    }
+    assert!(sync(&a, "dev-b").await.is_err());
+    a.violation("Publish to \"fleet.sync.dev-b\"").await?;
+    // JetStream is out of its reach, its own keys included.
+    for device in ["dev-a", "dev-b"] {
+        assert!(
+            direct_get(&a, DESIRED_BUCKET, &format!("{device}.web"))
+                .await
+                .is_err()
+        );
+        a.violation(&format!(
+            "Publish to \"$JS.API.DIRECT.GET.KV_fleet-desired.$KV.fleet-desired.{device}.web\""
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_cannot_create_any_consumer() -> Result<()> {
     let s = setup().await?;
     let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
     let js = a.js();
-    let config = |device: &str| OrderedConfig {
-        name: Some("probe".into()),
-        filter_subject: names::device_filter(DESIRED_BUCKET, device),
-        deliver_subject: a.client.new_inbox(),
-        ..Default::default()
-    };
-    // Control: the agent's own way of watching works.
-    js.create_consumer_on_stream(config("dev-a"), names::kv_stream(DESIRED_BUCKET))
+    for device in ["dev-a", "dev-b"] {
+        let config = OrderedConfig {
+            name: Some("dev-a".into()),
+            filter_subject: names::device_filter(DESIRED_BUCKET, device),
+            deliver_subject: a.client.new_inbox(),
+            ..Default::default()
+        };
+        assert!(
+            js.create_consumer_on_stream(config, names::kv_stream(DESIRED_BUCKET))
+                .await
+                .is_err()
+        );
+        a.violation(&format!(
+            "Publish to \"$JS.API.CONSUMER.CREATE.KV_fleet-desired.dev-a.$KV.fleet-desired.{device}.>\""
+        ))
         .await?;
-    assert!(
-        js.create_consumer_on_stream(config("dev-b"), names::kv_stream(DESIRED_BUCKET))
-            .await
-            .is_err()
-    );
-    a.violation(
-        "Publish to \"$JS.API.CONSUMER.CREATE.KV_fleet-desired.probe.$KV.fleet-desired.dev-b.>\"",
-    )
-    .await
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -174,39 +138,80 @@ async fn a_device_cannot_create_an_unfiltered_watch_over_the_bucket() -> Result<
         .await
 }
 
+/// Sends one report entry of `device`'s on `conn`, the way the agent does.
+async fn report(
+    conn: &Conn,
+    device: &str,
+    key: &str,
+    value: serde_json::Value,
+) -> Result<fleet_contracts::rpc::ReportReply> {
+    let request = fleet_contracts::rpc::ReportRequest {
+        schema: 1,
+        entries: vec![fleet_contracts::rpc::ReportEntry {
+            key: key.into(),
+            value: Some(value),
+        }],
+    };
+    let reply = conn
+        .client
+        .request(
+            names::report_subject(device),
+            serde_json::to_vec(&request)?.into(),
+        )
+        .await?;
+    Ok(serde_json::from_slice(&reply.payload)?)
+}
+
+fn status(deployment: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({"schema": 1, "deployment": deployment, "observed_generation": 1,
+        "phase": "Ready", "message": message, "since_ms": 1})
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_cannot_write_another_devices_reported_keys() -> Result<()> {
     let s = setup().await?;
     let mut a = connect(&s.fleet, "dev-a", &s.a).await?;
     let b = connect(&s.fleet, "dev-b", &s.b).await?;
-    // Controls: each device's own reported key takes a write.
-    b.js()
-        .publish(
-            names::kv_subject(REPORTED_BUCKET, "dev-b.web"),
-            "{\"by\":\"b\"}".into(),
-        )
-        .await?
-        .await?;
-    let js = a.js();
-    js.publish(names::kv_subject(REPORTED_BUCKET, "dev-a.web"), "{}".into())
-        .await?
-        .await?;
-    let forged = js
-        .publish(
-            names::kv_subject(REPORTED_BUCKET, "dev-b.web"),
-            "{\"by\":\"a\"}".into(),
-        )
-        .await?;
-    assert!(forged.await.is_err(), "the forged report was acknowledged");
-    a.violation("Publish to \"$KV.fleet-reported.dev-b.web\"")
-        .await?;
+    // Controls: each device's report lands under its own key.
+    for (conn, device) in [(&a, "dev-a"), (&b, "dev-b")] {
+        let reply = report(conn, device, "web", status("web", device)).await?;
+        assert!(
+            matches!(&reply, fleet_contracts::rpc::ReportReply::Stored { refused } if refused.is_empty()),
+            "{reply:?}"
+        );
+    }
+    // A cannot ask on B's report subject...
+    assert!(
+        report(&a, "dev-b", "web", status("web", "by a"))
+            .await
+            .is_err()
+    );
+    a.violation("Publish to \"fleet.report.dev-b\"").await?;
+    // ...nor name B's key in its own report...
+    let reply = report(&a, "dev-a", "dev-b.web", status("dev-b.web", "by a")).await?;
+    assert!(
+        matches!(&reply, fleet_contracts::rpc::ReportReply::Stored { refused } if refused.contains_key("dev-b.web")),
+        "{reply:?}"
+    );
+    // ...nor write the bucket itself, not even its own key.
+    for device in ["dev-a", "dev-b"] {
+        let write = a
+            .js()
+            .publish(
+                names::kv_subject(REPORTED_BUCKET, &format!("{device}.web")),
+                "{}".into(),
+            )
+            .await?;
+        assert!(write.await.is_err(), "a direct write was acknowledged");
+        a.violation(&format!("Publish to \"$KV.fleet-reported.{device}.web\""))
+            .await?;
+    }
     let reported = async_nats::jetstream::new(s.fleet.nats.client().await?)
         .get_key_value(REPORTED_BUCKET)
         .await?;
-    assert_eq!(
-        reported.get("dev-b.web").await?.as_deref(),
-        Some(&b"{\"by\":\"b\"}"[..])
-    );
+    let value = reported.get("dev-b.web").await?.context("dev-b.web")?;
+    let value: serde_json::Value = serde_json::from_slice(&value)?;
+    assert_eq!(value["message"], "dev-b");
     Ok(())
 }
 
@@ -326,6 +331,7 @@ async fn used_expired_and_revoked_enrollment_tokens_are_refused() -> Result<()> 
     let fleet = Fleet::start().await?;
     let client = fleet.operator.client();
 
+    // A used token's NATS user is revoked as soon as it has its answer: it cannot even ask.
     let used = fleet.enrollment_token(&[])?;
     identity::enroll(
         &fleet.nats.url(),
@@ -336,18 +342,13 @@ async fn used_expired_and_revoked_enrollment_tokens_are_refused() -> Result<()> 
     )
     .await?;
     let err = enroll_err(&fleet, "second", &used).await;
-    assert!(
-        matches!(&err, IdentityError::Refused(r) if r.contains("was already used (by first)")),
-        "{err}"
-    );
+    assert!(matches!(&err, IdentityError::TokenRevoked { .. }), "{err}");
+    assert!(!err.is_transient(), "a revoked token is not retried: {err}");
 
     let revoked = client.create_enrollment_token(&Default::default())?;
     client.revoke_enrollment_token(&revoked.info.id)?;
     let err = enroll_err(&fleet, "third", &revoked.token).await;
-    assert!(
-        matches!(&err, IdentityError::Refused(r) if r.contains("was revoked")),
-        "{err}"
-    );
+    assert!(matches!(&err, IdentityError::TokenRevoked { .. }), "{err}");
 
     let short = client.create_enrollment_token(&fleet_contracts::api::CreateEnrollmentToken {
         ttl_secs: Some(1),
@@ -376,13 +377,15 @@ async fn re_enrolling_a_device_with_a_new_key_is_refused_until_an_admin_deletes_
     let key = KeyPair::new_user();
     let first = fleet.enrollment_token(&[])?;
     identity::enroll(&fleet.nats.url(), &fleet.nats.ca(), "pi-07", &key, &first).await?;
-    // The same device and key asking again with its own token is answered (a crash before saving).
-    identity::enroll(&fleet.nats.url(), &fleet.nats.ca(), "pi-07", &key, &first).await?;
+    // A device that lost its answer (a crash before saving it) asks again with a new token and
+    // its own key: answered, it is the same device.
+    let again = fleet.enrollment_token(&[])?;
+    identity::enroll(&fleet.nats.url(), &fleet.nats.ca(), "pi-07", &key, &again).await?;
 
     let second = fleet.enrollment_token(&[])?;
     let err = enroll_err(&fleet, "pi-07", &second).await;
     assert!(
-        matches!(&err, IdentityError::Refused(r) if r.contains("already enrolled with another key")),
+        matches!(&err, IdentityError::Refused(r) if r == fleet_operator::enroll::ENROLLMENT_REFUSED),
         "{err}"
     );
     // The refused attempt did not spend the token.
@@ -427,16 +430,18 @@ async fn an_independent_client_with_a_devices_credentials_cannot_read_another_de
     );
     let result: serde_json::Value =
         serde_json::from_str(&stdout).with_context(|| stdout.to_string())?;
-    // Control: nats-py can read the device's own key with these credentials.
-    assert_eq!(result["own"]["ok"], true, "{result}");
+    // Control: nats-py gets the device's own desired state from the operator.
+    assert_eq!(result["sync"]["ok"], true, "{result}");
     assert!(
-        result["own"]["data"]
+        result["sync"]["data"]
             .as_str()
             .unwrap_or_default()
             .contains("\"deployment\":\"web\""),
         "{result}"
     );
-    // But not the other device's, directly or through the KV helper.
+    // But no key from JetStream, its own or the other device's, directly or through the KV
+    // helper.
+    assert_eq!(result["own"]["ok"], false, "{result}");
     assert_eq!(result["other"]["ok"], false, "{result}");
     assert_eq!(result["kv_helper"]["ok"], false, "{result}");
     // nats-py reports the server's error in lower case.

@@ -126,6 +126,40 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
+/// The `{name}` (or `{id}`) of a route, checked before anything else happens: a name is one
+/// plain subject token ([`names::check_name`]), so nothing a caller sends can widen a NATS
+/// subject, break the connection's control line (a 10,000-character name) or name another
+/// key. An invalid one is the caller's error, 400.
+#[derive(Debug)]
+struct Name(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Name {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+        valid_name("name", &name)?;
+        Ok(Name(name))
+    }
+}
+
+/// `name` checked as a device, resource or token name; the error names the `field`.
+fn valid_name(field: &str, name: &str) -> Result<(), ApiError> {
+    names::check_name(name).map_err(|why| {
+        let shown: String = name.chars().take(64).collect();
+        let more = if name.chars().count() > 64 { "..." } else { "" };
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid {field} {shown:?}{more}: {why}"),
+        )
+    })
+}
+
 fn status_body(shared: &Shared) -> OperatorStatus {
     let fleet = shared.fleet.read().unwrap();
     let converged = shared.converged();
@@ -351,7 +385,7 @@ async fn list_deployments(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<De
 
 async fn get_deployment(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> ApiResult<Deployment> {
     require_converged(&shared)?;
     let fleet = shared.fleet.read().unwrap();
@@ -381,10 +415,7 @@ async fn list_devices(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<Device
     ))
 }
 
-async fn get_device(
-    State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
-) -> ApiResult<Device> {
+async fn get_device(State(shared): State<Arc<Shared>>, Name(name): Name) -> ApiResult<Device> {
     require_converged(&shared)?;
     let fleet = shared.fleet.read().unwrap();
     let d = fleet
@@ -403,14 +434,14 @@ fn not_found(kind: &str, name: &str) -> ApiError {
 
 async fn delete_deployment(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> Result<StatusCode, ApiError> {
     delete(&shared, "Deployment", &name).await
 }
 
 async fn delete_device(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> Result<StatusCode, ApiError> {
     delete(&shared, "Device", &name).await
 }
@@ -426,6 +457,9 @@ async fn delete(shared: &Shared, kind: &str, name: &str) -> Result<StatusCode, A
     })?;
     if !entry.is_some_and(|e| e.operation == async_nats::jetstream::kv::Operation::Put) {
         return Err(not_found(kind, name));
+    }
+    if kind == "Device" {
+        forget_device(shared, name).await?;
     }
     shared.buckets.resources.delete(&key).await.map_err(|e| {
         ApiError::new(
@@ -443,18 +477,64 @@ async fn delete(shared: &Shared, kind: &str, name: &str) -> Result<StatusCode, A
             )
         })?;
     }
-    if kind == "Device" {
-        // Forget the enrolled key too: the device id may now be enrolled again, with a new key.
-        let key = crate::enroll::identity_key(name);
-        shared.buckets.enrollment.delete(&key).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("cannot delete {key} in NATS: {e}"),
-            )
-        })?;
-    }
     info!(kind, name, "deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What deleting a Device does before the resource goes: its enrolled key is revoked in the
+/// fleet account (its connection ends at once, and no JWT of that key ever works again, so a
+/// new device under the same id is out of its reach), its reported keys are purged, and its
+/// identity record is removed (the id may enroll again, with a new key and a new token).
+async fn forget_device(shared: &Shared, name: &str) -> Result<(), ApiError> {
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot delete device {name}: {what}: {e}; try again"),
+        )
+    };
+    let key = crate::enroll::identity_key(name);
+    let identity: Option<fleet_contracts::api::DeviceIdentity> = shared
+        .buckets
+        .enrollment
+        .get(&key)
+        .await
+        .map_err(|e| unavailable("reading its identity", &e))?
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(identity) = &identity {
+        let now = now_ms() / 1000;
+        // Every JWT of this key expires by then: the newest one's expiry, or for a record
+        // older than that field, anything minted up to now.
+        let until = identity
+            .jwt_expires_secs
+            .unwrap_or(now + shared.device_jwt_ttl.as_secs());
+        crate::blacklist::revoke(
+            shared,
+            &identity.public_key,
+            fleet_contracts::api::Revoked {
+                device: name.to_owned(),
+                at_secs: now,
+                reason: fleet_contracts::api::RevokedFor::Deleted,
+                until_secs: Some(until),
+            },
+        )
+        .await
+        .map_err(|e| unavailable("revoking its key", &e))?;
+    }
+    let js = async_nats::jetstream::new(shared.nats.clone());
+    js.get_stream(names::kv_stream(names::REPORTED_BUCKET))
+        .await
+        .map_err(|e| unavailable("opening the reported bucket", &e))?
+        .purge()
+        .filter(names::device_filter(names::REPORTED_BUCKET, name))
+        .await
+        .map_err(|e| unavailable("purging its reported keys", &e))?;
+    shared
+        .buckets
+        .enrollment
+        .delete(&key)
+        .await
+        .map_err(|e| unavailable("removing its identity record", &e))?;
+    Ok(())
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -489,6 +569,18 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "fleet_operator_unreadable_values_total",
         "KV values skipped as unreadable.",
         m.unreadable_values.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "fleet_operator_refused_requests_total",
+        "Enrollment and renewal requests refused before any work (a reply subject outside the requester's inbox).",
+        m.refused_requests.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "fleet_operator_refused_reports_total",
+        "Report entries refused (not what their key holds, too large, too many keys).",
+        m.refused_reports.load(Ordering::Relaxed),
     );
     let fleet = shared.fleet.read().unwrap();
     let now = now_ms();
@@ -690,7 +782,7 @@ async fn create_token(
     let id = crate::enroll::new_token_id();
     let now = now_ms();
     let expires_ms = now + ttl.as_millis() as u64;
-    let token = shared
+    let (token, user_key) = shared
         .identity
         .enrollment_token(&id, expires_ms / 1000)
         .map_err(|e| {
@@ -708,6 +800,7 @@ async fn create_token(
         used_by: None,
         used_ms: None,
         revoked: false,
+        user_key: Some(user_key),
     };
     let bytes = serde_json::to_vec(&info).expect("serializes");
     shared
@@ -759,7 +852,7 @@ async fn list_tokens(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<Enrollm
 
 async fn revoke_token(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    Name(id): Name,
 ) -> ApiResult<EnrollmentToken> {
     let store = &shared.buckets.enrollment;
     let key = crate::enroll::token_key(&id);
@@ -791,13 +884,16 @@ async fn revoke_token(
                 format!("{id} changed while revoking ({e}); try again"),
             )
         })?;
+    crate::enroll::revoke_token_user(&shared, &token)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
     info!(token = %id, "enrollment token revoked");
     Ok(Json(token))
 }
 
 async fn blacklist_device(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Name(name): Name,
     body: Bytes,
 ) -> ApiResult<BlacklistResult> {
     set_blacklist(&shared, &name, true, &body).await
@@ -805,7 +901,7 @@ async fn blacklist_device(
 
 async fn unblacklist_device(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Name(name): Name,
     body: Bytes,
 ) -> ApiResult<BlacklistResult> {
     set_blacklist(&shared, &name, false, &body).await
@@ -853,6 +949,7 @@ fn default_tail() -> u32 {
 
 /// Checks that `deployment` exists and `device` is one of its devices.
 fn check_target(shared: &Shared, deployment: &str, device: &str) -> Result<(), ApiError> {
+    valid_name("device", device)?;
     let fleet = shared.fleet.read().unwrap();
     let d = fleet
         .deployments
@@ -907,7 +1004,7 @@ async fn ask_device<T: serde::de::DeserializeOwned>(
 
 async fn deployment_logs(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Name(name): Name,
     axum::extract::Query(q): axum::extract::Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
     require_converged(&shared)?;
@@ -1059,7 +1156,7 @@ async fn follow_logs(
 
 async fn deployment_exec(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Name(name): Name,
     body: Bytes,
 ) -> ApiResult<ExecReply> {
     require_converged(&shared)?;
@@ -1138,7 +1235,7 @@ async fn deployment_exec(
 /// hold it back now (`fleetctl rollout resume`).
 async fn resume_rollout(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Name(name): Name,
     body: Bytes,
 ) -> ApiResult<fleet_contracts::api::RolloutResume> {
     require_converged(&shared)?;

@@ -1,4 +1,7 @@
-//! Blacklist and un-blacklist: quarantine a device at the NATS level, at once, and undo it.
+//! Blacklist and un-blacklist: quarantine a device at the NATS level, at once, and undo it;
+//! and the revocation list every revoked credential goes through ([`revoke`]: a deleted
+//! device's key, a used or revoked enrollment token's user), entries pruned once every JWT of
+//! their key has expired.
 //!
 //! Blacklisting records who, when and why on the device's identity record, adds the device's
 //! key to the revocation list (`fleet-enrollment` `revocations`), renders the fleet account's
@@ -11,7 +14,7 @@
 use async_nats::jetstream::kv::{Operation, Store};
 use fleet_contracts::{
     SCHEMA_VERSION,
-    api::{Audit, BlacklistResult, DeviceIdentity, Revocations, Revoked},
+    api::{Audit, BlacklistResult, DeviceIdentity, Revocations, Revoked, RevokedFor},
 };
 use tracing::info;
 
@@ -59,13 +62,13 @@ pub async fn set(
         .update(identity_key(device), bytes.into(), entry.revision)
         .await
         .map_err(|e| nats(&e))?;
-    update_revocations(
-        store,
-        &identity.public_key,
-        device,
-        on.then_some(audit.at_ms / 1000),
-    )
-    .await?;
+    let entry = on.then(|| Revoked {
+        device: device.to_owned(),
+        at_secs: audit.at_ms / 1000,
+        reason: RevokedFor::Blacklisted,
+        until_secs: None,
+    });
+    update_revocations(store, &identity.public_key, entry).await?;
     push_account(shared).await?;
     info!(%device, blacklisted = on, by = %audit.by, reason = %audit.reason, "blacklist changed");
     let message = if on {
@@ -86,20 +89,30 @@ pub async fn set(
     })
 }
 
-/// Adds (`Some(at)`) or removes the device's key in the revocation list, compare-and-set.
+/// Revokes NATS user `key` in the fleet account at once: recorded, pushed to the servers (which
+/// close its connections and refuse it from then on), and confirmed.
+pub async fn revoke(shared: &Shared, key: &str, entry: Revoked) -> Result<(), BlacklistError> {
+    let (device, reason) = (entry.device.clone(), entry.reason);
+    update_revocations(&shared.buckets.enrollment, key, Some(entry)).await?;
+    push_account(shared).await?;
+    info!(%device, ?reason, %key, "credentials revoked");
+    Ok(())
+}
+
+/// Sets (`Some`) or removes the entry of `key` in the revocation list, compare-and-set, and
+/// drops the entries whose credentials have all expired by now.
 async fn update_revocations(
     store: &Store,
     key: &str,
-    device: &str,
-    at_secs: Option<u64>,
+    entry: Option<Revoked>,
 ) -> Result<(), BlacklistError> {
     for _ in 0..5 {
-        let entry = store
+        let current = store
             .entry(REVOCATIONS_KEY)
             .await
             .map_err(|e| BlacklistError::Nats(e.to_string()))?
             .filter(|e| e.operation == Operation::Put);
-        let mut list: Revocations = match &entry {
+        let mut list: Revocations = match &current {
             Some(e) => {
                 serde_json::from_slice(&e.value).map_err(|e| BlacklistError::Nats(e.to_string()))?
             }
@@ -108,22 +121,19 @@ async fn update_revocations(
                 keys: Default::default(),
             },
         };
-        match at_secs {
-            Some(at_secs) => {
-                list.keys.insert(
-                    key.to_owned(),
-                    Revoked {
-                        device: device.to_owned(),
-                        at_secs,
-                    },
-                );
+        let now = now_ms() / 1000;
+        list.keys
+            .retain(|_, r| r.until_secs.is_none_or(|until| until >= now));
+        match &entry {
+            Some(entry) => {
+                list.keys.insert(key.to_owned(), entry.clone());
             }
             None => {
                 list.keys.remove(key);
             }
         }
         let bytes = serde_json::to_vec(&list).expect("serializes");
-        let written = match &entry {
+        let written = match &current {
             Some(e) => store
                 .update(REVOCATIONS_KEY, bytes.into(), e.revision)
                 .await
@@ -138,7 +148,7 @@ async fn update_revocations(
         if written.is_ok() {
             return Ok(());
         }
-        // Another blacklist changed the list meanwhile: read it again.
+        // Another change to the list happened meanwhile: read it again.
     }
     Err(BlacklistError::Nats(
         "the revocation list kept changing; try again".into(),

@@ -75,11 +75,66 @@ pub async fn open_buckets(js: &jetstream::Context, replicas: usize) -> Result<Bu
     Ok(Buckets {
         resources: open(RESOURCES_BUCKET, 5).await?,
         desired: open(DESIRED_BUCKET, 5).await?,
-        reported: open(REPORTED_BUCKET, 1).await?,
+        reported: open_device_written(js, REPORTED_BUCKET, replicas).await?,
         enrollment: open(ENROLLMENT_BUCKET, 5).await?,
         audit: open(AUDIT_BUCKET, 1).await?,
         lease: open(LEASE_BUCKET, 1).await?,
     })
+}
+
+/// Opens a bucket devices write to, creating it if needed, with rollup headers refused: a
+/// `Nats-Rollup: all` on a device's own key would otherwise purge every device's values. Once
+/// the bucket exists its stream is only ever updated with rollups off (a KV create-or-update
+/// would switch them on again, for a moment, at every start); nothing of the operator's or the
+/// agent's purges in it (they delete).
+async fn open_device_written(
+    js: &jetstream::Context,
+    bucket: &'static str,
+    replicas: usize,
+) -> Result<kv::Store, SetupError> {
+    let failed =
+        |e: Box<dyn std::error::Error + Send + Sync>| SetupError::Bucket { bucket, source: e };
+    let stream = fleet_contracts::names::kv_stream(bucket);
+    let existing = match js.get_stream(&stream).await {
+        Ok(s) => Some(s.cached_info().config.clone()),
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            None
+        }
+        Err(e) => return Err(failed(Box::new(e))),
+    };
+    let mut config = match existing {
+        Some(config) => config,
+        None => {
+            js.create_key_value(kv::Config {
+                bucket: bucket.to_owned(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed(Box::new(e)))?;
+            js.get_stream(&stream)
+                .await
+                .map_err(|e| failed(Box::new(e)))?
+                .cached_info()
+                .config
+                .clone()
+        }
+    };
+    if config.allow_rollup || config.num_replicas != replicas {
+        config.allow_rollup = false;
+        config.num_replicas = replicas;
+        js.update_stream(config)
+            .await
+            .map_err(|e| failed(Box::new(e)))?;
+    }
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| failed(Box::new(e)))
 }
 
 /// What every part of the operator shares.
@@ -112,7 +167,16 @@ pub struct Metrics {
     pub desired_deletes: AtomicU64,
     pub fan_out_errors: AtomicU64,
     pub unreadable_values: AtomicU64,
+    /// Requests to the operator's responders refused before any work: a reply subject outside
+    /// the requester's own inbox, a malformed subject.
+    pub refused_requests: AtomicU64,
+    /// Report entries refused: a key or value that is not what the key holds, too large, too
+    /// many keys.
+    pub refused_reports: AtomicU64,
 }
+
+/// The index of the desired bucket's watch.
+const DESIRED_WATCH: usize = 2;
 
 const WATCH_NAMES: [&str; 4] = [
     "resources",
@@ -155,6 +219,12 @@ impl Shared {
             .all(|w| w.load(Ordering::Acquire))
     }
 
+    /// True once the desired watch has read the whole bucket: a device's desired state may be
+    /// answered in full.
+    pub fn desired_read(&self) -> bool {
+        self.watches_current[DESIRED_WATCH].load(Ordering::Acquire)
+    }
+
     /// Caught up and, while leading, the desired bucket written to match: nothing left to
     /// rebuild.
     pub fn converged(&self) -> bool {
@@ -194,6 +264,25 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Rings the doorbell of every device the desired view has keys for.
+async fn ring_all(shared: &Shared) {
+    let devices: std::collections::BTreeSet<String> = shared
+        .fleet
+        .read()
+        .unwrap()
+        .desired
+        .keys()
+        .filter_map(|k| k.split_once('.').map(|(d, _)| d.to_owned()))
+        .collect();
+    for device in &devices {
+        crate::gateway::ring(shared, device).await;
+    }
+    debug!(
+        devices = devices.len(),
+        "rang every device with desired keys"
+    );
 }
 
 /// Starts the watches and the fan-out loop.
@@ -314,6 +403,16 @@ async fn watch_once(
         if entry.delta == 0 {
             shared.set_current(index, true);
         }
+        // A device hears that its desired state changed, from the leader (the writer) once
+        // the view is whole: it then asks for all of it.
+        if index == DESIRED_WATCH
+            && shared.desired_read()
+            && shared.leadership.is_leader()
+            && let Some(fleet_contracts::names::DeviceKey::Deployment { device, .. }) =
+                fleet_contracts::names::parse_device_key(&entry.key)
+        {
+            crate::gateway::ring(shared, device).await;
+        }
     }
     Ok(())
 }
@@ -330,7 +429,10 @@ fn clear(shared: &Shared, index: usize) {
             fleet.reported.clear();
             fleet.heartbeats.clear();
         }
-        2 => fleet.desired.clear(),
+        2 => {
+            fleet.desired.clear();
+            fleet.desired_revision = 0;
+        }
         _ => fleet.identities.clear(),
     }
 }
@@ -346,7 +448,12 @@ fn apply_resource(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
     };
     match (kind, value(entry)) {
         ("deployment", None) => fleet.deployments.remove(name).is_some(),
-        ("device", None) => fleet.devices.remove(name).is_some(),
+        ("device", None) => {
+            // Its reports were purged with it (a purge leaves nothing for a watch to see).
+            fleet.reported.remove(name);
+            fleet.heartbeats.remove(name);
+            fleet.devices.remove(name).is_some()
+        }
         ("rollout", None) => fleet.resumes.remove(name).is_some(),
         ("rollout", Some(bytes)) => {
             let r: fleet_contracts::api::RolloutResume =
@@ -382,6 +489,7 @@ fn apply_reported(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
 
 fn apply_desired(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
     let mut fleet = shared.fleet.write().unwrap();
+    fleet.desired_revision = fleet.desired_revision.max(entry.revision);
     match value(entry) {
         Some(bytes) => {
             let stored = Stored {
@@ -439,6 +547,9 @@ async fn fan_out_loop(shared: Arc<Shared>, resync: Duration) {
         if work.put.is_empty() && work.delete.is_empty() {
             if !shared.written.swap(true, Ordering::AcqRel) {
                 info!("converged: the desired state matches every resource");
+                // A leader that has just started, taken over or re-read its buckets may have
+                // missed rings a device was owed: every device with desired keys asks again.
+                ring_all(&shared).await;
             }
             continue;
         }

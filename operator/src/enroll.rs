@@ -14,16 +14,16 @@ use std::{sync::Arc, time::Duration};
 use async_nats::jetstream::kv::{self, Operation};
 use fleet_contracts::{
     API_VERSION, SCHEMA_VERSION,
-    api::{DeviceIdentity, EnrollReply, EnrollRequest, EnrollmentToken},
+    api::{DeviceIdentity, EnrollReply, EnrollRequest, EnrollmentToken, Revoked, RevokedFor},
     names::{self, check_name},
     resource::{Device, Labels, Metadata},
 };
-use futures::StreamExt;
 use tracing::{info, warn};
 
 use crate::{
     controller::{Shared, now_ms},
     identity::Identity,
+    respond,
 };
 
 /// How long a device JWT is valid by default; the agent renews it once two thirds have passed.
@@ -48,83 +48,149 @@ pub fn new_token_id() -> String {
         .collect()
 }
 
-/// Answers requests on `fleet.<verb>.*` until the connection closes: `answer` gets the last
-/// subject token (a token id, a device id) and the payload. NATS permissions decide who may
-/// publish on each subject, so the token is trustworthy.
-async fn respond<F, Fut>(client: async_nats::Client, verb: &str, answer: F)
-where
-    F: Fn(String, bytes::Bytes) -> Fut,
-    Fut: std::future::Future<Output = EnrollReply>,
-{
-    let prefix = format!("fleet.{verb}.");
-    // A queue group: with several operators (active/passive), one of them answers each request.
-    let subscribed = client
-        .queue_subscribe(format!("{prefix}*"), "fleet-operator".to_owned())
-        .await;
-    let mut sub = match subscribed {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, verb, "cannot serve requests");
-            return;
+/// What the enrollment or renewal responder did with one request.
+#[derive(Debug)]
+struct Answered {
+    /// The credentials issued (a JWT and its expiry, unix seconds), or why not.
+    outcome: Result<(String, u64), Refusal>,
+    /// An enrollment token that is used up (by this request or before): its NATS user is
+    /// revoked once the answer is out.
+    spent: Option<EnrollmentToken>,
+}
+
+/// Why a request was refused: in full for the operator's log, and what the requester is told.
+#[derive(Debug)]
+struct Refusal {
+    detail: String,
+    said: String,
+}
+
+impl Refusal {
+    /// A refusal the requester may read in full (its request was malformed).
+    fn plain(detail: String) -> Refusal {
+        Refusal {
+            said: detail.clone(),
+            detail,
         }
-    };
-    while let Some(msg) = sub.next().await {
-        let Some(reply) = msg.reply.clone() else {
-            continue;
-        };
-        let token = msg.subject.as_str().trim_start_matches(&prefix).to_owned();
-        let answer = answer(token.clone(), msg.payload).await;
-        match &answer {
-            EnrollReply::Enrolled { expires_at, .. } => {
-                info!(verb, %token, expires_at, "credentials issued")
-            }
-            EnrollReply::Refused { reason } => warn!(verb, %token, %reason, "refused"),
-        }
-        let bytes = serde_json::to_vec(&answer).expect("replies serialize");
-        if let Err(e) = client.publish(reply, bytes.into()).await {
-            warn!(error = %e, verb, "cannot answer a request");
+    }
+
+    /// A refusal whose reason stays in the operator's log: the requester learns nothing about
+    /// which tokens or device ids exist.
+    fn hidden(detail: String) -> Refusal {
+        Refusal {
+            detail,
+            said: ENROLLMENT_REFUSED.to_owned(),
         }
     }
 }
 
-/// Answers enrollment requests (`fleet.enroll.<token id>`) until the connection closes.
-pub async fn serve(client: async_nats::Client, shared: Arc<Shared>, identity: Arc<Identity>) {
-    respond(client, "enroll", |token_id, payload| {
-        let (shared, identity) = (shared.clone(), identity.clone());
-        async move {
-            match serde_json::from_slice::<EnrollRequest>(&payload) {
-                Ok(req) => enroll(&shared, &identity, &token_id, &req).await,
-                Err(e) => EnrollReply::Refused {
-                    reason: format!("malformed enrollment request: {e}"),
-                },
-            }
-        }
-    })
-    .await
-}
+/// What a refused enrollment request is told, whatever the reason (a spent, revoked, expired
+/// or unknown token; a device id enrolled with another key; a blacklisted device).
+pub const ENROLLMENT_REFUSED: &str = "enrollment refused: this token cannot enroll this device \
+     (it may be used, revoked or expired, or the device id may be taken); \
+     ask the fleet's admin for a new token";
 
-/// Answers renewal requests (`fleet.renew.<device>`) until the connection closes.
-pub async fn serve_renewals(client: async_nats::Client, shared: Arc<Shared>) {
-    respond(client, "renew", |device, _| {
-        let shared = shared.clone();
-        async move {
-            renew(&shared, &device)
-                .await
-                .unwrap_or_else(|reason| EnrollReply::Refused { reason })
-        }
-    })
-    .await
-}
-
-async fn enroll(
+/// Revokes the NATS user of `token` (its holder can then not even ask again), until the
+/// token's own JWT would have expired anyway. Tokens recorded before their user key was kept
+/// have nothing to revoke; they expire on their own.
+pub async fn revoke_token_user(
     shared: &Shared,
-    identity: &Identity,
-    token_id: &str,
-    req: &EnrollRequest,
-) -> EnrollReply {
-    match try_enroll(shared, identity, token_id, req).await {
-        Ok(reply) => reply,
-        Err(reason) => EnrollReply::Refused { reason },
+    token: &EnrollmentToken,
+) -> Result<(), crate::blacklist::BlacklistError> {
+    let Some(key) = &token.user_key else {
+        return Ok(());
+    };
+    crate::blacklist::revoke(
+        shared,
+        key,
+        Revoked {
+            device: token.id.clone(),
+            at_secs: now_ms() / 1000,
+            reason: RevokedFor::Token,
+            until_secs: Some(token.expires_ms / 1000 + 1),
+        },
+    )
+    .await
+}
+
+/// Answers enrollment requests (`fleet.enroll.<token id>`) on `client` (the responder's own
+/// connection: it may only publish to enrollment and device inboxes) until it closes.
+pub async fn serve(client: async_nats::Client, shared: Arc<Shared>, identity: Arc<Identity>) {
+    let state = shared.clone();
+    respond::serve(
+        client,
+        "enroll",
+        names::enroll_inbox,
+        shared,
+        false,
+        move |token_id, payload| {
+            let (shared, identity) = (state.clone(), identity.clone());
+            async move {
+                let answered = match serde_json::from_slice::<EnrollRequest>(&payload) {
+                    Ok(req) => try_enroll(&shared, &identity, &token_id, &req).await,
+                    Err(e) => Answered {
+                        outcome: Err(Refusal::plain(format!("malformed enrollment request: {e}"))),
+                        spent: None,
+                    },
+                };
+                answered.into_answer("enroll", &token_id, shared)
+            }
+        },
+    )
+    .await
+}
+
+/// Answers renewal requests (`fleet.renew.<device>`) on the responder's connection until it
+/// closes.
+pub async fn serve_renewals(client: async_nats::Client, shared: Arc<Shared>) {
+    let state = shared.clone();
+    respond::serve(
+        client,
+        "renew",
+        names::device_inbox,
+        shared,
+        false,
+        move |device, _| {
+            let shared = state.clone();
+            async move {
+                let answered = Answered {
+                    outcome: renew(&shared, &device).await.map_err(Refusal::plain),
+                    spent: None,
+                };
+                answered.into_answer("renew", &device, shared)
+            }
+        },
+    )
+    .await
+}
+
+impl Answered {
+    /// The reply, logged; and a spent token's revocation to follow it.
+    fn into_answer(self, verb: &str, token: &str, shared: Arc<Shared>) -> respond::Answer {
+        let reply = match &self.outcome {
+            Ok((jwt, expires_at)) => {
+                info!(verb, %token, expires_at, "credentials issued");
+                EnrollReply::Enrolled {
+                    jwt: jwt.clone(),
+                    expires_at: *expires_at,
+                }
+            }
+            Err(refusal) => {
+                warn!(verb, %token, reason = %refusal.detail, "refused");
+                EnrollReply::Refused {
+                    reason: refusal.said.clone(),
+                }
+            }
+        };
+        let mut answer = respond::Answer::json(&reply);
+        if let Some(spent) = self.spent {
+            answer.then = Some(Box::pin(async move {
+                if let Err(e) = revoke_token_user(&shared, &spent).await {
+                    warn!(token = %spent.id, error = %e, "cannot revoke the spent token's user; the next request with it tries again");
+                }
+            }));
+        }
+        answer
     }
 }
 
@@ -133,56 +199,108 @@ async fn try_enroll(
     identity: &Identity,
     token_id: &str,
     req: &EnrollRequest,
-) -> Result<EnrollReply, String> {
+) -> Answered {
+    let plain = |detail: String| Answered {
+        outcome: Err(Refusal::plain(detail)),
+        spent: None,
+    };
+    if let Err(e) = check_name(&req.device) {
+        return plain(format!("invalid device id {:?}: {e}", req.device));
+    }
     let store = &shared.buckets.enrollment;
-    check_name(&req.device).map_err(|e| format!("invalid device id {:?}: {e}", req.device))?;
-    let entry = store
-        .entry(token_key(token_id))
-        .await
-        .map_err(|e| format!("cannot read the token (try again): {e}"))?
-        .filter(|e| e.operation == Operation::Put)
-        .ok_or_else(|| format!("unknown enrollment token {token_id}"))?;
-    let mut token: EnrollmentToken = serde_json::from_slice(&entry.value)
-        .map_err(|e| format!("unreadable token record: {e}"))?;
-    let existing: Option<DeviceIdentity> = store
-        .get(identity_key(&req.device))
-        .await
-        .map_err(|e| format!("cannot read the device's identity (try again): {e}"))?
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let entry = match store.entry(token_key(token_id)).await {
+        Ok(Some(e)) if e.operation == Operation::Put => e,
+        Ok(_) => {
+            return Answered {
+                outcome: Err(Refusal::hidden(format!(
+                    "unknown enrollment token {token_id}"
+                ))),
+                spent: None,
+            };
+        }
+        Err(e) => return plain(format!("cannot read the token (try again): {e}")),
+    };
+    let mut token: EnrollmentToken = match serde_json::from_slice(&entry.value) {
+        Ok(t) => t,
+        Err(e) => return plain(format!("unreadable token record: {e}")),
+    };
+    let existing: Option<DeviceIdentity> = match store.get(identity_key(&req.device)).await {
+        Ok(b) => b.and_then(|b| serde_json::from_slice(&b).ok()),
+        Err(e) => {
+            return plain(format!(
+                "cannot read the device's identity (try again): {e}"
+            ));
+        }
+    };
     let now = now_ms();
+    let refuse = |detail: String, token: &EnrollmentToken| Answered {
+        outcome: Err(Refusal::hidden(detail)),
+        // A token that is used or revoked is spent whatever this request wanted.
+        spent: (token.used_by.is_some() || token.revoked).then(|| token.clone()),
+    };
     if let Some(b) = existing.as_ref().and_then(|e| e.blacklist.as_ref()) {
-        return Err(format!(
+        let detail = format!(
             "device {} is blacklisted (by {}: {}); an admin must unblacklist it first",
             req.device, b.by, b.reason
-        ));
+        );
+        return refuse(detail, &token);
     }
     match &existing {
         Some(known) if known.public_key != req.public_key => {
-            return Err(format!(
+            let detail = format!(
                 "device {} is already enrolled with another key; to enroll it again, an admin must delete it first (fleetctl delete device {})",
                 req.device, req.device
-            ));
+            );
+            return refuse(detail, &token);
         }
-        // The same device with the same key asking again with its own token (it crashed before
-        // saving the answer): answer again.
+        // The same device with the same key asking again with its own token (it crashed
+        // before saving the answer, and its token's user was not revoked yet): answer again.
         Some(known)
             if known.token == token_id
                 && token.used_by.as_deref() == Some(&req.device)
                 && !token.revoked => {}
         _ => {
             if let Some(reason) = token.refusal(now) {
-                return Err(reason);
+                return refuse(reason, &token);
             }
             token.used_by = Some(req.device.clone());
             token.used_ms = Some(now);
             let bytes = serde_json::to_vec(&token).expect("tokens serialize");
-            store
+            if store
                 .update(token_key(token_id), bytes.into(), entry.revision)
                 .await
-                .map_err(|_| format!("enrollment token {token_id} was used concurrently"))?;
+                .is_err()
+            {
+                return refuse(
+                    format!("enrollment token {token_id} was used concurrently"),
+                    &token,
+                );
+            }
         }
     }
     let expires_at = (now / 1000) + shared.device_jwt_ttl.as_secs();
+    let issued = issue(
+        shared, identity, req, token_id, &token, existing, now, expires_at,
+    )
+    .await;
+    Answered {
+        outcome: issued.map_err(Refusal::plain),
+        spent: Some(token),
+    }
+}
+
+/// Mints the device's JWT, records its key (and the JWT's expiry) and its Device resource.
+#[allow(clippy::too_many_arguments)]
+async fn issue(
+    shared: &Shared,
+    identity: &Identity,
+    req: &EnrollRequest,
+    token_id: &str,
+    token: &EnrollmentToken,
+    existing: Option<DeviceIdentity>,
+    now: u64,
+    expires_at: u64,
+) -> Result<(String, u64), String> {
     let jwt = identity
         .device_jwt(&req.device, &req.public_key, expires_at)
         .map_err(|e| e.to_string())?;
@@ -194,8 +312,11 @@ async fn try_enroll(
         token: token_id.to_owned(),
         blacklist: None,
         last_unblacklist: existing.as_ref().and_then(|e| e.last_unblacklist.clone()),
+        jwt_expires_secs: Some(expires_at),
     };
-    store
+    shared
+        .buckets
+        .enrollment
         .put(
             identity_key(&req.device),
             serde_json::to_vec(&record).expect("serializes").into(),
@@ -203,7 +324,7 @@ async fn try_enroll(
         .await
         .map_err(|e| format!("cannot record the device's key (try again): {e}"))?;
     create_device(&shared.buckets.resources, &req.device, &token.labels).await?;
-    Ok(EnrollReply::Enrolled { jwt, expires_at })
+    Ok((jwt, expires_at))
 }
 
 /// Creates the Device resource with the token's labels, unless an admin made it already.
@@ -232,16 +353,17 @@ async fn create_device(resources: &kv::Store, name: &str, labels: &Labels) -> Re
     }
 }
 
-async fn renew(shared: &Shared, device: &str) -> Result<EnrollReply, String> {
+async fn renew(shared: &Shared, device: &str) -> Result<(String, u64), String> {
     check_name(device).map_err(|e| format!("invalid device id {device:?}: {e}"))?;
-    let identity: DeviceIdentity = shared
-        .buckets
-        .enrollment
-        .get(identity_key(device))
+    let store = &shared.buckets.enrollment;
+    let entry = store
+        .entry(identity_key(device))
         .await
         .map_err(|e| format!("cannot read the device's identity (try again): {e}"))?
-        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|e| e.operation == Operation::Put)
         .ok_or_else(|| format!("device {device} is not enrolled"))?;
+    let mut identity: DeviceIdentity = serde_json::from_slice(&entry.value)
+        .map_err(|e| format!("unreadable identity record: {e}"))?;
     if let Some(b) = &identity.blacklist {
         return Err(format!(
             "device {device} is blacklisted (by {}: {})",
@@ -253,5 +375,16 @@ async fn renew(shared: &Shared, device: &str) -> Result<EnrollReply, String> {
         .identity
         .device_jwt(device, &identity.public_key, expires_at)
         .map_err(|e| e.to_string())?;
-    Ok(EnrollReply::Enrolled { jwt, expires_at })
+    // The record knows how long this key's newest JWT lasts, so revoking the key (a delete)
+    // lasts long enough. Compare-and-set: a blacklist meanwhile wins.
+    identity.jwt_expires_secs = Some(expires_at);
+    store
+        .update(
+            identity_key(device),
+            serde_json::to_vec(&identity).expect("serializes").into(),
+            entry.revision,
+        )
+        .await
+        .map_err(|e| format!("the device's identity changed meanwhile (try again): {e}"))?;
+    Ok((jwt, expires_at))
 }

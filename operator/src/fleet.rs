@@ -35,6 +35,9 @@ pub struct Fleet {
     pub heartbeats: BTreeMap<String, SeenHeartbeat>,
     /// The desired bucket as last seen: key -> value and when NATS stored it.
     pub desired: BTreeMap<String, Stored>,
+    /// The desired bucket's stream sequence read up to: how current `desired` is, told to a
+    /// device with its desired state.
+    pub desired_revision: u64,
     /// Enrolled devices' identity records (`fleet-enrollment` `device.<name>`).
     pub identities: BTreeMap<String, DeviceIdentity>,
     /// `fleetctl rollout resume` decisions, per Deployment.
@@ -592,6 +595,8 @@ mod tests {
             health_flags: vec![],
             deployments: 0,
             last_reconcile_ms: None,
+            storage: None,
+            dropped_requests: 0,
         };
         f.apply_reported("a._info", Some(&serde_json::to_vec(&hb).unwrap()), 10_000)
             .unwrap();
@@ -720,6 +725,8 @@ mod tests {
             health_flags: vec![],
             deployments: 1,
             last_reconcile_ms: None,
+            storage: None,
+            dropped_requests: 0,
         };
         let key = format!("{device}._info");
         f.apply_reported(&key, Some(&serde_json::to_vec(&hb).unwrap()), at_ms)

@@ -6,10 +6,13 @@
 //! matches, aggregates what devices report ([`fleet`]), and serves the HTTP API, a status page
 //! and Prometheus metrics ([`api`]). `fleetctl` ([`ctl`]) talks to that API only. It is also
 //! the fleet's identity authority: it holds the NATS account keys ([`identity`]), enrolls
-//! devices ([`enroll`]) and blacklists them ([`blacklist`]).
+//! devices ([`enroll`]) and blacklists them ([`blacklist`]). It is also the devices' only way
+//! to the fleet's state ([`gateway`]): devices use no JetStream, they ask the operator for
+//! their desired state and hand it their reports, over core NATS requests answered only on
+//! the asker's own inbox ([`respond`]).
 //!
-//! The operator writes resources and desired state; it never writes a device's reported keys
-//! (its own NATS user is denied them).
+//! The operator writes resources and desired state; it writes a device's reported keys only
+//! with what that device sent, under that device's keys.
 
 pub mod api;
 pub mod blacklist;
@@ -17,8 +20,10 @@ pub mod controller;
 pub mod ctl;
 pub mod enroll;
 pub mod fleet;
+pub mod gateway;
 pub mod identity;
 pub mod lease;
+pub mod respond;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -27,7 +32,7 @@ use tracing::info;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
-    /// The folder `fleet-operator init-identity` wrote: keys, `operator.creds`.
+    /// The folder `fleet-operator init-identity` wrote: keys, the CA.
     pub identity_dir: PathBuf,
     pub listen: SocketAddr,
     /// How often fan-out re-checks the desired bucket even without a change.
@@ -63,13 +68,12 @@ pub enum RunError {
     },
     #[error("cannot load the fleet identity: {0}")]
     Identity(#[from] identity::IdentityError),
+    #[error("the NATS credentials minted from the fleet identity are unusable: {0}")]
+    MintedCreds(std::io::Error),
     #[error(
-        "cannot read the operator's NATS credentials {path}: {source} (run `fleet-operator init-identity` first)"
+        "{0} holds no fleet identity (no nats-auth.conf): run `fleet-operator init-identity` first"
     )]
-    Creds {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    NoIdentity(PathBuf),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -84,24 +88,15 @@ const ACCOUNT_REPUSH: Duration = Duration::from_secs(60);
 
 /// Runs the operator until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    if !config.identity_dir.join("nats-auth.conf").exists() {
+        return Err(RunError::NoIdentity(config.identity_dir.clone()));
+    }
     let identity = Arc::new(identity::Identity::init_or_load(&config.identity_dir)?);
+    // Each connection's credentials are minted here from the fleet's keys, at every start, so
+    // an upgrade's narrower permissions apply at once (the `*.creds` files init-identity
+    // writes are for tools).
     let (connected, connections) = tokio::sync::watch::channel(0u64);
-    let creds_path = config.identity_dir.join("operator.creds");
-    let creds = std::fs::read_to_string(&creds_path).map_err(|source| RunError::Creds {
-        path: creds_path.clone(),
-        source,
-    })?;
-    let client = async_nats::ConnectOptions::with_credentials(&creds)
-        .map_err(|source| RunError::Creds {
-            path: creds_path,
-            source,
-        })?
-        .name("fleet-operator")
-        .custom_inbox_prefix(identity::OPERATOR_INBOX)
-        // The fleet's own CA, pinned: TLS is not optional.
-        .add_root_certificates(identity::tls::ca_path(&config.identity_dir))
-        .require_tls(true)
-        .retry_on_initial_connect()
+    let client = connection(&config, &identity.service_creds()?, "fleet-operator")?
         .max_reconnects(None)
         .event_callback(move |event| {
             if matches!(event, async_nats::Event::Connected) {
@@ -115,6 +110,20 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             url: config.nats_url.clone(),
             source,
         })?;
+    // The responder hears enrollment and renewal requests on a connection of its own, which
+    // can publish to nothing but enrollment and device inboxes.
+    let responder = connection(
+        &config,
+        &identity.responder_creds()?,
+        "fleet-operator (responder)",
+    )?
+    .max_reconnects(None)
+    .connect(servers(&config.nats_url))
+    .await
+    .map_err(|source| RunError::Connect {
+        url: config.nats_url.clone(),
+        source,
+    })?;
     let js = async_nats::jetstream::new(client.clone());
     // JetStream may not be ready yet (a cluster still electing its meta leader): wait for it.
     let mut backoff = Duration::from_millis(250);
@@ -128,40 +137,29 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             }
         }
     };
-    let sys_path = config.identity_dir.join("sys.creds");
-    let sys_creds = std::fs::read_to_string(&sys_path).map_err(|source| RunError::Creds {
-        path: sys_path.clone(),
-        source,
-    })?;
     // Every (re)connect of the system-account connection re-pushes the fleet account, so the
     // server's revocations always match the operator's record, whatever failed in between.
     let reconnected = Arc::new(tokio::sync::Notify::new());
     let notify = reconnected.clone();
-    let sys = async_nats::ConnectOptions::with_credentials(&sys_creds)
-        .map_err(|source| RunError::Creds {
-            path: sys_path,
-            source,
-        })?
-        .event_callback(move |event| {
-            let notify = notify.clone();
-            async move {
-                if matches!(event, async_nats::Event::Connected) {
-                    notify.notify_one();
-                }
+    let sys = connection(
+        &config,
+        &identity.sys_creds()?,
+        "fleet-operator (system account)",
+    )?
+    .event_callback(move |event| {
+        let notify = notify.clone();
+        async move {
+            if matches!(event, async_nats::Event::Connected) {
+                notify.notify_one();
             }
-        })
-        .name("fleet-operator (system account)")
-        .custom_inbox_prefix(identity::OPERATOR_INBOX)
-        // The fleet's own CA, pinned: TLS is not optional.
-        .add_root_certificates(identity::tls::ca_path(&config.identity_dir))
-        .require_tls(true)
-        .retry_on_initial_connect()
-        .connect(servers(&config.nats_url))
-        .await
-        .map_err(|source| RunError::Connect {
-            url: config.nats_url.clone(),
-            source,
-        })?;
+        }
+    })
+    .connect(servers(&config.nats_url))
+    .await
+    .map_err(|source| RunError::Connect {
+        url: config.nats_url.clone(),
+        source,
+    })?;
     let leadership = Arc::new(lease::Leadership::new(
         config.instance.clone(),
         config.lease_ttl,
@@ -192,8 +190,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     });
     controller::spawn(shared.clone(), config.resync);
-    tokio::spawn(enroll::serve(client.clone(), shared.clone(), identity));
-    tokio::spawn(enroll::serve_renewals(client, shared.clone()));
+    tokio::spawn(enroll::serve(responder.clone(), shared.clone(), identity));
+    tokio::spawn(enroll::serve_renewals(responder.clone(), shared.clone()));
+    tokio::spawn(gateway::serve_sync(responder.clone(), shared.clone()));
+    tokio::spawn(gateway::serve_reports(responder, shared.clone()));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Listen {
@@ -208,6 +208,22 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .map_err(RunError::Serve);
     lease::release(&shared.buckets.lease, &shared.leadership).await;
     served
+}
+
+/// Options for a connection with `creds`: TLS to a server the fleet's own CA signed (pinned,
+/// never optional), the operator's inbox prefix, retries from the start.
+fn connection(
+    config: &Config,
+    creds: &str,
+    name: &str,
+) -> Result<async_nats::ConnectOptions, RunError> {
+    Ok(async_nats::ConnectOptions::with_credentials(creds)
+        .map_err(RunError::MintedCreds)?
+        .name(name)
+        .custom_inbox_prefix(fleet_contracts::names::OPERATOR_INBOX)
+        .add_root_certificates(identity::tls::ca_path(&config.identity_dir))
+        .require_tls(true)
+        .retry_on_initial_connect())
 }
 
 async fn shutdown_signal() {

@@ -638,6 +638,24 @@ fn describe_device(d: &Device) -> String {
         for f in &hb.health_flags {
             out.push_str(&format!("Flag:        {f:?}\n"));
         }
+        if hb.dropped_requests > 0 {
+            out.push_str(&format!(
+                "Dropped:     {} message(s) on its request subjects that were not the operator's\n",
+                hb.dropped_requests
+            ));
+        }
+        if let Some(st) = &hb.storage {
+            out.push_str(&format!(
+                "Storage:     thin pool repaired {} time(s), boot partition fixed after {} unclean shutdown(s)\n",
+                st.pool_repairs, st.fat_repairs
+            ));
+            if !st.last_pool.is_empty() {
+                out.push_str(&format!("  pool:      {}\n", st.last_pool));
+            }
+            if !st.last_fat.is_empty() {
+                out.push_str(&format!("  boot:      {}\n", st.last_fat));
+            }
+        }
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

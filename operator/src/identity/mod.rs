@@ -3,7 +3,7 @@
 //!
 //! Devices authenticate with NATS decentralized JWT auth (docs/adr/0005): each device's JWT is
 //! signed by the fleet account's *scoped* signing key `device`, whose permission template
-//! (below) confines it to its own keys and subjects through `{{name()}}`. A device JWT carries
+//! (below) confines it to its own subjects through `{{name()}}`. A device JWT carries
 //! no permissions of its own; its `name` is the device id, validated by [`check_name`] so no
 //! wildcard can ever reach the template.
 //!
@@ -19,7 +19,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use fleet_contracts::names::{DESIRED_BUCKET, REPORTED_BUCKET, check_name, kv_stream};
+use fleet_contracts::names::{OPERATOR_INBOX, check_name, device_inbox};
 use nkeys::KeyPair;
 
 use jwt::{
@@ -32,14 +32,6 @@ use jwt::{
 /// the JWT it already holds, so a restart can never bring back an account without the
 /// revocations pushed since.
 const PRELOAD_IAT: u64 = 1;
-
-/// The inbox prefix of the operator's connections; no device id can produce it.
-pub const OPERATOR_INBOX: &str = "_INBOX.ctl";
-
-/// The inbox prefix of a device's connection.
-pub fn device_inbox(device: &str) -> String {
-    format!("_INBOX.dev.{device}")
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -270,12 +262,13 @@ impl Identity {
     }
 
     /// A new enrollment token: `<seed>:<jwt>` of a throwaway user named `token_id` that can do
-    /// one thing, ask for enrollment on `fleet.enroll.<token_id>`, until `expires_at`.
+    /// one thing, ask for enrollment on `fleet.enroll.<token_id>`, until `expires_at`. Returns
+    /// the token and the user's public key (revoked once the token is used or revoked).
     pub fn enrollment_token(
         &self,
         token_id: &str,
         expires_at: u64,
-    ) -> Result<String, IdentityError> {
+    ) -> Result<(String, String), IdentityError> {
         check_name(token_id).map_err(|message| IdentityError::DeviceId {
             device: token_id.into(),
             message,
@@ -302,31 +295,18 @@ impl Identity {
             kind: "user",
             message: e.to_string(),
         })?;
-        Ok(format!("{seed}:{token}"))
+        Ok((format!("{seed}:{token}"), user.public_key()))
     }
 
-    /// Credentials of the operator service in the fleet account: everything it needs, and
-    /// nothing that would let it write a device's reported state.
+    /// Credentials of the operator service in the fleet account: JetStream (it is the only
+    /// JetStream client of the fleet), requests and doorbells to devices, and nothing that
+    /// would let it answer a device's request (that is the responder's connection,
+    /// [`Identity::responder_creds`]).
     pub fn service_creds(&self) -> Result<String, IdentityError> {
         let user = KeyPair::new_user();
         let permissions = UserPermissions {
-            publish: Permission {
-                allow: vec![
-                    "$JS.API.>".into(),
-                    "$KV.>".into(),
-                    "$JS.FC.>".into(),
-                    "fleet.dev.>".into(),
-                    // Replies to enrollment and renewal requests.
-                    "_INBOX.enroll.>".into(),
-                    "_INBOX.dev.>".into(),
-                ],
-                deny: vec![format!("$KV.{REPORTED_BUCKET}.>")],
-            },
-            subscribe: Permission::allow(&[
-                &format!("{OPERATOR_INBOX}.>"),
-                "fleet.enroll.*",
-                "fleet.renew.*",
-            ]),
+            publish: Permission::allow(&["$JS.API.>", "$KV.>", "$JS.FC.>", "fleet.dev.>"]),
+            subscribe: Permission::allow(&[&format!("{OPERATOR_INBOX}.>")]),
             resp: None,
             subs: Some(-1),
             data: Some(-1),
@@ -335,6 +315,33 @@ impl Identity {
         self.user_creds(
             &user,
             "fleet-operator",
+            &self.service_signing,
+            Some(self.fleet_account.public_key()),
+            permissions,
+        )
+    }
+
+    /// Credentials of the connection that hears the requests of devices and enrollment
+    /// tokens (enroll, renew, sync, report): it may hear them and publish to enrollment-token
+    /// and device inboxes, and nothing else. No JetStream: a responder tricked into answering
+    /// somewhere else could reach no stream or bucket.
+    pub fn responder_creds(&self) -> Result<String, IdentityError> {
+        let permissions = UserPermissions {
+            publish: Permission::allow(&["_INBOX.enroll.>", &format!("{}.>", device_inbox("*"))]),
+            subscribe: Permission::allow(&[
+                "fleet.enroll.*",
+                "fleet.renew.*",
+                "fleet.sync.*",
+                "fleet.report.*",
+            ]),
+            resp: None,
+            subs: Some(-1),
+            data: Some(-1),
+            payload: Some(64 * 1024),
+        };
+        self.user_creds(
+            &KeyPair::new_user(),
+            "fleet-operator-responder",
             &self.service_signing,
             Some(self.fleet_account.public_key()),
             permissions,
@@ -455,24 +462,19 @@ impl Identity {
     }
 }
 
-/// What a device may do, with `{{name()}}` its device id (research/nats.md, "Recommended
-/// design"). Deliberately absent: the unfiltered consumer-create subject, `STREAM.INFO`,
-/// `CONSUMER.DELETE`, direct gets of other devices' keys, any desired-bucket write, `_INBOX.>`.
+/// What a device may do, with `{{name()}}` its device id (docs/adr/0010): ask the operator on
+/// its own request subjects (its desired state, its reports, a fresh JWT), hear the
+/// operator's requests and doorbell on `fleet.dev.<device>.>` and answers on its own inbox,
+/// and answer the requests it received. Deliberately absent: anything of JetStream (`$JS.>`,
+/// `$KV.>`: a device is no JetStream client, so the server never publishes for it to a subject
+/// it chose), another device's subjects, `_INBOX.>`.
 pub fn device_template() -> UserPermissions {
-    let desired = kv_stream(DESIRED_BUCKET);
     UserPermissions {
-        publish: Permission {
-            allow: vec![
-                format!(
-                    "$JS.API.CONSUMER.CREATE.{desired}.*.$KV.{DESIRED_BUCKET}.{{{{name()}}}}.>"
-                ),
-                format!("$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_BUCKET}.{{{{name()}}}}.>"),
-                format!("$KV.{REPORTED_BUCKET}.{{{{name()}}}}.>"),
-                "fleet.renew.{{name()}}".into(),
-                format!("$JS.FC.{desired}.>"),
-            ],
-            deny: vec![],
-        },
+        publish: Permission::allow(&[
+            "fleet.sync.{{name()}}",
+            "fleet.report.{{name()}}",
+            "fleet.renew.{{name()}}",
+        ]),
         subscribe: Permission {
             allow: vec![
                 format!("{}.>", device_inbox("{{name()}}")),
@@ -480,7 +482,7 @@ pub fn device_template() -> UserPermissions {
             ],
             deny: vec![],
         },
-        // Replies to the operator's requests (logs, exec) and to flow control.
+        // Replies to the operator's requests (logs, exec).
         resp: Some(ResponsePermission {
             max: -1,
             ttl: 600_000_000_000,

@@ -1,0 +1,286 @@
+//! The devices' only way to the fleet's state: a device uses no JetStream (docs/adr/0010), so
+//! the operator answers its sync request with its whole desired state from the in-memory view
+//! (`fleet.sync.<device>`), stores its reports under that device's own reported keys
+//! (`fleet.report.<device>`), and rings its doorbell (`fleet.dev.<device>.desired`) when its
+//! desired keys change. Every operator answers (one queue group); the leader rings.
+//!
+//! A device is known by the subject it asked on, which NATS lets only that device publish to:
+//! whatever a report claims, it lands under the asker's keys, checked for shape and size first.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, atomic::Ordering},
+};
+
+use fleet_contracts::{
+    SCHEMA_VERSION,
+    names::{self, INFO_KEY, check_name},
+    rpc::{
+        DesiredChanged, MAX_REPORT_BYTES, MAX_REPORT_ENTRIES, ReportReply, ReportRequest, SyncReply,
+    },
+    state::{Heartbeat, ReportedDeployment},
+};
+use tracing::{debug, warn};
+
+use crate::{
+    controller::Shared,
+    respond::{self, Answer},
+};
+
+/// Most reported keys one device may hold (its deployments and its heartbeat): a device cannot
+/// grow the bucket, or the operator's view of it, without bound.
+pub const MAX_REPORTED_KEYS: usize = 256;
+
+/// Answers sync requests on the responder's connection until it closes.
+pub async fn serve_sync(client: async_nats::Client, shared: Arc<Shared>) {
+    let state = shared.clone();
+    respond::serve(
+        client,
+        "sync",
+        names::device_inbox,
+        shared,
+        true,
+        move |device, _| {
+            let shared = state.clone();
+            async move { Answer::json(&sync(&shared, &device)) }
+        },
+    )
+    .await
+}
+
+/// The device's whole desired state from the view, or [`SyncReply::NotReady`] while the view
+/// has not read the whole desired bucket (a partial answer would make the device remove what
+/// it lacks).
+pub fn sync(shared: &Shared, device: &str) -> SyncReply {
+    if !shared.desired_read() {
+        return SyncReply::NotReady;
+    }
+    let fleet = shared.fleet.read().unwrap();
+    let prefix = format!("{device}.");
+    let desired = fleet
+        .desired
+        .range(prefix.clone()..)
+        .take_while(|(key, _)| key.starts_with(&prefix))
+        .map(|(key, stored)| {
+            // A value the operator cannot parse still goes out, as something the device cannot
+            // read either: it keeps what runs instead of removing it.
+            let value = serde_json::from_slice(&stored.bytes).unwrap_or_else(|e| {
+                serde_json::Value::String(format!("unreadable desired value: {e}"))
+            });
+            (key[prefix.len()..].to_owned(), value)
+        })
+        .collect();
+    SyncReply::Desired {
+        revision: fleet.desired_revision,
+        desired,
+    }
+}
+
+/// Stores reports on the responder's connection's requests until it closes.
+pub async fn serve_reports(client: async_nats::Client, shared: Arc<Shared>) {
+    let state = shared.clone();
+    respond::serve(
+        client,
+        "report",
+        names::device_inbox,
+        shared,
+        true,
+        move |device, payload| {
+            let shared = state.clone();
+            async move { Answer::json(&report(&shared, &device, &payload).await) }
+        },
+    )
+    .await
+}
+
+async fn report(shared: &Shared, device: &str, payload: &[u8]) -> ReportReply {
+    let request: ReportRequest = match serde_json::from_slice(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            return ReportReply::Failed {
+                reason: format!("malformed report request: {e}"),
+            };
+        }
+    };
+    if request.entries.len() > MAX_REPORT_ENTRIES {
+        return ReportReply::Failed {
+            reason: format!(
+                "{} entries in one request; at most {MAX_REPORT_ENTRIES}",
+                request.entries.len()
+            ),
+        };
+    }
+    let mut refused = BTreeMap::new();
+    let held = {
+        let fleet = shared.fleet.read().unwrap();
+        fleet.reported.get(device).map_or(0, |m| m.len())
+            + usize::from(fleet.heartbeats.contains_key(device))
+    };
+    let mut new_keys = 0;
+    for entry in request.entries {
+        let key = names::deployment_key(device, &entry.key);
+        let known = {
+            let fleet = shared.fleet.read().unwrap();
+            if entry.key == INFO_KEY {
+                fleet.heartbeats.contains_key(device)
+            } else {
+                fleet
+                    .reported
+                    .get(device)
+                    .is_some_and(|m| m.contains_key(&entry.key))
+            }
+        };
+        let checked = match entry.value {
+            // Removing what is not there is done already; writing a delete marker for it would
+            // let a device make subjects without end.
+            None if !known => match valid_key(&entry.key) {
+                Ok(()) => continue,
+                Err(e) => Err(e),
+            },
+            None => valid_key(&entry.key).map(|()| None),
+            Some(value) => {
+                if !known && held + new_keys >= MAX_REPORTED_KEYS {
+                    Err(format!(
+                        "the device already holds {MAX_REPORTED_KEYS} reported keys"
+                    ))
+                } else {
+                    let checked = check_value(device, &entry.key, &value);
+                    if checked.is_ok() && !known {
+                        new_keys += 1;
+                    }
+                    checked.map(Some)
+                }
+            }
+        };
+        let bytes = match checked {
+            Ok(bytes) => bytes,
+            Err(why) => {
+                shared
+                    .metrics
+                    .refused_reports
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%device, key = %entry.key.chars().take(64).collect::<String>(), %why, "report refused");
+                refused.insert(entry.key, why);
+                continue;
+            }
+        };
+        let stored = match bytes {
+            Some(bytes) => shared
+                .buckets
+                .reported
+                .put(&key, bytes.into())
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            None => shared
+                .buckets
+                .reported
+                .delete(&key)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = stored {
+            warn!(%device, %key, error = %e, "cannot store a report; the device sends it again");
+            return ReportReply::Failed {
+                reason: format!("cannot store {key}: {e}"),
+            };
+        }
+    }
+    ReportReply::Stored { refused }
+}
+
+fn valid_key(key: &str) -> Result<(), String> {
+    if key == INFO_KEY {
+        return Ok(());
+    }
+    check_name(key).map_err(|e| format!("invalid key {key:?}: {e}"))
+}
+
+/// The bytes to store for `value` under the device's `key`, if it is what that key holds: the
+/// device's own heartbeat, or a status of the deployment the key names; and not too large.
+fn check_value(device: &str, key: &str, value: &serde_json::Value) -> Result<Vec<u8>, String> {
+    valid_key(key)?;
+    let bytes = serde_json::to_vec(value).map_err(|e| e.to_string())?;
+    if bytes.len() > MAX_REPORT_BYTES {
+        return Err(format!(
+            "{} bytes; a reported value holds at most {MAX_REPORT_BYTES}",
+            bytes.len()
+        ));
+    }
+    if key == INFO_KEY {
+        let hb: Heartbeat =
+            serde_json::from_value(value.clone()).map_err(|e| format!("not a heartbeat: {e}"))?;
+        if hb.device != device {
+            return Err(format!("a heartbeat of {:?}, not of {device}", hb.device));
+        }
+    } else {
+        let r: ReportedDeployment = serde_json::from_value(value.clone())
+            .map_err(|e| format!("not a deployment status: {e}"))?;
+        if r.deployment != key {
+            return Err(format!("a status of {:?}, not of {key}", r.deployment));
+        }
+    }
+    Ok(bytes)
+}
+
+/// Rings `device`'s doorbell: its desired state changed. Best effort: a device that misses it
+/// asks on its own within its sync interval.
+pub async fn ring(shared: &Shared, device: &str) {
+    let body = serde_json::to_vec(&DesiredChanged {
+        schema: SCHEMA_VERSION,
+    })
+    .expect("serializes");
+    if let Err(e) = shared
+        .nats
+        .publish(names::desired_doorbell_subject(device), body.into())
+        .await
+    {
+        debug!(%device, error = %e, "cannot ring the device's doorbell");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_must_be_what_its_key_holds() {
+        let hb = |device: &str| {
+            serde_json::json!({"schema": 1, "device": device, "agent_version": "1", "os": "x",
+                "uptime_secs": 1, "sent_at_ms": 1, "interval_ms": 1000, "deployments": 0})
+        };
+        let status = |deployment: &str| {
+            serde_json::json!({"schema": 1, "deployment": deployment, "observed_generation": 1,
+                "phase": "Ready", "since_ms": 1})
+        };
+        let check =
+            |key: &str, value: serde_json::Value| check_value("pi-01", key, &value).map(drop);
+        assert_eq!(check("_info", hb("pi-01")), Ok(()));
+        assert_eq!(
+            check("_info", hb("pi-02")),
+            Err("a heartbeat of \"pi-02\", not of pi-01".into())
+        );
+        assert_eq!(check("web", status("web")), Ok(()));
+        assert_eq!(
+            check("web", status("db")),
+            Err("a status of \"db\", not of web".into())
+        );
+        assert!(
+            check("web", hb("pi-01"))
+                .unwrap_err()
+                .starts_with("not a deployment status")
+        );
+        assert!(
+            check("_evil", hb("pi-01"))
+                .unwrap_err()
+                .starts_with("invalid key")
+        );
+        assert!(
+            check("a.b", status("a.b"))
+                .unwrap_err()
+                .starts_with("invalid key")
+        );
+        let big = serde_json::json!({"deployment": "web", "pad": "x".repeat(MAX_REPORT_BYTES)});
+        assert!(check("web", big).unwrap_err().contains("holds at most"));
+    }
+}

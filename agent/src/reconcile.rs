@@ -285,7 +285,13 @@ impl<R: CommandRunner + 'static> Reconciler<R> {
                 self.in_flight.insert(deployment.clone(), String::new());
                 tokio::spawn(async move {
                     if let Err(e) = podman.start(&id).await {
-                        warn!(%deployment, error = %e, "start failed; the next pass retries");
+                        // A container that does not start is made again from its spec (its
+                        // own writable layer goes; volumes stay): an unclean shutdown can leave
+                        // a container's layer files empty, and then no start ever works.
+                        warn!(%deployment, error = %e, "the container does not start; removing it so the next pass makes it again from its spec");
+                        if let Err(e) = podman.remove_now(&id).await {
+                            warn!(%deployment, error = %e, "remove failed; the next pass retries");
+                        }
                     }
                     let _ = tx.send(Work::Done {
                         deployment,
@@ -515,6 +521,11 @@ async fn create<R: CommandRunner>(
         })
         .await
         .map_err(|e| e.to_string())?;
+    // Podman writes a new container's layer files (and a pulled image's) without fsync: a
+    // power cut in the next half minute could leave them empty and the container unstartable.
+    if let Err(e) = tokio::task::spawn_blocking(rustix::fs::sync).await {
+        warn!(error = %e, "sync after creating the container failed");
+    }
     step(Phase::Starting);
     if let Err(e) = podman.start(&id).await {
         // Leave nothing half-made: a created-but-unstartable container would hold the name.
@@ -676,8 +687,12 @@ mod tests {
     }
 
     fn ps_entry(deployment: &str, id: &str, hash: &str) -> String {
+        ps_entry_in(deployment, id, hash, "running")
+    }
+
+    fn ps_entry_in(deployment: &str, id: &str, hash: &str, state: &str) -> String {
         format!(
-            r#"{{"Id":"{id}","Names":["fleet-{deployment}"],"State":"running","Labels":{{"fleet.device":"pi-01",
+            r#"{{"Id":"{id}","Names":["fleet-{deployment}"],"State":"{state}","Labels":{{"fleet.device":"pi-01",
             "fleet.deployment":"{deployment}","fleet.generation":"1","fleet.spec-hash":"{hash}"}}}}"#
         )
     }
@@ -720,6 +735,47 @@ mod tests {
         assert_eq!(
             reports.0[3].1.as_ref().unwrap().container_id.as_deref(),
             Some("c2")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_container_that_does_not_start_is_made_again_from_its_spec() {
+        // What an unclean shutdown shortly after a create leaves: the layer's files empty.
+        let d = desired("img:1");
+        let hash = plan::spec_hash(&d);
+        let runner = RecordingRunner::default();
+        runner.answer(
+            0,
+            &format!("[{}]", ps_entry_in("web", "c1", &hash, "exited")),
+            "",
+        );
+        runner.answer(
+            125,
+            "",
+            "Error: unable to start container \"c1\": mounting storage for container c1: no such file or directory",
+        );
+        runner.answer(0, "", ""); // rm
+        runner.answer(0, "[]", "");
+        runner.answer(0, "c2\n", ""); // create
+        runner.answer(0, "", ""); // start
+        runner.answer(0, &format!("[{}]", ps_entry("web", "c2", &hash)), "");
+        let (mut r, mut rx) = reconciler(runner);
+        r.apply(DesiredSnapshot([("web".to_owned(), Ok(d))].into()));
+        let mut reports = Reports::default();
+        settle(&mut r, &mut rx, &mut reports, 1).await;
+        // The next pass finds no container and makes one.
+        settle(&mut r, &mut rx, &mut reports, 2).await;
+        let calls = r.podman.runner().calls();
+        let verbs: Vec<_> = calls
+            .iter()
+            .map(|c| c.split_whitespace().nth(1).unwrap())
+            .collect();
+        assert_eq!(verbs, ["ps", "start", "rm", "ps", "create", "start", "ps"]);
+        assert!(calls[2].ends_with(" c1"), "{}", calls[2]);
+        let last = reports.0.last().unwrap().1.as_ref().unwrap();
+        assert_eq!(
+            (last.phase, last.container_id.as_deref()),
+            (Phase::Ready, Some("c2"))
         );
     }
 

@@ -31,6 +31,22 @@ pub const ROLES: [&str; 2] = ["a", "b"];
 pub struct Rng(pub u64);
 
 impl Rng {
+    /// Seeded from the environment variable `var` when it holds a number, else from the clock;
+    /// prints the seed (saying what it drives), so a failing run can be replayed.
+    pub fn seeded(var: &str, what: &str) -> Rng {
+        let seed = std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            })
+            | 1;
+        eprintln!("{what} seed: {seed} ({var}={seed} replays this run)");
+        Rng(seed)
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -40,6 +56,25 @@ impl Rng {
 
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+
+    /// Up to `max` random bytes.
+    pub fn bytes(&mut self, max: usize) -> Vec<u8> {
+        (0..self.below(max as u64 + 1))
+            .map(|_| self.below(256) as u8)
+            .collect()
+    }
+
+    /// A short name of letters, digits, `-` and `_`.
+    pub fn token(&mut self) -> String {
+        let chars = b"abcdefghijklmnopqrstuvwxyz0123456789-_";
+        (0..1 + self.below(12))
+            .map(|_| char::from(*self.pick(chars)))
+            .collect()
     }
 }
 

@@ -15,7 +15,7 @@ use fleet_contracts::{
     names::{self, DESIRED_BUCKET, ENROLLMENT_BUCKET, LEASE_BUCKET, REPORTED_BUCKET},
     rpc::{ReportEntry, ReportReply, ReportRequest, SyncReply},
 };
-use fleet_e2e::{Fleet, WAIT, eventually, raw, store::Snapshot};
+use fleet_e2e::{Fleet, WAIT, churn::Rng, eventually, raw, store::Snapshot};
 use futures::StreamExt;
 use nkeys::KeyPair;
 
@@ -686,50 +686,6 @@ async fn refusal(fleet: &Fleet, device: &str, token: &str) -> Result<String> {
     }
 }
 
-/// A small deterministic random source (xorshift64*), seeded from the clock unless
-/// `FLEET_FUZZ_SEED` says otherwise; the seed is printed so a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::env::var("FLEET_FUZZ_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            })
-            | 1;
-        eprintln!("fuzz seed: {seed} (FLEET_FUZZ_SEED={seed} replays this run)");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-
-    fn bytes(&mut self, max: usize) -> Vec<u8> {
-        (0..self.below(max + 1))
-            .map(|_| self.below(256) as u8)
-            .collect()
-    }
-
-    fn token(&mut self) -> String {
-        let chars = b"abcdefghijklmnopqrstuvwxyz0123456789-_";
-        (0..1 + self.below(12))
-            .map(|_| char::from(*self.pick(chars)))
-            .collect()
-    }
-}
-
 /// How many random requests the hostile device sends (`FLEET_FUZZ_REQUESTS` overrides).
 fn fuzz_requests() -> usize {
     std::env::var("FLEET_FUZZ_REQUESTS")
@@ -744,7 +700,7 @@ async fn a_hostile_device_throwing_thousands_of_random_requests_changes_nothing_
     let q = quiet_fleet().await?;
     let mut a = raw::device(&q.fleet, "dev-a", &q.a.0, &q.a.1).await?;
     let before = snapshot(&q.fleet).await?;
-    let mut rng = Rng::new();
+    let mut rng = Rng::seeded("FLEET_FUZZ_SEED", "fuzz");
     let hostile = hostile_replies();
     let desired_stream = names::kv_stream(DESIRED_BUCKET);
     let requests = fuzz_requests();
@@ -822,7 +778,9 @@ async fn a_hostile_device_throwing_thousands_of_random_requests_changes_nothing_
                         "agent_version": "x", "os": "x", "uptime_secs": 1, "sent_at_ms": 1,
                         "interval_ms": 1, "deployments": 0}),
                     ),
-                    _ => Some(serde_json::Value::String("x".repeat(rng.below(70_000)))),
+                    _ => Some(serde_json::Value::String(
+                        "x".repeat(rng.below(70_000) as usize),
+                    )),
                 };
                 serde_json::to_vec(&ReportRequest {
                     schema: 1,

@@ -30,16 +30,7 @@ const CYCLES: usize = 6;
 #[tokio::test(flavor = "multi_thread")]
 async fn the_fleet_converges_to_exactly_the_declared_state_after_every_kill_of_the_operator()
 -> Result<()> {
-    let seed = std::env::var("FLEET_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("chaos seed {seed} (FLEET_CHAOS_SEED={seed} replays the schedule)");
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::seeded("FLEET_CHAOS_SEED", "chaos");
     let mut fleet = Fleet::start().await?;
     let mut devices = Vec::new();
     let mut roles = BTreeMap::new();

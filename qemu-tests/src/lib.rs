@@ -11,6 +11,8 @@
 #![allow(clippy::disallowed_methods)] // A harness starts QEMU, ssh and mtools.
 
 pub mod firmware;
+pub mod pool;
+pub mod scenario;
 pub mod vm;
 
 use std::path::PathBuf;

@@ -1,76 +1,17 @@
-//! The device scenarios of issue 3 on the built image, under QEMU aarch64 (TCG): one emulated
+//! The device's own scenarios on the built image, under QEMU aarch64 (TCG): the layout and the
+//! agent across reboots and a cut network, the watchdog, the bootguard's rollback. One emulated
 //! Pi per test, each booted a few times. A boot to SSH takes about a minute here, so the
 //! timeouts are generous; every wait is for a state, never a fixed sleep.
 
-use std::{path::PathBuf, time::Duration};
-
-use anyhow::{Context, Result, bail, ensure};
-use fleet_contracts::{resource::RolloutPhase, state::Health};
+use anyhow::{Result, bail, ensure};
 use fleet_e2e::{Fleet, eventually, http_deployment};
-use fleet_qemu_tests::vm::{Exit, Network, Vm};
-
-/// A boot's time limit, and the limit to see something happen in the guest.
-const BOOT: Duration = Duration::from_secs(8 * 60);
-const GUEST: Duration = Duration::from_secs(5 * 60);
-
-/// A folder for one device; removed when the test passes, kept (with consoles) when it fails.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Result<Dir> {
-        let dir = std::env::temp_dir().join(format!("fleet-qemu-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        Ok(Dir(dir))
-    }
-
-    fn passed(self) {
-        if std::env::var_os("FLEET_E2E_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn device(name: &str) -> Result<(Dir, Vm)> {
-    let dir = Dir::new(name)?;
-    let vm = Vm::new(&fleet_qemu_tests::image(), &dir.0)?;
-    Ok((dir, vm))
-}
-
-/// Boots and waits for SSH; prints how long it took.
-fn boot_to_ssh(vm: &mut Vm, network: Network) -> Result<Duration> {
-    vm.boot(network)?;
-    let took = vm.wait_ssh(BOOT)?;
-    eprintln!("boot {}: SSH after {took:?}", vm.exits.len() + 1);
-    Ok(took)
-}
-
-/// `systemctl reboot` and the boot that ends with it.
-fn reboot(vm: &mut Vm) -> Result<()> {
-    let _ = vm.ssh_status("systemctl reboot");
-    let exit = vm.wait_exit(GUEST)?;
-    ensure!(exit == Exit::Reboot, "expected a reboot, got {exit:?}");
-    Ok(())
-}
-
-/// Imports the example HTTP image into the guest's podman from the guest's own busybox (no
-/// registry is reachable), like scripts/example-image.sh does on the host.
-fn import_example_image(vm: &Vm) -> Result<()> {
-    vm.ssh(
-        r#"set -e
-r=$(mktemp -d); mkdir -p $r/bin $r/www $r/tmp $r/etc
-cp /usr/bin/busybox $r/bin/busybox
-for lib in $(ldd /usr/bin/busybox | grep -o '/[^ ]*'); do mkdir -p $r$(dirname $lib); cp -L $lib $r$lib; done
-for a in $($r/bin/busybox --list); do [ $a = busybox ] || ln -sf busybox $r/bin/$a; done
-echo 'root:x:0:0:root:/:/bin/sh' > $r/etc/passwd; echo 'root:x:0:' > $r/etc/group
-tar -C $r -c . | podman import -q \
-  --change 'ENV GREETING="hello from fleet"' \
-  --change 'CMD ["/bin/sh", "-c", "echo \"$GREETING\" > /www/index.html; trap \"exit 0\" TERM; httpd -f -v -p 8080 -h /www & wait"]' \
-  - localhost/fleet-example-http:1
-rm -rf $r"#,
-    )
-    .map(drop)
-}
+use fleet_qemu_tests::{
+    scenario::{
+        BOOT, GUEST, boot_to_ssh, deploy, device, enrolled, import_example_image, join_fleet,
+        reboot, system_running,
+    },
+    vm::{Exit, Network, Vm},
+};
 
 /// Whether the guest can open a TCP connection to the host's NATS (10.0.2.2:`port`).
 fn reaches_nats(vm: &Vm, port: &str) -> Result<bool> {
@@ -80,12 +21,32 @@ fn reaches_nats(vm: &Vm, port: &str) -> Result<bool> {
     Ok(code == 0)
 }
 
-/// The agent's last journal lines, for a failure message.
-fn agent_journal(vm: &Vm) -> String {
-    match vm.ssh_status("journalctl -u fleet-agent -n 40 --no-pager") {
-        Ok((_, text)) => format!("fleet-agent's journal in the guest:\n{text}"),
-        Err(e) => format!("(no journal: {e})"),
-    }
+/// The initramfs the device boots (the one `config.txt` names) carries LVM settings that let
+/// a thin pool with leaked blocks activate, and the tools of the pool's self-repair and the
+/// boot partition's check. Read by the image's own `lvmconfig` from the unpacked initramfs.
+fn initramfs_tolerates_what_a_crash_leaves(vm: &Vm) -> Result<()> {
+    let said = vm.ssh(
+        r#"set -e
+i=/boot/firmware/$(awk '$1 == "initramfs" {print $2; exit}' /boot/firmware/config.txt)
+d=$(mktemp -d); unmkinitramfs "$i" $d
+root=$d/main; [ -d $root/etc ] || root=$d
+for f in usr/sbin/fleet-bootguard usr/sbin/thin_check usr/sbin/thin_repair usr/sbin/fsck.fat; do
+  [ -e $root/$f ] || echo "missing $f"
+done
+LVM_SYSTEM_DIR=$root/etc/lvm lvmconfig global/thin_check_options
+rm -rf $d"#,
+    )?;
+    ensure!(
+        !said.contains("missing"),
+        "the initramfs lacks tools: {said}"
+    );
+    ensure!(
+        said.contains(
+            r#"thin_check_options=["-q","--clear-needs-check-flag","--ignore-non-fatal-errors"]"#
+        ),
+        "the initramfs's LVM treats a leaked block as fatal: {said}"
+    );
+    Ok(())
 }
 
 /// Waits until `http://127.0.0.1:port/` inside the guest says `greeting`.
@@ -111,25 +72,7 @@ async fn the_image_boots_on_lvm_and_its_agent_runs_a_workload_across_reboots_and
     let fleet = Fleet::start().await?;
     let (dir, mut vm) = device("agent")?;
     // The first-boot settings on the card's FAT, as a user writes them after flashing.
-    let token = fleet.enrollment_token(&[("role", "pi")])?;
-    let port = fleet
-        .nats
-        .url()
-        .rsplit(':')
-        .next()
-        .context("NATS URL")?
-        .to_owned();
-    let agent_toml = format!(
-        "device_id = \"pi-q1\"\nnats_url = \"nats://10.0.2.2:{port}\"\n\
-         nats_ca_file = \"/boot/firmware/fleet/ca.pem\"\n\
-         enrollment_token_file = \"/boot/firmware/fleet/enrollment-token\"\n\
-         state_dir = \"/var/lib/fleet/agent\"\n"
-    );
-    vm.write_boot_files(&[
-        ("fleet/agent.toml", agent_toml.as_bytes()),
-        ("fleet/ca.pem", &std::fs::read(fleet.nats.ca())?),
-        ("fleet/enrollment-token", token.as_bytes()),
-    ])?;
+    let port = join_fleet(&vm, &fleet, "pi-q1", &[("role", "pi")])?;
 
     let powered_on = std::time::Instant::now();
     boot_to_ssh(&mut vm, Network::Connected)?;
@@ -153,43 +96,22 @@ async fn the_image_boots_on_lvm_and_its_agent_runs_a_workload_across_reboots_and
         containers.trim().starts_with("/dev/mapper/vg0-data"),
         "/var/lib/containers is on {containers:?}"
     );
-    ensure!(
-        vm.ssh("systemctl is-system-running --wait || true")?.trim() == "running",
-        "the system is degraded: {}",
-        vm.ssh("systemctl --failed --no-legend || true")?
-    );
+    system_running(&vm)?;
+    initramfs_tolerates_what_a_crash_leaves(&vm)?;
 
     // The agent enrolled and reports in.
-    let client = fleet.operator.client();
-    eventually("pi-q1 to enroll and report healthy", GUEST, || async {
-        let d = client.device("pi-q1")?;
-        match d.status.map(|s| s.health) {
-            Some(Health::Healthy) => Ok(Some(())),
-            other => bail!("health {other:?}"),
-        }
-    })
-    .await
-    .map_err(|e| e.context(agent_journal(&vm)))?;
+    enrolled(&fleet, &vm, "pi-q1").await?;
     eprintln!(
         "power-on to agent enrolled and reporting: {:?} (first boot, TCG)",
         powered_on.elapsed()
     );
     import_example_image(&vm)?;
-    let generation = fleet
-        .operator
-        .apply(&http_deployment("hello", "pi", 8080, "hello from a pi"))?
-        .generation;
-    eventually("hello to run on the device", GUEST, || async {
-        let d = client.deployment("hello")?;
-        let s = d.status.unwrap_or_default();
-        if d.metadata.generation == generation && s.phase == RolloutPhase::Running {
-            Ok(Some(()))
-        } else {
-            bail!("{:?}", s.phase)
-        }
-    })
-    .await
-    .map_err(|e| e.context(agent_journal(&vm)))?;
+    deploy(
+        &fleet,
+        &vm,
+        &http_deployment("hello", "pi", 8080, "hello from a pi"),
+    )
+    .await?;
     guest_http_says(&vm, 8080, "hello from a pi").await?;
 
     ensure!(
@@ -197,12 +119,9 @@ async fn the_image_boots_on_lvm_and_its_agent_runs_a_workload_across_reboots_and
         "the guest cannot reach the host's NATS with its network up"
     );
 
-    // After a reboot the workload comes back.
-    reboot(&mut vm)?;
-    boot_to_ssh(&mut vm, Network::Connected)?;
-    guest_http_says(&vm, 8080, "hello from a pi").await?;
-
-    // And after a boot with the network cut: from the agent's cache on the data LV.
+    // After a reboot with the network cut, the workload comes back from the agent's cache on
+    // the data LV. (Coming back after a reboot with the network up, the crash tests show after
+    // every kind of crash.)
     reboot(&mut vm)?;
     boot_to_ssh(&mut vm, Network::Cut)?;
     guest_http_says(&vm, 8080, "hello from a pi").await?;
@@ -235,9 +154,18 @@ async fn a_hung_device_is_reset_by_the_hardware_watchdog() -> Result<()> {
         exit == Exit::WatchdogReset,
         "expected a watchdog reset, got {exit:?}"
     );
-    // The board comes back up. (Its bootstatus cannot tell: with `-action reboot=shutdown`
-    // every boot is a fresh QEMU, so the harness's QMP event is the proof of the reset.)
+    // The board comes back up to a running system. (Its bootstatus cannot tell: with
+    // `-action reboot=shutdown` every boot is a fresh QEMU, so the harness's QMP event is the
+    // proof of the reset.)
     boot_to_ssh(&mut vm, Network::Connected)?;
+    system_running(&vm)?;
+    // The reset left the boot partition marked not cleanly unmounted; the initramfs checked it
+    // with fsck.fat before the bootguard wrote to it, and recorded that.
+    let checks = vm.ssh("cat /boot/firmware/rollback/checks")?;
+    ensure!(
+        checks.contains("fat_repairs=1") && checks.contains("fsck.fat fixed the boot partition"),
+        "the boot partition's check is not recorded: {checks}"
+    );
     vm.power_cut();
     dir.passed();
     Ok(())

@@ -1,16 +1,21 @@
 //! Every type that crosses a Fleet process boundary: resource documents, the values stored in
 //! NATS KV, the HTTP API bodies, the device's request/reply messages (`rpc`), and the names of
-//! buckets, keys and subjects.
+//! buckets, keys and subjects; and the strict reading (`document`) and value checks
+//! (`checks`) every document a person sends goes through.
 //!
 //! This crate is pure: serde and nothing else. It never touches NATS, tokio, a file or a clock;
 //! callers pass timestamps in. Values evolve additively: readers ignore unknown fields, writers
 //! never drop a field within a schema version ([`SCHEMA_VERSION`]).
 
 pub mod api;
+pub mod checks;
+pub mod document;
 pub mod names;
 pub mod resource;
 pub mod rpc;
 pub mod state;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 /// The schema version every KV value carries in its `schema` field.
 ///

@@ -4,8 +4,11 @@
 //! Reading a stored document is lenient (unknown fields ignored, so a newer operator's
 //! additions do not break an older reader). Accepting a document from a person is strict:
 //! [`Resource::from_user`] rejects unknown fields and invalid values with errors that name the
-//! field (`spec.template.containers[0].image: must not be empty`). Status is never taken from
-//! the user; the operator computes it.
+//! field (`spec.template.containers[0].image: must not be empty`), type and range errors too
+//! (`...ports[0].containerPort: 70000 is out of range (1-65535)`, through
+//! `serde_path_to_error`). Values that become podman arguments or a request line are checked
+//! for what that consumer does with them ([`crate::checks`]). Status is never taken from the
+//! user; the operator computes it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -566,6 +569,9 @@ impl Resource {
     /// Parses and validates a document a person wrote: unknown fields and invalid values are
     /// errors naming the field. Any `status` and `metadata.generation` given are dropped.
     pub fn from_user(mut doc: serde_json::Value) -> Result<Resource, Vec<FieldError>> {
+        // What a strict reading refuses (a NUL byte anywhere), also for a caller that built
+        // the value itself.
+        crate::document::from_deserializer(&doc).map_err(|e| vec![e])?;
         let Some(obj) = doc.as_object_mut() else {
             return Err(vec![FieldError::new("", "a resource must be a mapping")]);
         };
@@ -616,22 +622,26 @@ impl Resource {
 }
 
 /// Deserializes `doc`; unknown fields come back as errors beside the value, so they are
-/// reported together with invalid values. A type error fails outright.
+/// reported together with invalid values. A type or range error fails outright, at its path.
 fn strict<T: serde::de::DeserializeOwned>(
     doc: serde_json::Value,
 ) -> Result<(T, Vec<FieldError>), Vec<FieldError>> {
     let mut unknown = Vec::new();
-    let parsed = serde_ignored::deserialize(doc, |path| {
+    let mut note = |path: serde_ignored::Path<'_>| {
         unknown.push(FieldError::new(path_string(&path), "unknown field"))
-    });
+    };
+    let parsed: Result<T, _> =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(doc, &mut note));
     match parsed {
         Ok(value) => Ok((value, unknown)),
-        // serde_json's messages for a Value name the problem but not the place; they are
-        // still specific ("missing field `image`", "invalid type: string, expected u16").
-        Err(e) => Err(vec![FieldError::new("", e.to_string())]),
+        Err(e) => Err(vec![typed_error(
+            crate::document::path_of(e.path()),
+            &e.inner().to_string(),
+        )]),
     }
 }
 
+/// A `serde_ignored` path written like the documents: `a.b[0].c`.
 fn path_string(path: &serde_ignored::Path<'_>) -> String {
     use serde_ignored::Path;
     match path {
@@ -649,6 +659,51 @@ fn path_string(path: &serde_ignored::Path<'_>) -> String {
         | Path::NewtypeStruct { parent }
         | Path::NewtypeVariant { parent } => path_string(parent),
     }
+}
+
+/// serde's message for a value of the wrong type or range, said for a person, at `path`
+/// (`...containerPort: 70000 is out of range (1-65535)`).
+fn typed_error(path: String, message: &str) -> FieldError {
+    let field = path.rsplit(['.', ']']).next().unwrap_or("");
+    let join = |path: &str, key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    if let Some(name) = message
+        .strip_prefix("missing field `")
+        .and_then(|m| m.strip_suffix('`'))
+    {
+        return FieldError::new(join(&path, name), "is required");
+    }
+    if let Some(rest) = message.strip_prefix("invalid value: integer `") {
+        if let Some((n, ty)) = rest.split_once("`, expected ") {
+            let range = match (field, ty) {
+                ("containerPort" | "hostPort" | "port", _) => "1-65535".to_owned(),
+                (_, "u16") => format!("0-{}", u16::MAX),
+                (_, "u32") => format!("0-{}", u32::MAX),
+                (_, "u64") => format!("0-{}", u64::MAX),
+                (_, other) => other.to_owned(),
+            };
+            return FieldError::new(path, format!("{n} is out of range ({range})"));
+        }
+    }
+    if let Some(rest) = message.strip_prefix("invalid type: floating point `") {
+        if let Some((n, ty)) = rest.split_once("`, expected ") {
+            if ty.starts_with('u') || ty.starts_with('i') {
+                return FieldError::new(path, format!("must be a whole number, got {n}"));
+            }
+        }
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        if let Some((v, expected)) = rest.split_once("`, expected ") {
+            let expected = expected.replace('`', "");
+            return FieldError::new(path, format!("unknown value {v:?}; expected {expected}"));
+        }
+    }
+    FieldError::new(path, message)
 }
 
 #[derive(Default)]
@@ -733,6 +788,12 @@ impl Validator {
             }
             if r.progress_deadline_seconds == 0 {
                 self.err("spec.rollout.progressDeadlineSeconds", "must be at least 1");
+            }
+            if r.max_unavailable == Some(0) {
+                self.err(
+                    "spec.rollout.maxUnavailable",
+                    "must be at least 1: with 0 no wave could ever be admitted (leave it out for no limit)",
+                );
             }
         }
         let lc = &spec.template.lifecycle;
@@ -828,8 +889,8 @@ impl Validator {
                 }
             }
             if let Some(h) = &p.http_get {
-                if !h.path.starts_with('/') {
-                    self.err(format!("{path}.httpGet.path"), "must start with /");
+                if let Err(e) = crate::checks::check_url_path(&h.path) {
+                    self.err(format!("{path}.httpGet.path"), e);
                 }
                 if h.status_min > h.status_max {
                     self.err(
@@ -872,10 +933,8 @@ impl Validator {
         if let Err(e) = check_name(name) {
             self.err(format!("{path}.name"), e);
         }
-        if image.trim().is_empty() {
-            self.err(format!("{path}.image"), "must not be empty");
-        } else if image.chars().any(char::is_whitespace) {
-            self.err(format!("{path}.image"), "must not contain whitespace");
+        if let Err(e) = crate::checks::check_image(image) {
+            self.err(format!("{path}.image"), e);
         }
         let mut env_names = BTreeSet::new();
         for (i, e) in env.iter().enumerate() {
@@ -905,23 +964,21 @@ impl Validator {
             if let Err(e) = check_name(&m.name) {
                 self.err(format!("{path}.volumes[{i}].name"), e);
             }
-            if !m.mount_path.starts_with('/') {
-                self.err(
-                    format!("{path}.volumes[{i}].mountPath"),
-                    "must be an absolute path",
-                );
-            } else if !mounts.insert(&m.mount_path) {
-                self.err(
-                    format!("{path}.volumes[{i}].mountPath"),
-                    "duplicate mount path",
-                );
+            let mount_path = format!("{path}.volumes[{i}].mountPath");
+            match crate::checks::check_abs_path(&m.mount_path) {
+                Err(e) => self.err(mount_path, e),
+                Ok(()) if m.mount_path == "/" => self.err(
+                    mount_path,
+                    "must not be / (it would hide the image's whole file system)",
+                ),
+                Ok(()) if !mounts.insert(&m.mount_path) => {
+                    self.err(mount_path, "duplicate mount path")
+                }
+                Ok(()) => {}
             }
             if let Some(h) = &m.host_path {
-                if !h.starts_with('/') {
-                    self.err(
-                        format!("{path}.volumes[{i}].hostPath"),
-                        "must be an absolute path",
-                    );
+                if let Err(e) = crate::checks::check_abs_path(h) {
+                    self.err(format!("{path}.volumes[{i}].hostPath"), e);
                 }
             }
         }
@@ -1076,7 +1133,191 @@ mod tests {
         );
         check(
             |d| d["spec"]["template"]["containers"][0]["ports"][0]["containerPort"] = json!(70000),
-            &["invalid value: integer `70000`, expected u16"],
+            &[
+                "spec.template.containers[0].ports[0].containerPort: 70000 is out of range (1-65535)",
+            ],
+        );
+    }
+
+    /// One line per kind of hostile or mistaken value: the exact message, field path first.
+    #[test]
+    fn hostile_values_are_refused_naming_the_field() {
+        let c = "spec.template.containers[0]";
+        let cases: Vec<(&str, serde_json::Value, String)> = vec![
+            (
+                "image",
+                json!("--privileged"),
+                format!("{c}.image: must not start with '-'"),
+            ),
+            (
+                "image",
+                json!("-v"),
+                format!("{c}.image: must not start with '-'"),
+            ),
+            (
+                "image",
+                json!("a\0b"),
+                format!("{c}.image: must not contain a NUL byte"),
+            ),
+            (
+                "image",
+                json!("img\nx"),
+                format!("{c}.image: must not contain '\\n'"),
+            ),
+            (
+                "image",
+                json!("Upper/case"),
+                format!(
+                    "{c}.image: repository path component \"Upper\" must be lower-case letters and digits, joined by '.', '_', '__' or '-'"
+                ),
+            ),
+            ("image", json!(""), format!("{c}.image: must not be empty")),
+            (
+                "image",
+                json!("a".repeat(600)),
+                format!("{c}.image: must be at most 512 characters, got 600"),
+            ),
+            (
+                "image",
+                json!(7),
+                format!("{c}.image: invalid type: integer `7`, expected a string"),
+            ),
+            (
+                "volumes",
+                json!([{"name": "d", "mountPath": "/data:O"}]),
+                format!("{c}.volumes[0].mountPath: must not contain ':'"),
+            ),
+            (
+                "volumes",
+                json!([{"name": "d", "mountPath": "/x", "hostPath": "/etc:/evil"}]),
+                format!("{c}.volumes[0].hostPath: must not contain ':'"),
+            ),
+            (
+                "volumes",
+                json!([{"name": "d", "mountPath": "/"}]),
+                format!(
+                    "{c}.volumes[0].mountPath: must not be / (it would hide the image's whole file system)"
+                ),
+            ),
+            (
+                "volumes",
+                json!([{"name": "d", "mountPath": "/data"}, {"name": "e", "mountPath": "/data/"}]),
+                format!(
+                    "{c}.volumes[1].mountPath: must be a clean path: no '//', '.' or '..' component and no trailing '/' (did you mean \"/data\"?)"
+                ),
+            ),
+            (
+                "volumes",
+                json!([{"name": "d", "mountPath": "/a/../etc"}]),
+                format!(
+                    "{c}.volumes[0].mountPath: must be a clean path: no '//', '.' or '..' component and no trailing '/' (did you mean \"/etc\"?)"
+                ),
+            ),
+            (
+                "volumes",
+                json!([{"name": "d", "mountPath": "/x", "hostPath": "/srv/../etc"}]),
+                format!(
+                    "{c}.volumes[0].hostPath: must be a clean path: no '//', '.' or '..' component and no trailing '/' (did you mean \"/etc\"?)"
+                ),
+            ),
+            (
+                "volumes",
+                json!([{"name": "d", "mountPath": "/x", "readOnly": "yes"}]),
+                format!(
+                    "{c}.volumes[0].readOnly: invalid type: string \"yes\", expected a boolean"
+                ),
+            ),
+            (
+                "ports",
+                json!([{"containerPort": 70000}]),
+                format!("{c}.ports[0].containerPort: 70000 is out of range (1-65535)"),
+            ),
+            (
+                "ports",
+                json!([{"containerPort": -1}]),
+                format!("{c}.ports[0].containerPort: -1 is out of range (1-65535)"),
+            ),
+            (
+                "ports",
+                json!([{"containerPort": 80, "hostPort": 1.5}]),
+                format!("{c}.ports[0].hostPort: must be a whole number, got 1.5"),
+            ),
+            (
+                "ports",
+                json!([{"containerPort": 80, "protocol": "SCTP"}]),
+                format!("{c}.ports[0].protocol: unknown value \"SCTP\"; expected TCP or UDP"),
+            ),
+            (
+                "ports",
+                json!([{"hostPort": 80}]),
+                format!("{c}.ports[0].containerPort: is required"),
+            ),
+            (
+                "probes",
+                json!([{"name": "h", "httpGet": {"port": 8080, "path": "/a\r\nX-Evil: 1"}}]),
+                format!(
+                    "{c}.probes[0].httpGet.path: must be visible ASCII without '#' (percent-encode other characters), found '\\r'"
+                ),
+            ),
+            (
+                "probes",
+                json!([{"name": "h", "httpGet": {"port": 8080, "path": "/a b"}}]),
+                format!(
+                    "{c}.probes[0].httpGet.path: must be visible ASCII without '#' (percent-encode other characters), found ' '"
+                ),
+            ),
+            (
+                "probes",
+                json!([{"name": "h", "tcp": {"port": 8080}, "periodSeconds": 4294967296u64}]),
+                format!("{c}.probes[0].periodSeconds: 4294967296 is out of range (0-4294967295)"),
+            ),
+            (
+                "command",
+                json!(["sh", "-c", "a\0"]),
+                format!("{c}.command[2]: must not contain a NUL byte"),
+            ),
+            (
+                "args",
+                json!(["x\0"]),
+                format!("{c}.args[0]: must not contain a NUL byte"),
+            ),
+            (
+                "env",
+                json!([{"name": "A", "value": "x\0y"}]),
+                format!("{c}.env[0].value: must not contain a NUL byte"),
+            ),
+            (
+                "env",
+                json!([{"name": "A"}]),
+                format!("{c}.env[0].value: is required"),
+            ),
+        ];
+        for (field, value, expected) in cases {
+            check(
+                |d| d["spec"]["template"]["containers"][0][field] = value,
+                &[expected.as_str()],
+            );
+        }
+        let r = "spec.rollout";
+        check(
+            |d| d["spec"]["rollout"] = json!({"waveSize": 1, "maxUnavailable": 0}),
+            &[&format!(
+                "{r}.maxUnavailable: must be at least 1: with 0 no wave could ever be admitted (leave it out for no limit)"
+            )],
+        );
+        check(
+            |d| d["spec"]["template"]["restartPolicy"] = json!("Sometimes"),
+            &[
+                "spec.template.restartPolicy: unknown value \"Sometimes\"; expected one of Always, OnFailure, Never",
+            ],
+        );
+        check(
+            |d| d["spec"]["template"]["lifecycle"] = json!({"graceSeconds": -1}),
+            &["spec.template.lifecycle.graceSeconds: -1 is out of range (0-4294967295)"],
+        );
+        check(
+            |d| d["metadata"] = json!({"labels": {}}),
+            &["metadata.name: is required"],
         );
     }
 

@@ -1,0 +1,318 @@
+//! Checks of the values a person writes that end up as something else: an image reference
+//! and a path become podman arguments, a probe's path becomes an HTTP request line. Each
+//! check allows what that consumer reads as one plain value, and nothing it could read as an
+//! option, a separator or a second line. The error says why, for the field's message.
+
+/// The longest image reference accepted (the OCI grammar bounds the name at 255).
+pub const MAX_IMAGE_LEN: usize = 512;
+/// The longest repository name in an image reference, as the OCI distribution spec says.
+const MAX_IMAGE_NAME_LEN: usize = 255;
+/// The longest path accepted (Linux's `PATH_MAX`).
+pub const MAX_PATH_LEN: usize = 4096;
+/// The longest probe path accepted.
+pub const MAX_URL_PATH_LEN: usize = 2048;
+
+/// Checks an image reference against the OCI distribution grammar:
+/// `[host[:port]/]path[/path...][:tag][@algorithm:hex]`, path components lower-case.
+pub fn check_image(reference: &str) -> Result<(), String> {
+    if reference.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if reference.len() > MAX_IMAGE_LEN {
+        return Err(format!(
+            "must be at most {MAX_IMAGE_LEN} characters, got {}",
+            reference.len()
+        ));
+    }
+    if let Some(c) = reference.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!("must not contain {c:?}"));
+    }
+    if reference.starts_with('-') {
+        return Err("must not start with '-'".into());
+    }
+    let (rest, digest) = match reference.split_once('@') {
+        Some((rest, digest)) => (rest, Some(digest)),
+        None => (reference, None),
+    };
+    if let Some(digest) = digest {
+        check_digest(digest)?;
+    }
+    // A tag follows the last ':' that comes after the last '/' (a ':' before it is a port).
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(tag) = tag {
+        check_tag(tag)?;
+    }
+    if name.is_empty() {
+        return Err("has no repository name".into());
+    }
+    if name.len() > MAX_IMAGE_NAME_LEN {
+        return Err(format!(
+            "repository name must be at most {MAX_IMAGE_NAME_LEN} characters"
+        ));
+    }
+    let mut components: Vec<&str> = name.split('/').collect();
+    let first = components[0];
+    if components.len() > 1 && (first.contains('.') || first.contains(':') || first == "localhost")
+    {
+        check_registry(first)?;
+        components.remove(0);
+    }
+    for component in components {
+        check_path_component(component)?;
+    }
+    Ok(())
+}
+
+fn check_registry(host: &str) -> Result<(), String> {
+    let bad =
+        || format!("registry {host:?} must be a host name or IP address, with an optional :port");
+    let (host_part, port) = if let Some(v6) = host.strip_prefix('[') {
+        let (addr, after) = v6.split_once(']').ok_or_else(bad)?;
+        if addr.is_empty() || !addr.chars().all(|c| c.is_ascii_hexdigit() || c == ':') {
+            return Err(bad());
+        }
+        let port = match after {
+            "" => None,
+            after => Some(after.strip_prefix(':').ok_or_else(bad)?),
+        };
+        (None, port)
+    } else {
+        match host.split_once(':') {
+            Some((h, p)) => (Some(h), Some(p)),
+            None => (Some(host), None),
+        }
+    };
+    if let Some(h) = host_part {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if !h.split('.').all(label_ok) {
+            return Err(bad());
+        }
+    }
+    if let Some(p) = port {
+        if p.is_empty() || p.len() > 5 || !p.chars().all(|c| c.is_ascii_digit()) {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+/// `[a-z0-9]+` joined by `.`, `_`, `__` or one or more `-`.
+fn check_path_component(c: &str) -> Result<(), String> {
+    let why = || {
+        format!(
+            "repository path component {c:?} must be lower-case letters and digits, joined by \
+             '.', '_', '__' or '-'"
+        )
+    };
+    if c.is_empty() {
+        return Err("repository name has an empty path component ('//' or a trailing '/')".into());
+    }
+    let alnum = |ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit();
+    let bytes: Vec<char> = c.chars().collect();
+    if !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return Err(why());
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let sep: String = bytes[start..i].iter().collect();
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.chars().all(|ch| ch == '-');
+        if !ok {
+            return Err(why());
+        }
+    }
+    Ok(())
+}
+
+/// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+fn check_tag(tag: &str) -> Result<(), String> {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let ok = tag.len() <= 128
+        && tag.chars().next().is_some_and(word)
+        && tag.chars().all(|c| word(c) || c == '.' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "tag {tag:?} must be 1-128 letters, digits, '_', '.' or '-', not starting with '.' or '-'"
+        ))
+    }
+}
+
+/// `algorithm:hex`, e.g. `sha256:` and 64 hex digits.
+fn check_digest(digest: &str) -> Result<(), String> {
+    let why = || format!("digest {digest:?} must be algorithm:hex, e.g. sha256:<64 hex digits>");
+    let (algorithm, hex) = digest.split_once(':').ok_or_else(why)?;
+    let algorithm_ok = algorithm
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic())
+        && algorithm
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+._-".contains(c));
+    if !algorithm_ok || hex.len() < 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(why());
+    }
+    if algorithm == "sha256" && hex.len() != 64 {
+        return Err(why());
+    }
+    Ok(())
+}
+
+/// Checks a path as one clean absolute path: starting with `/`, no `//`, no `.` or `..`
+/// component, no trailing `/` (but `/` itself), no `:` (podman's `--volume` separator), no
+/// control character.
+pub fn check_abs_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err("must be an absolute path".into());
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err(format!("must be at most {MAX_PATH_LEN} characters"));
+    }
+    if let Some(c) = path.chars().find(|c| c.is_control() || *c == ':') {
+        return Err(format!("must not contain {c:?}"));
+    }
+    if path == "/" {
+        return Ok(());
+    }
+    let clean = path[1..]
+        .split('/')
+        .all(|c| !c.is_empty() && c != "." && c != "..");
+    if !clean {
+        return Err(format!(
+            "must be a clean path: no '//', '.' or '..' component and no trailing '/' (did you mean {:?}?)",
+            clean_path(path)
+        ));
+    }
+    Ok(())
+}
+
+/// `path` with empty and `.` components dropped and `..` applied.
+fn clean_path(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// Checks the path of an HTTP GET: `/`, then visible ASCII only (percent-encode the rest), no
+/// fragment. Nothing in it can end the request line or add a header.
+pub fn check_url_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err("must start with /".into());
+    }
+    if path.len() > MAX_URL_PATH_LEN {
+        return Err(format!("must be at most {MAX_URL_PATH_LEN} characters"));
+    }
+    if let Some(c) = path.chars().find(|c| !c.is_ascii_graphic() || *c == '#') {
+        return Err(format!(
+            "must be visible ASCII without '#' (percent-encode other characters), found {c:?}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references() {
+        for ok in [
+            "alpine",
+            "alpine:3.20",
+            "docker.io/library/alpine:3.20",
+            "localhost/fleet-example-http:1",
+            "localhost:5000/a/b__c.d-e---f:v1.0_x",
+            "registry.example.com:443/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "[::1]:5000/app:1",
+            "ghcr.io/org/app:latest@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(check_image(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "must not be empty"),
+            ("--privileged", "must not start with '-'"),
+            ("-x", "must not start with '-'"),
+            ("alpine latest", "must not contain ' '"),
+            ("alpine\n", "must not contain '\\n'"),
+            ("Alpine", "\"Alpine\" must be lower-case"),
+            ("a//b", "empty path component"),
+            ("a/", "empty path component"),
+            ("a:", "tag \"\""),
+            ("a:-x", "tag \"-x\""),
+            ("a@sha256:12", "digest"),
+            ("a@sha256:zz", "digest"),
+            ("a..b", "must be lower-case"),
+            ("a_-b", "must be lower-case"),
+            ("bad_host.com:x/a", "registry"),
+            ("-bad.com/a", "must not start with '-'"),
+            ("ünïcode", "must not contain 'ü'"),
+        ] {
+            let got = check_image(bad).unwrap_err();
+            assert!(got.contains(why), "{bad:?}: {got}");
+        }
+        assert!(check_image(&"a".repeat(256)).is_err());
+        assert!(check_image(&format!("a:{}", "t".repeat(129))).is_err());
+    }
+
+    #[test]
+    fn paths() {
+        for ok in ["/", "/data", "/srv/a b/c-d_e.f", "/.hidden/x"] {
+            assert_eq!(check_abs_path(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("data", "absolute"),
+            ("", "absolute"),
+            ("/data:O", "':'"),
+            ("/etc:/evil", "':'"),
+            ("/a\0b", "'\\0'"),
+            ("/a\nb", "'\\n'"),
+            ("/data/", "did you mean \"/data\""),
+            ("/a//b", "did you mean \"/a/b\""),
+            ("/a/../etc", "did you mean \"/etc\""),
+            ("/a/./b", "did you mean \"/a/b\""),
+        ] {
+            let got = check_abs_path(bad).unwrap_err();
+            assert!(got.contains(why), "{bad:?}: {got}");
+        }
+    }
+
+    #[test]
+    fn url_paths() {
+        assert_eq!(check_url_path("/healthz?full=1&x=%20"), Ok(()));
+        for bad in [
+            "healthz",
+            "/a\r\nX-Evil: 1",
+            "/a b",
+            "/a\tb",
+            "/ä",
+            "/a#frag",
+        ] {
+            assert!(check_url_path(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -120,6 +120,80 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+/// One server URL: `nats://` or `tls://`, a host name or IP address (`[...]` for IPv6), and an
+/// optional port 1-65535; nothing else (no path, no user, no space).
+fn check_nats_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("nats://")
+        .or_else(|| url.strip_prefix("tls://"))
+        .ok_or_else(|| format!("{url:?} must start with nats:// or tls://"))?;
+    let (host, port) = match rest.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: an IPv6 address needs its closing ']'"))?;
+            if addr.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("{url:?}: {addr:?} is not an IPv6 address"));
+            }
+            match after {
+                "" => (addr, None),
+                p => (
+                    addr,
+                    Some(
+                        p.strip_prefix(':')
+                            .ok_or_else(|| format!("{url:?}: only :port may follow the address"))?,
+                    ),
+                ),
+            }
+        }
+        None => match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        },
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} names no host"));
+    }
+    let host_ok = rest.starts_with('[')
+        || host
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if !host_ok {
+        return Err(format!(
+            "{url:?}: host {host:?} must be a host name or IP address (letters, digits, '-', '.')"
+        ));
+    }
+    if let Some(p) = port {
+        match p.parse::<u16>() {
+            Ok(1..) => {}
+            _ => return Err(format!("{url:?}: port {p:?} must be 1-65535")),
+        }
+    }
+    Ok(())
+}
+
+/// The fleet CA file must be readable and hold at least one PEM certificate: TLS with no
+/// trusted certificate fails only later, and forever, as "UnknownIssuer".
+fn check_ca_file(path: &Path) -> Result<(), String> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let bytes = std::fs::read(path).map_err(|e| {
+        format!(
+            "{} is not a readable file (the fleet CA, ca.pem): {e}",
+            path.display()
+        )
+    })?;
+    let certificates = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----); it must be the fleet CA, ca.pem",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -146,23 +220,9 @@ impl Config {
         };
         check_name(&self.device_id).map_err(|m| invalid("device_id", m))?;
         for url in self.nats_url.split(',') {
-            let url = url.trim();
-            if !(url.starts_with("nats://") || url.starts_with("tls://")) {
-                return Err(invalid(
-                    "nats_url",
-                    format!("{url:?} must start with nats:// or tls://"),
-                ));
-            }
+            check_nats_url(url.trim()).map_err(|m| invalid("nats_url", m))?;
         }
-        if !self.nats_ca_file.is_file() {
-            return Err(invalid(
-                "nats_ca_file",
-                format!(
-                    "{} is not a readable file (the fleet CA, ca.pem)",
-                    self.nats_ca_file.display()
-                ),
-            ));
-        }
+        check_ca_file(&self.nats_ca_file).map_err(|m| invalid("nats_ca_file", m))?;
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path".into()));
         }
@@ -232,9 +292,18 @@ mod tests {
         }
     }
 
+    /// A CA file with one certificate: a fixed self-signed one (its key was thrown away), as
+    /// the check is only that a certificate is there.
+    fn ca_file() -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), include_str!("../tests/golden/ca.pem")).unwrap();
+        file
+    }
+
     #[test]
     fn validation() {
-        let ca = "nats_ca_file = \"/proc/version\"\n";
+        let ca_file = ca_file();
+        let ca = &format!("nats_ca_file = \"{}\"\n", ca_file.path().display());
         let ok = &format!("device_id = \"pi-01\"\nnats_url = \"nats://127.0.0.1:4222\"\n{ca}");
         check(ok, Ok(()));
         check(
@@ -246,6 +315,44 @@ mod tests {
             "device_id = \"pi-01\"\nnats_url = \"nats://x\"\nnats_ca_file = \"/nonexistent/ca.pem\"\n",
             Err("nats_ca_file: /nonexistent/ca.pem is not a readable file"),
         );
+        check(
+            "device_id = \"pi-01\"\nnats_url = \"nats://x\"\nnats_ca_file = \"/proc/version\"\n",
+            Err("nats_ca_file: /proc/version holds no PEM certificate"),
+        );
+        for (url, why) in [
+            ("nats://", "\"nats://\" names no host"),
+            ("nats://h:99999", "port \"99999\" must be 1-65535"),
+            ("nats://h:0", "port \"0\" must be 1-65535"),
+            ("nats://h:", "port \"\" must be 1-65535"),
+            ("nats://a host:4222", "host \"a host\" must be a host name"),
+            ("nats://h:4222/path", "port \"4222/path\" must be 1-65535"),
+            ("nats://u:p@h:4222", "host \"u:p@h\" must be a host name"),
+            ("nats://[::1", "closing ']'"),
+            ("nats://[zz]:1", "is not an IPv6 address"),
+            ("nats://a,nats://", "\"nats://\" names no host"),
+        ] {
+            let err = Config::parse(
+                &format!("device_id = \"a\"\nnats_url = \"{url}\"\n{ca}"),
+                Path::new("agent.toml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with("config file agent.toml: nats_url: ") && err.contains(why),
+                "{url}: {err}"
+            );
+        }
+        for url in [
+            "tls://h",
+            "nats://10.0.2.2:4222",
+            "nats://[::1]:4222",
+            "nats://a:1, nats://b-c.d:2",
+        ] {
+            check(
+                &format!("device_id = \"a\"\nnats_url = \"{url}\"\n{ca}"),
+                Ok(()),
+            );
+        }
         check(
             &format!("{ok}heartbeat = 3\n"),
             Err("unknown field `heartbeat`"),

@@ -270,8 +270,7 @@ impl<R: CommandRunner> Podman<R> {
         command: &[String],
     ) -> Result<CmdOutput, PodmanError> {
         let mut all = self.global.clone();
-        all.push("exec".into());
-        all.push(id.to_owned());
+        all.extend(["exec".into(), "--".into(), id.to_owned()]);
         all.extend(command.iter().cloned());
         self.runner
             .run(&self.program, &all)
@@ -284,11 +283,9 @@ impl<R: CommandRunner> Podman<R> {
 
     /// Runs `command` in a running container; fails with its exit code and output.
     pub async fn exec(&self, id: &str, command: &[String]) -> Result<(), String> {
-        let mut args = vec![id.to_owned()];
-        args.extend(command.iter().cloned());
         let mut all = self.global.clone();
-        all.push("exec".into());
-        all.extend(args);
+        all.extend(["exec".into(), "--".into(), id.to_owned()]);
+        all.extend(command.iter().cloned());
         let out = self
             .runner
             .run(&self.program, &all)
@@ -372,16 +369,7 @@ impl<R: CommandRunner> Podman<R> {
         let name = init_container_name(deployment, &init.name);
         // A leftover from a crash mid-run would hold the name.
         self.remove_now(&name).await.ok();
-        let mut args: Vec<String> = vec!["--name".into(), name.clone()];
-        args.extend(["--label".into(), format!("{}={device}", labels::DEVICE)]);
-        args.extend(["--label".into(), format!("fleet.init-of={deployment}")]);
-        push_env_and_volumes(&mut args, deployment, &init.env, &init.volumes);
-        if !init.command.is_empty() {
-            let entrypoint = serde_json::to_string(&init.command).unwrap_or_default();
-            args.push(format!("--entrypoint={entrypoint}"));
-        }
-        args.push(init.image.clone());
-        args.extend(init.args.iter().cloned());
+        let args = init_args(&name, device, deployment, init);
         let mut all = self.global.clone();
         all.push("run".into());
         all.extend(args);
@@ -456,7 +444,7 @@ fn push_env_and_volumes(
     volumes: &[VolumeMount],
 ) {
     for e in env {
-        a.extend(["--env".into(), format!("{}={}", e.name, e.value)]);
+        a.push(format!("--env={}={}", e.name, e.value));
     }
     for v in volumes {
         let source = v
@@ -464,11 +452,17 @@ fn push_env_and_volumes(
             .clone()
             .unwrap_or_else(|| volume_name(deployment, &v.name));
         let mode = if v.read_only { ":ro" } else { "" };
-        a.extend([
-            "--volume".into(),
-            format!("{source}:{}{mode}", v.mount_path),
-        ]);
+        a.push(format!("--volume={source}:{}{mode}", v.mount_path));
     }
+}
+
+/// The image and the container's arguments, after `--`: whatever they hold, podman reads
+/// neither as one of its own options (every option before is in `--name=value` form, so no
+/// value can be taken for an option either).
+fn push_image_and_args(a: &mut Vec<String>, image: &str, args: &[String]) {
+    a.push("--".into());
+    a.push(image.to_owned());
+    a.extend(args.iter().cloned());
 }
 
 pub fn parse_ps(stdout: &[u8]) -> Result<Vec<Observed>, PodmanError> {
@@ -484,16 +478,30 @@ pub fn parse_ps(stdout: &[u8]) -> Result<Vec<Observed>, PodmanError> {
     Ok(entries.into_iter().filter_map(Observed::from_ps).collect())
 }
 
+/// `podman run` arguments for an init container named `name`.
+fn init_args(name: &str, device: &str, deployment: &str, init: &InitContainer) -> Vec<String> {
+    let mut args: Vec<String> = vec![format!("--name={name}")];
+    args.push(format!("--label={}={device}", labels::DEVICE));
+    args.push(format!("--label=fleet.init-of={deployment}"));
+    push_env_and_volumes(&mut args, deployment, &init.env, &init.volumes);
+    if !init.command.is_empty() {
+        let entrypoint = serde_json::to_string(&init.command).unwrap_or_default();
+        args.push(format!("--entrypoint={entrypoint}"));
+    }
+    push_image_and_args(&mut args, &init.image, &init.args);
+    args
+}
+
 fn create_args(s: &CreateSpec<'_>) -> Vec<String> {
     let c = s.container;
-    let mut a: Vec<String> = vec!["--name".into(), container_name(s.deployment)];
+    let mut a: Vec<String> = vec![format!("--name={}", container_name(s.deployment))];
     for (k, v) in [
         (labels::DEVICE, s.device.to_owned()),
         (labels::DEPLOYMENT, s.deployment.to_owned()),
         (labels::GENERATION, s.generation.to_string()),
         (labels::SPEC_HASH, s.spec_hash.to_owned()),
     ] {
-        a.extend(["--label".into(), format!("{k}={v}")]);
+        a.push(format!("--label={k}={v}"));
     }
     let restart = match s.restart {
         RestartPolicy::Always => "always",
@@ -505,15 +513,12 @@ fn create_args(s: &CreateSpec<'_>) -> Vec<String> {
     a.push(format!("--stop-timeout={}", s.lifecycle.grace_seconds));
     push_env_and_volumes(&mut a, s.deployment, &c.env, &c.volumes);
     for p in &c.ports {
-        a.extend([
-            "--publish".into(),
-            format!(
-                "{}:{}/{}",
-                p.effective_host_port(),
-                p.container_port,
-                p.protocol.as_str()
-            ),
-        ]);
+        a.push(format!(
+            "--publish={}:{}/{}",
+            p.effective_host_port(),
+            p.container_port,
+            p.protocol.as_str()
+        ));
     }
     if !c.command.is_empty() {
         // The JSON form keeps arguments with spaces intact; like Kubernetes' `command`, it
@@ -523,8 +528,7 @@ fn create_args(s: &CreateSpec<'_>) -> Vec<String> {
             serde_json::to_string(&c.command).unwrap_or_default()
         ));
     }
-    a.push(c.image.clone());
-    a.extend(c.args.iter().cloned());
+    push_image_and_args(&mut a, &c.image, &c.args);
     a
 }
 
@@ -618,12 +622,78 @@ mod tests {
         assert_eq!(
             podman.runner().calls(),
             vec![
-                "podman --root /r --runtime runc create --name fleet-web \
-                 --label fleet.device=pi-01 --label fleet.deployment=web \
-                 --label fleet.generation=2 --label fleet.spec-hash=h --restart=on-failure \
-                 --stop-signal=SIGTERM --stop-timeout=30 --env A=b c --volume fleet-web-data:/data --volume /dev/x:/d:ro \
-                 --publish 8080:80/udp --entrypoint=[\"/bin/sh\",\"-c\"] localhost/http:1 echo hi there"
+                "podman --root /r --runtime runc create --name=fleet-web \
+                 --label=fleet.device=pi-01 --label=fleet.deployment=web \
+                 --label=fleet.generation=2 --label=fleet.spec-hash=h --restart=on-failure \
+                 --stop-signal=SIGTERM --stop-timeout=30 --env=A=b c --volume=fleet-web-data:/data --volume=/dev/x:/d:ro \
+                 --publish=8080:80/udp --entrypoint=[\"/bin/sh\",\"-c\"] -- localhost/http:1 echo hi there"
             ]
+        );
+    }
+
+    /// Whatever a user managed to get accepted, podman reads it only as values: every argument
+    /// before `--` is one of the options the agent means, in `--option=value` form; after it
+    /// come the image (never starting with `-`) and the container's own arguments.
+    #[test]
+    fn no_accepted_value_becomes_a_podman_option() {
+        use fleet_contracts::{resource::Resource, testing::hostile_deployment};
+        use proptest::test_runner::{Config, TestRunner};
+        const OURS: &[&str] = &[
+            "--name",
+            "--label",
+            "--restart",
+            "--stop-signal",
+            "--stop-timeout",
+            "--env",
+            "--volume",
+            "--publish",
+            "--entrypoint",
+        ];
+        let check = |args: &[String], image: &str, rest: &[String]| {
+            let split = args.iter().position(|a| a == "--").expect("a -- separator");
+            for a in &args[..split] {
+                let option = a.split_once('=').map(|(o, _)| o).unwrap_or("");
+                assert!(OURS.contains(&option), "{a:?} in {args:?}");
+            }
+            assert_eq!(args[split + 1], image);
+            assert!(!image.starts_with('-'), "{args:?}");
+            assert_eq!(&args[split + 2..], rest);
+        };
+        let accepted = std::cell::Cell::new(0u32);
+        let mut runner = TestRunner::new(Config {
+            cases: 2000,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(&hostile_deployment(), |doc| {
+                let Ok(Resource::Deployment(d)) = Resource::from_user(doc) else {
+                    return Ok(());
+                };
+                accepted.set(accepted.get() + 1);
+                let t = &d.spec.template;
+                for c in &t.containers {
+                    let args = create_args(&CreateSpec {
+                        device: "pi-01",
+                        deployment: &d.metadata.name,
+                        generation: 1,
+                        spec_hash: "h",
+                        container: c,
+                        restart: t.restart_policy,
+                        lifecycle: &t.lifecycle,
+                    });
+                    check(&args, &c.image, &c.args);
+                }
+                for i in &t.init_containers {
+                    let args = init_args("fleet-x-init-y", "pi-01", &d.metadata.name, i);
+                    check(&args, &i.image, &i.args);
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert!(
+            accepted.get() > 0,
+            "no hostile document was accepted: the check saw nothing"
         );
     }
 

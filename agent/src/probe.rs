@@ -175,6 +175,9 @@ async fn run<R: CommandRunner>(
 
 /// The status code of `GET path` on 127.0.0.1:`port`.
 async fn http_status(port: u16, path: &str) -> Result<u16, String> {
+    // The operator refuses such a path; a device checks again before it writes a request line.
+    fleet_contracts::checks::check_url_path(path)
+        .map_err(|why| format!("probe path {path:?} {why}"))?;
     let mut stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| format!("connect to port {port}: {e}"))?;
@@ -210,6 +213,34 @@ fn parse_status(head: &[u8]) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A path that would add a header never reaches the socket; a plain one is sent as is.
+    #[tokio::test]
+    async fn a_probe_path_cannot_inject_a_header() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let err = http_status(port, "/a\r\nX-Evil: 1").await.unwrap_err();
+        assert!(
+            err.starts_with("probe path \"/a\\r\\nX-Evil: 1\" must be visible ASCII"),
+            "{err}"
+        );
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 256];
+            let n = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.0 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        assert_eq!(http_status(port, "/ok?x=%0D").await, Ok(204));
+        // The first connection the listener saw is the good probe's: the bad one never connected.
+        let request = server.await.unwrap();
+        assert!(
+            request.starts_with("GET /ok?x=%0D HTTP/1.0\r\nHost:"),
+            "{request}"
+        );
+    }
 
     #[test]
     fn a_container_starts_until_first_ready_and_fails_only_after() {

@@ -9,7 +9,7 @@ use std::{fmt::Write as _, sync::Arc, sync::atomic::Ordering};
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, State},
+    extract::{DefaultBodyLimit, Path, State},
     http::{StatusCode, header},
     response::{Html, IntoResponse, Response},
     routing::{get, post},
@@ -21,6 +21,7 @@ use fleet_contracts::{
         CreatedEnrollmentToken, EnrollmentToken, ErrorBody, ExecAudit, ExecCommand, ExecReply,
         ExecRequest, LogsReply, LogsRequest, OperatorStatus, RecoveryState, Role,
     },
+    document::{self, MAX_BODY_BYTES, MAX_RESOURCE_BYTES},
     names,
     resource::{Deployment, Device, Resource},
     state::Health,
@@ -66,7 +67,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             require_token,
-        ));
+        ))
+        // A body above this is refused (413) before it is read whole.
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
     Router::new()
         .route("/", get(page))
         .route("/metrics", get(metrics))
@@ -207,16 +210,47 @@ fn require_converged(shared: &Shared) -> Result<(), ApiError> {
     }
 }
 
-async fn apply(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResult<ApplyResult> {
-    let doc: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+async fn apply(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+) -> ApiResult<ApplyResult> {
+    let too_large = || {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("the body is not valid JSON: {e}"),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is larger than {MAX_BODY_BYTES} bytes, the most the operator \
+                 reads; a resource may be at most {MAX_RESOURCE_BYTES} bytes as stored"
+            ),
         )
-    })?;
-    let mut resource = Resource::from_user(doc).map_err(|fields| {
+    };
+    // A body announced too large is refused before any of it is read: a client that asked
+    // `Expect: 100-continue` then sends none of it.
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            let limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if limit {
+                too_large()
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                )
+            }
+        })?;
+    let invalid = |fields: Vec<fleet_contracts::FieldError>| {
         let error = match fields.as_slice() {
             [only] if only.path.is_empty() => format!("invalid resource: {}", only.message),
+            [only] => format!("invalid resource: {only}"),
             _ => format!("invalid resource: {} problem(s)", fields.len()),
         };
         let fields = fields.into_iter().filter(|f| !f.path.is_empty()).collect();
@@ -224,7 +258,32 @@ async fn apply(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResult<Appl
             StatusCode::UNPROCESSABLE_ENTITY,
             ErrorBody { error, fields },
         )
+    };
+    let doc = document::from_json(&body).map_err(|e| {
+        if e.path.is_empty() {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not valid JSON: {}", e.message),
+            )
+        } else {
+            invalid(vec![e])
+        }
     })?;
+    let mut resource = Resource::from_user(doc).map_err(invalid)?;
+    let size = resource_bytes(&resource).len();
+    let max_payload = shared.nats.server_info().max_payload;
+    let limit = MAX_RESOURCE_BYTES.min(max_payload);
+    if size > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} {:?} is {size} bytes as stored; a resource may be at most {limit} bytes \
+                 (it is one NATS message, and this NATS server's max_payload is {max_payload})",
+                resource.kind(),
+                resource.metadata().name
+            ),
+        ));
+    }
     // No need to wait for a recovering view: the write is a compare-and-set on KV itself.
     let key = names::resource_key(resource.kind(), &resource.metadata().name);
     let store = &shared.buckets.resources;
@@ -270,23 +329,39 @@ async fn apply(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResult<Appl
         return Ok(Json(result));
     }
     let bytes = resource_bytes(&resource);
+    // Only a lost compare-and-set is a conflict that applying again resolves; anything else
+    // (NATS unreachable, a timeout) is the store's trouble, 503.
     let write = match &existing {
         Some(entry) => store
             .update(&key, bytes.into(), entry.revision)
             .await
             .map(drop)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| {
+                let lost =
+                    e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision;
+                (lost, e.to_string())
+            }),
         None => store
             .create(&key, bytes.into())
             .await
             .map(drop)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| {
+                let lost = e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists;
+                (lost, e.to_string())
+            }),
     };
-    write.map_err(|e| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            format!("{key} changed while applying ({e}); apply again"),
-        )
+    write.map_err(|(lost, e)| {
+        if lost {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                format!("{key} changed while applying ({e}); apply again"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot write {key} to NATS: {e}"),
+            )
+        }
     })?;
     info!(kind = resource.kind(), name = %result.name, generation, %outcome, "applied");
     Ok(Json(result))

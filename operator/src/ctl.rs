@@ -14,7 +14,8 @@ use fleet_contracts::{
         ApplyResult, CreateEnrollmentToken, CreatedEnrollmentToken, EnrollmentToken, ErrorBody,
         OperatorStatus,
     },
-    resource::{Deployment, Device, RolloutPhase},
+    document,
+    resource::{Deployment, Device, Resource, RolloutPhase},
     state::Phase,
 };
 use serde::de::DeserializeOwned;
@@ -94,14 +95,20 @@ fn load_file(path: &Path) -> Result<Vec<Document>, CtlError> {
     parse_documents(&text, path)
 }
 
-/// Parses YAML (JSON is YAML too); every error carries the file and the line.
+/// Parses YAML (JSON is YAML too) strictly ([`fleet_contracts::document`]: no duplicate keys,
+/// no merge keys, no `.nan`, no NUL); every error carries the file, the document, the field's
+/// path and, where YAML knows it, the line. A leading byte order mark is skipped.
 pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, CtlError> {
-    use serde::Deserialize;
     let mut docs = Vec::new();
+    let text = document::without_bom(text);
     for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let value = serde_json::Value::deserialize(de).map_err(|e| CtlError::Parse {
+        let value = document::from_deserializer(de).map_err(|e| CtlError::Parse {
             path: path.to_owned(),
-            message: format!("not valid YAML: {e}"),
+            message: if e.path.is_empty() {
+                format!("not valid YAML: {}", e.message)
+            } else {
+                format!("document {}: {e}", i + 1)
+            },
         })?;
         if value.is_null() {
             continue; // An empty document, e.g. a trailing `---`.
@@ -118,6 +125,52 @@ pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, CtlErro
         });
     }
     Ok(docs)
+}
+
+/// What is wrong with each document of a batch, checked before any is sent: each must be a
+/// valid resource ([`Resource::from_user`], the operator's own check), within
+/// [`document::MAX_RESOURCE_BYTES`], and no resource may appear twice. Empty when all are fine.
+pub fn check_documents(docs: &[Document]) -> Vec<(String, Vec<String>)> {
+    let mut problems = Vec::new();
+    let mut seen: std::collections::BTreeMap<(String, String), &str> = Default::default();
+    for doc in docs {
+        let mut why = Vec::new();
+        let size = doc.value.to_string().len();
+        if size > document::MAX_RESOURCE_BYTES {
+            why.push(format!(
+                "the resource is {size} bytes; the operator accepts at most {} bytes per resource",
+                document::MAX_RESOURCE_BYTES
+            ));
+        }
+        match Resource::from_user(doc.value.clone()) {
+            Ok(r) => {
+                let key = (r.kind().to_lowercase(), r.metadata().name.clone());
+                if let Some(first) = seen.insert(key.clone(), &doc.source) {
+                    why.push(format!(
+                        "{}/{} is also in {first}; give each resource once",
+                        key.0, key.1
+                    ));
+                }
+            }
+            Err(fields) => why.extend(fields.iter().map(ToString::to_string)),
+        }
+        if !why.is_empty() {
+            problems.push((doc.source.clone(), why));
+        }
+    }
+    problems
+}
+
+/// `s` as one URL path segment or query value: everything but letters, digits, `-`, `_`, `.`
+/// and `~` percent-encoded, so a `?`, `#` or `/` in a name stays part of the name (and the
+/// operator refuses it) instead of ending the path.
+pub fn segment(s: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, KEEP).to_string()
 }
 
 /// A client of the operator's HTTP API.
@@ -209,7 +262,7 @@ impl Client {
     }
 
     pub fn deployment(&self, name: &str) -> Result<Deployment, CtlError> {
-        self.get(&format!("/api/v1/deployments/{name}"))
+        self.get(&format!("/api/v1/deployments/{}", segment(name)))
     }
 
     pub fn devices(&self) -> Result<Vec<Device>, CtlError> {
@@ -217,7 +270,7 @@ impl Client {
     }
 
     pub fn device(&self, name: &str) -> Result<Device, CtlError> {
-        self.get(&format!("/api/v1/devices/{name}"))
+        self.get(&format!("/api/v1/devices/{}", segment(name)))
     }
 
     pub fn create_enrollment_token(
@@ -233,7 +286,7 @@ impl Client {
     }
 
     pub fn revoke_enrollment_token(&self, id: &str) -> Result<EnrollmentToken, CtlError> {
-        let url = self.url(&format!("/api/v1/enrollment-tokens/{id}"));
+        let url = self.url(&format!("/api/v1/enrollment-tokens/{}", segment(id)));
         self.answer(&url, self.auth(self.agent.delete(&url)).call())
     }
 
@@ -245,7 +298,9 @@ impl Client {
         tail: u32,
     ) -> Result<fleet_contracts::api::LogsReply, CtlError> {
         self.get(&format!(
-            "/api/v1/deployments/{deployment}/logs?device={device}&tail={tail}"
+            "/api/v1/deployments/{}/logs?device={}&tail={tail}",
+            segment(deployment),
+            segment(device)
         ))
     }
 
@@ -266,7 +321,9 @@ impl Client {
             .build()
             .into();
         let url = self.url(&format!(
-            "/api/v1/deployments/{deployment}/logs?device={device}&tail={tail}&follow=true"
+            "/api/v1/deployments/{}/logs?device={}&tail={tail}&follow=true",
+            segment(deployment),
+            segment(device)
         ));
         let mut request = agent.get(&url);
         if let Some(value) = &self.authorization {
@@ -295,7 +352,7 @@ impl Client {
         deployment: &str,
         cmd: &fleet_contracts::api::ExecCommand,
     ) -> Result<fleet_contracts::api::ExecReply, CtlError> {
-        let url = self.url(&format!("/api/v1/deployments/{deployment}/exec"));
+        let url = self.url(&format!("/api/v1/deployments/{}/exec", segment(deployment)));
         self.answer(&url, self.auth(self.agent.post(&url)).send_json(cmd))
     }
 
@@ -305,7 +362,10 @@ impl Client {
         deployment: &str,
         by: &str,
     ) -> Result<fleet_contracts::api::RolloutResume, CtlError> {
-        let url = self.url(&format!("/api/v1/deployments/{deployment}/rollout/resume"));
+        let url = self.url(&format!(
+            "/api/v1/deployments/{}/rollout/resume",
+            segment(deployment)
+        ));
         let req = fleet_contracts::api::BlacklistRequest {
             by: by.to_owned(),
             reason: String::new(),
@@ -322,7 +382,7 @@ impl Client {
         reason: &str,
     ) -> Result<fleet_contracts::api::BlacklistResult, CtlError> {
         let action = if on { "blacklist" } else { "unblacklist" };
-        let url = self.url(&format!("/api/v1/devices/{device}/{action}"));
+        let url = self.url(&format!("/api/v1/devices/{}/{action}", segment(device)));
         let req = fleet_contracts::api::BlacklistRequest {
             by: by.to_owned(),
             reason: reason.to_owned(),
@@ -332,7 +392,7 @@ impl Client {
 
     /// Deletes `kind` (`deployments` or `devices`) `name`.
     pub fn delete(&self, kind: &str, name: &str) -> Result<(), CtlError> {
-        let url = self.url(&format!("/api/v1/{kind}/{name}"));
+        let url = self.url(&format!("/api/v1/{kind}/{}", segment(name)));
         self.answer::<()>(&url, self.auth(self.agent.delete(&url)).call())
     }
 
@@ -488,6 +548,145 @@ pub fn age(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    /// What YAML allows and a resource must not hold: each refused where it is, by path.
+    fn yaml_that_would_lose_or_smuggle_a_value_is_refused() {
+        let err = |text: &str| {
+            parse_documents(text, Path::new("f.yaml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let dup = "kind: Deployment\nkind: Device\n";
+        assert!(
+            err(dup).starts_with(
+                "f.yaml: document 1: kind: appears twice in this mapping; give each key once"
+            ),
+            "{}",
+            err(dup)
+        );
+        let nested =
+            "spec:\n  template:\n    containers:\n    - name: a\n      image: x\n      image: y\n";
+        assert!(
+            err(nested).starts_with(
+                "f.yaml: document 1: spec.template.containers[0].image: appears twice"
+            ),
+            "{}",
+            err(nested)
+        );
+        for nan in [".nan", ".inf", "-.inf", ".NaN"] {
+            let text = format!("spec:\n  ports:\n  - hostPort: {nan}\n");
+            assert!(
+                err(&text).starts_with("f.yaml: document 1: spec.ports[0].hostPort: ")
+                    && err(&text).contains("is not a number this field can hold"),
+                "{nan}: {}",
+                err(&text)
+            );
+        }
+        let merge = "base: &b {name: a}\nmetadata:\n  <<: *b\n";
+        assert!(
+            err(merge)
+                .starts_with("f.yaml: document 1: metadata.<<: YAML merge keys are not supported"),
+            "{}",
+            err(merge)
+        );
+        let nul = "metadata: {name: \"a\\0b\"}\n";
+        assert!(
+            err(nul).starts_with("f.yaml: document 1: metadata.name: must not contain a NUL byte"),
+            "{}",
+            err(nul)
+        );
+        let second = "kind: Device\n---\nkind: Device\nkind: Device\n";
+        assert!(
+            err(second).starts_with("f.yaml: document 2: kind: appears twice"),
+            "{}",
+            err(second)
+        );
+        // A byte order mark (as Windows editors write) is not part of the document.
+        let docs = parse_documents("\u{feff}kind: Device\n", Path::new("f.yaml")).unwrap();
+        assert_eq!(docs[0].value["kind"], "Device");
+    }
+
+    /// Random text, and hostile documents written as YAML and then garbled, never panic the
+    /// reader or the batch check.
+    #[test]
+    fn random_yaml_never_panics_the_reader() {
+        use proptest::{
+            prelude::*,
+            test_runner::{Config, TestRunner},
+        };
+        let garbled = (
+            fleet_contracts::testing::hostile_deployment(),
+            prop::collection::vec((any::<usize>(), any::<char>()), 0..4),
+        )
+            .prop_map(|(doc, edits)| {
+                let mut text: Vec<char> = serde_yaml_ng::to_string(&doc).unwrap().chars().collect();
+                for (at, c) in edits {
+                    let i = at % text.len();
+                    text[i] = c;
+                }
+                text.into_iter().collect::<String>()
+            });
+        let text = prop_oneof![
+            "\\PC{0,200}",
+            "[-:{}\\[\\]&*!|>'\" \n#<a-z0-9.]{0,200}",
+            garbled
+        ];
+        TestRunner::new(Config {
+            cases: 1000,
+            failure_persistence: None,
+            ..Config::default()
+        })
+        .run(&text, |text| {
+            if let Ok(docs) = parse_documents(&text, Path::new("f.yaml")) {
+                let _ = check_documents(&docs);
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_batch_is_checked_whole_before_anything_is_sent() {
+        let text = "apiVersion: fleet.dev/v1\nkind: Device\nmetadata: {name: a}\n---\n\
+                    apiVersion: fleet.dev/v1\nkind: Device\nmetadata: {name: B}\n---\n\
+                    apiVersion: fleet.dev/v1\nkind: Device\nmetadata: {name: a}\n";
+        let docs = parse_documents(text, Path::new("f.yaml")).unwrap();
+        let problems = check_documents(&docs);
+        assert_eq!(
+            problems,
+            [
+                (
+                    "f.yaml#2".to_owned(),
+                    vec!["metadata.name: must contain only lower-case letters, digits and '-', found 'B'".to_owned()]
+                ),
+                (
+                    "f.yaml#3".to_owned(),
+                    vec!["device/a is also in f.yaml#1; give each resource once".to_owned()]
+                ),
+            ]
+        );
+        let big = serde_json::json!({"apiVersion": "fleet.dev/v1", "kind": "Device",
+            "metadata": {"name": "a", "labels": {"x": "y".repeat(document::MAX_RESOURCE_BYTES)}}});
+        let problems = check_documents(&[Document {
+            source: "big".into(),
+            value: big,
+        }]);
+        assert!(
+            problems[0].1[0].starts_with("the resource is 52")
+                && problems[0].1[0].contains("at most 524288 bytes per resource"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn names_cannot_leave_their_url_segment() {
+        assert_eq!(segment("web"), "web");
+        assert_eq!(segment("web?x=1"), "web%3Fx%3D1");
+        assert_eq!(segment("web#x"), "web%23x");
+        assert_eq!(segment("../devices/a"), "..%2Fdevices%2Fa");
+        assert_eq!(segment("*"), "%2A");
+    }
 
     #[test]
     fn multi_document_yaml_and_errors_with_lines() {

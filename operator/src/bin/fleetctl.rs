@@ -37,6 +37,11 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create or update resources from a file or a folder of YAML/JSON files.
+    ///
+    /// Every document is checked first (fields, size, a resource given twice); if any is
+    /// invalid, nothing is applied. A document the operator then refuses for a reason only it
+    /// can see (a concurrent change, NATS unreachable) is reported, and the ones before it stay
+    /// applied: apply again once the cause is fixed.
     Apply {
         /// A file (several documents separated by `---` are fine) or a folder.
         #[arg(short, long)]
@@ -435,7 +440,28 @@ fn apply(
     wait: bool,
     timeout: Duration,
 ) -> Result<ExitCode, CtlError> {
-    let docs = ctl::load_documents(path)?;
+    let docs = match ctl::load_documents(path) {
+        Ok(docs) => docs,
+        Err(e) => {
+            eprintln!("error: {e}\nnothing was applied");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let problems = ctl::check_documents(&docs);
+    if !problems.is_empty() {
+        for (source, why) in &problems {
+            eprintln!("error: {source}:");
+            for w in why {
+                eprintln!("  {w}");
+            }
+        }
+        eprintln!(
+            "nothing was applied: {} of {} document(s) are invalid",
+            problems.len(),
+            docs.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     let mut failed = false;
     let mut deployments = Vec::new();
     for doc in &docs {

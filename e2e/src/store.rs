@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use async_nats::jetstream;
+use fleet_contracts::names::LEASE_BUCKET;
 use futures::{StreamExt, TryStreamExt};
 
 /// One stream as the server reports it.
@@ -120,4 +121,32 @@ impl Snapshot {
         }
         out
     }
+}
+
+/// Everything in `fleet`'s store but the operators' lease (renewed all the time).
+pub async fn snapshot(fleet: &crate::Fleet) -> Result<Snapshot> {
+    let admin = fleet.nats.client().await?;
+    Ok(Snapshot::take(&admin)
+        .await?
+        .without(|bucket, _| bucket == LEASE_BUCKET, &["KV_fleet-lease"]))
+}
+
+/// A snapshot once the store has stopped changing: two in a row alike.
+pub async fn settled(fleet: &crate::Fleet) -> Result<Snapshot> {
+    let last = std::sync::Mutex::new(snapshot(fleet).await?);
+    crate::eventually("the store to stop changing", crate::WAIT, || async {
+        let now = snapshot(fleet).await?;
+        let mut last = last.lock().unwrap();
+        let same = *last == now;
+        *last = now;
+        Ok(same.then(|| last.clone()))
+    })
+    .await
+}
+
+/// Fails with every difference when `after` is not `before`.
+pub fn unchanged(before: &Snapshot, after: &Snapshot) -> Result<()> {
+    let diff = before.diff(after);
+    ensure!(diff.is_empty(), "the store changed:\n{}", diff.join("\n"));
+    Ok(())
 }

@@ -12,10 +12,15 @@ use anyhow::{Context, Result, bail, ensure};
 use async_nats::HeaderMap;
 use fleet_contracts::{
     api::{EnrollReply, EnrollRequest, Revocations},
-    names::{self, DESIRED_BUCKET, ENROLLMENT_BUCKET, LEASE_BUCKET, REPORTED_BUCKET},
+    names::{self, DESIRED_BUCKET, ENROLLMENT_BUCKET, REPORTED_BUCKET},
     rpc::{ReportEntry, ReportReply, ReportRequest, SyncReply},
 };
-use fleet_e2e::{Fleet, WAIT, churn::Rng, eventually, raw, store::Snapshot};
+use fleet_e2e::{
+    Fleet, WAIT,
+    churn::Rng,
+    eventually, raw,
+    store::{settled, snapshot, unchanged},
+};
 use futures::StreamExt;
 use nkeys::KeyPair;
 
@@ -79,37 +84,6 @@ async fn report(conn: &raw::Conn, device: &str, deployment: &str) -> Result<()> 
         ReportReply::Stored { refused } if refused.is_empty() => Ok(()),
         other => bail!("{other:?}"),
     }
-}
-
-/// Everything in the store but the operators' lease.
-async fn snapshot(fleet: &Fleet) -> Result<Snapshot> {
-    let admin = fleet.nats.client().await?;
-    Ok(Snapshot::take(&admin)
-        .await?
-        .without(|bucket, _| bucket == LEASE_BUCKET, &["KV_fleet-lease"]))
-}
-
-/// A snapshot once the store has stopped changing: two in a row alike.
-async fn settled(fleet: &Fleet) -> Result<Snapshot> {
-    let last = std::sync::Mutex::new(snapshot(fleet).await?);
-    eventually("the store to stop changing", WAIT, || async {
-        let now = snapshot(fleet).await?;
-        let mut last = last.lock().unwrap();
-        let same = *last == now;
-        *last = now;
-        Ok(same.then(|| last.clone()))
-    })
-    .await
-}
-
-fn unchanged(before: &Snapshot, after: &Snapshot) -> Result<()> {
-    let diff = before.diff(after);
-    ensure!(
-        diff.is_empty(),
-        "the attack changed the store:\n{}",
-        diff.join("\n")
-    );
-    Ok(())
 }
 
 /// Reply subjects an attacker would like the operator to publish to: streams to purge or

@@ -128,7 +128,14 @@ pub async fn follow_desired(
                 Ok(Synced::NotReady) => {
                     debug!(%device, "the operator is still reading the desired state");
                 }
-                Err(e) => warn!(%device, error = %e, "cannot get the desired state yet"),
+                Err(e) => {
+                    warn!(%device, error = %e, "cannot get the desired state yet");
+                    if timed_out(&e) {
+                        // The wait for an answer was the pause: ask again soon (another
+                        // operator of the queue group likely answers).
+                        backoff = FIRST_BACKOFF;
+                    }
+                }
             }
             if due {
                 // Jitter, so a fleet that lost its operator does not come back in lockstep.
@@ -163,12 +170,31 @@ enum Synced {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How long a sync or a report waits for its answer. An operator answers in milliseconds; a
+/// request that got none most likely went to an operator that is frozen (a paused VM) but
+/// still in the responders' queue group, where the server keeps handing it about half of the
+/// requests until it drops the connection (minutes, at its ping interval). Asking again soon
+/// reaches the live one.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Whether a request failed for want of an answer in time (not: nobody listens, or a bad
+/// answer, which call for the backoff).
+fn timed_out(e: &BoxError) -> bool {
+    e.downcast_ref::<async_nats::RequestError>()
+        .is_some_and(|e| e.kind() == async_nats::RequestErrorKind::TimedOut)
+}
+
 async fn sync_once(client: &async_nats::Client, device: &str) -> Result<Synced, BoxError> {
     let body = serde_json::to_vec(&SyncRequest {
         schema: SCHEMA_VERSION,
     })?;
     let reply = client
-        .request(names::sync_subject(device), body.into())
+        .send_request(
+            names::sync_subject(device),
+            async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(REQUEST_TIMEOUT)),
+        )
         .await?;
     match serde_json::from_slice::<SyncReply>(&reply.payload)? {
         SyncReply::Desired { revision, desired } => {
@@ -286,6 +312,9 @@ pub fn outbox(
                 }
                 Err(e) => {
                     debug!(error = %e, entries = batch.len(), "reports not stored yet; will retry");
+                    if timed_out(&e) {
+                        retry = Duration::from_millis(200); // As for a sync: ask again soon.
+                    }
                     // Put them back unless something newer for the key came meanwhile.
                     for (key, value) in batch {
                         pending.entry(format!("{prefix}{key}")).or_insert(value);
@@ -371,9 +400,11 @@ async fn send(
         entries,
     };
     let reply = client
-        .request(
+        .send_request(
             names::report_subject(device),
-            serde_json::to_vec(&request)?.into(),
+            async_nats::Request::new()
+                .payload(serde_json::to_vec(&request)?.into())
+                .timeout(Some(REQUEST_TIMEOUT)),
         )
         .await?;
     match serde_json::from_slice::<ReportReply>(&reply.payload)? {

@@ -99,8 +99,16 @@ fn load_file(path: &Path) -> Result<Vec<Document>, CtlError> {
 /// no merge keys, no `.nan`, no NUL); every error carries the file, the document, the field's
 /// path and, where YAML knows it, the line. A leading byte order mark is skipped.
 pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, CtlError> {
+    use serde::Deserialize;
     let mut docs = Vec::new();
     let text = document::without_bom(text);
+    // First the syntax, said as such with its line; then what a resource must not hold.
+    for de in serde_yaml_ng::Deserializer::from_str(text) {
+        serde::de::IgnoredAny::deserialize(de).map_err(|e| CtlError::Parse {
+            path: path.to_owned(),
+            message: format!("not valid YAML: {e}"),
+        })?;
+    }
     for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = document::from_deserializer(de).map_err(|e| CtlError::Parse {
             path: path.to_owned(),

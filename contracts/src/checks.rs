@@ -98,12 +98,35 @@ fn check_registry(host: &str) -> Result<(), String> {
         }
     }
     if let Some(p) = port {
-        if p.is_empty() || p.len() > 5 || !p.chars().all(|c| c.is_ascii_digit()) {
+        if !p.chars().all(|c| c.is_ascii_digit()) || !matches!(p.parse::<u16>(), Ok(1..)) {
             return Err(bad());
+        }
+    }
+    // `transport:...` is how podman names an image elsewhere than a registry (a local
+    // archive, the docker daemon): never a registry host.
+    if let Some(h) = host_part {
+        if TRANSPORTS.contains(&h) {
+            return Err(format!(
+                "{h:?} is a podman transport, not a registry: images come from registries only"
+            ));
         }
     }
     Ok(())
 }
+
+/// The transports of containers/image, which podman would read before a ':'.
+const TRANSPORTS: &[&str] = &[
+    "containers-storage",
+    "dir",
+    "docker",
+    "docker-archive",
+    "docker-daemon",
+    "oci",
+    "oci-archive",
+    "ostree",
+    "sif",
+    "tarball",
+];
 
 /// `[a-z0-9]+` joined by `.`, `_`, `__` or one or more `-`.
 fn check_path_component(c: &str) -> Result<(), String> {
@@ -157,7 +180,9 @@ fn check_tag(tag: &str) -> Result<(), String> {
 
 /// `algorithm:hex`, e.g. `sha256:` and 64 hex digits.
 fn check_digest(digest: &str) -> Result<(), String> {
-    let why = || format!("digest {digest:?} must be algorithm:hex, e.g. sha256:<64 hex digits>");
+    let why = || {
+        format!("digest {digest:?} must be algorithm:hex, e.g. sha256:<64 lower-case hex digits>")
+    };
     let (algorithm, hex) = digest.split_once(':').ok_or_else(why)?;
     let algorithm_ok = algorithm
         .chars()
@@ -166,7 +191,8 @@ fn check_digest(digest: &str) -> Result<(), String> {
         && algorithm
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "+._-".contains(c));
-    if !algorithm_ok || hex.len() < 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+    let lower_hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
+    if !algorithm_ok || hex.len() < 32 || !hex.chars().all(lower_hex) {
         return Err(why());
     }
     if algorithm == "sha256" && hex.len() != 64 {
@@ -271,6 +297,15 @@ mod tests {
             ("bad_host.com:x/a", "registry"),
             ("-bad.com/a", "must not start with '-'"),
             ("ünïcode", "must not contain 'ü'"),
+            ("docker-archive:1/x", "is a podman transport"),
+            ("oci-archive:5000/tmp/x", "is a podman transport"),
+            ("docker-daemon:1/x:latest", "is a podman transport"),
+            ("localhost:70000/x", "registry"),
+            ("localhost:0/x", "registry"),
+            (
+                "a@sha256:0123456789ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef",
+                "lower-case",
+            ),
         ] {
             let got = check_image(bad).unwrap_err();
             assert!(got.contains(why), "{bad:?}: {got}");

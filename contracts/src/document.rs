@@ -36,8 +36,12 @@ impl<'de> serde::Deserialize<'de> for Strict {
 }
 
 /// Parses a JSON document strictly; the error names where the problem is.
+/// A syntax error has no path (the caller says "not valid JSON"); what the strict reading
+/// refuses has one.
 pub fn from_json(bytes: &[u8]) -> Result<Value, FieldError> {
     let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(bytes);
+    serde_json::from_slice::<de::IgnoredAny>(bytes)
+        .map_err(|e| FieldError::new("", e.to_string()))?;
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = from_deserializer(&mut de)?;
     de.end().map_err(|e| FieldError::new("", e.to_string()))?;
@@ -231,5 +235,10 @@ mod tests {
         let v = from_json("\u{feff}{\"a\": 1}".as_bytes()).unwrap();
         assert_eq!(v, serde_json::json!({"a": 1}));
         assert!(json_err("{} x").contains("trailing characters"));
+        // A syntax error deep inside is still a syntax error, with no path.
+        let e = from_json(br#"{"metadata": {"name": "a",}}"#).unwrap_err();
+        assert_eq!(e.path, "");
+        assert!(e.message.contains("at line 1 column 27"), "{e}");
+        assert_eq!(from_json(br#"{"spec": {"a": [1, "#).unwrap_err().path, "");
     }
 }

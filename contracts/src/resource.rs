@@ -566,6 +566,16 @@ impl Resource {
         }
     }
 
+    /// The resource as it is stored in KV (compact JSON): what [`crate::document::MAX_RESOURCE_BYTES`]
+    /// bounds, measured the same way by `fleetctl` and the operator.
+    pub fn to_stored_json(&self) -> Vec<u8> {
+        match self {
+            Resource::Deployment(d) => serde_json::to_vec(d),
+            Resource::Device(d) => serde_json::to_vec(d),
+        }
+        .expect("resources serialize")
+    }
+
     /// Parses and validates a document a person wrote: unknown fields and invalid values are
     /// errors naming the field. Any `status` and `metadata.generation` given are dropped.
     pub fn from_user(mut doc: serde_json::Value) -> Result<Resource, Vec<FieldError>> {
@@ -682,6 +692,11 @@ fn typed_error(path: String, message: &str) -> FieldError {
         if let Some((n, ty)) = rest.split_once("`, expected ") {
             let range = match (field, ty) {
                 ("containerPort" | "hostPort" | "port", _) => "1-65535".to_owned(),
+                ("graceSeconds", _) => format!("0-{MAX_GRACE_SECONDS}"),
+                ("timeoutSeconds", _) if path.contains("initContainers") => {
+                    format!("1-{MAX_INIT_TIMEOUT_SECONDS}")
+                }
+                ("wavePercent", _) => "1-100".to_owned(),
                 (_, "u16") => format!("0-{}", u16::MAX),
                 (_, "u32") => format!("0-{}", u32::MAX),
                 (_, "u64") => format!("0-{}", u64::MAX),
@@ -1313,7 +1328,7 @@ mod tests {
         );
         check(
             |d| d["spec"]["template"]["lifecycle"] = json!({"graceSeconds": -1}),
-            &["spec.template.lifecycle.graceSeconds: -1 is out of range (0-4294967295)"],
+            &["spec.template.lifecycle.graceSeconds: -1 is out of range (0-3600)"],
         );
         check(
             |d| d["metadata"] = json!({"labels": {}}),

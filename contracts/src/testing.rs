@@ -229,10 +229,19 @@ mod tests {
         );
     }
 
-    /// Arbitrary bytes, and a valid document's text with bytes changed, never panic the strict
-    /// reader; what it reads holds no NUL.
+    /// Arbitrary bytes, a valid document's text with bytes changed, and hostile documents as
+    /// JSON text (NUL written as `\u0000`) never panic the strict reader, and what it reads
+    /// holds no NUL anywhere.
     #[test]
     fn arbitrary_bytes_never_panic_the_reader() {
+        fn nul_free(v: &Value) -> bool {
+            match v {
+                Value::String(s) => !s.contains('\0'),
+                Value::Array(items) => items.iter().all(nul_free),
+                Value::Object(map) => map.iter().all(|(k, v)| !k.contains('\0') && nul_free(v)),
+                _ => true,
+            }
+        }
         let text = serde_json::to_vec(&full_deployment()).unwrap();
         let edited = (
             prop::collection::vec((any::<usize>(), any::<u8>()), 1..6),
@@ -245,15 +254,22 @@ mod tests {
                 }
                 text
             });
-        let bytes = prop_oneof![prop::collection::vec(any::<u8>(), 0..256), edited];
+        let hostile = hostile_deployment().prop_map(|doc| serde_json::to_vec(&doc).unwrap());
+        let bytes = prop_oneof![prop::collection::vec(any::<u8>(), 0..256), edited, hostile];
+        let refused_nul = std::cell::Cell::new(0u32);
         runner()
             .run(&bytes, |bytes| {
-                if let Ok(v) = document::from_json(&bytes) {
-                    prop_assert!(!v.to_string().contains("\\u0000"));
-                    let _ = Resource::from_user(v);
+                match document::from_json(&bytes) {
+                    Ok(v) => {
+                        prop_assert!(nul_free(&v), "a NUL got through: {v}");
+                        let _ = Resource::from_user(v);
+                    }
+                    Err(e) if e.message.contains("NUL") => refused_nul.set(refused_nul.get() + 1),
+                    Err(_) => {}
                 }
                 Ok(())
             })
             .unwrap();
+        assert!(refused_nul.get() > 0, "no document with a NUL was tried");
     }
 }

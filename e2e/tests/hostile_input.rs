@@ -237,10 +237,9 @@ async fn hostile_documents_are_refused_through_both_doors_naming_the_field_and_n
     }
 
     // A body far above the limit: the operator refuses it unread, fleetctl before sending.
-    let huge = format!(
-        "{{\"kind\": \"Device\", \"metadata\": {{\"name\": \"{}\"}}}}",
-        "x".repeat(20 << 20)
-    );
+    let mut huge = http_deployment("huge", "web", 18082, "x");
+    container(&mut huge)["env"][0]["value"] = json!("x".repeat(20 << 20));
+    let huge = huge.to_string();
     let answer = announce(&fleet, huge.len()).unwrap_or_else(|e| format!("no answer: {e}"));
     if !answer.starts_with("HTTP/1.1 413")
         || !answer.contains(&format!("larger than {MAX_BODY_BYTES} bytes"))
@@ -250,7 +249,12 @@ async fn hostile_documents_are_refused_through_both_doors_naming_the_field_and_n
     let file = fleet.path().join("huge.json");
     std::fs::write(&file, &huge)?;
     let (code, _, stderr) = apply_file(&fleet, &file)?;
-    if code != 1 || !stderr.contains("bytes per resource") || stderr.contains("Broken pipe") {
+    if code != 1
+        || !stderr.contains(&format!(
+            "bytes as stored; the operator accepts at most {MAX_RESOURCE_BYTES} bytes per resource"
+        ))
+        || stderr.contains("Broken pipe")
+    {
         failures.push(format!("fleetctl, a 20 MB file: exit {code}: {stderr}"));
     }
 

@@ -270,15 +270,19 @@ async fn apply(
         }
     })?;
     let mut resource = Resource::from_user(doc).map_err(invalid)?;
-    let size = resource_bytes(&resource).len();
-    let max_payload = shared.nats.server_info().max_payload;
+    let size = resource.to_stored_json().len();
+    // 0 until the server's first INFO (the operator starts before NATS answers): unknown.
+    let max_payload = match shared.nats.server_info().max_payload {
+        0 => usize::MAX,
+        n => n,
+    };
     let limit = MAX_RESOURCE_BYTES.min(max_payload);
     if size > limit {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "{} {:?} is {size} bytes as stored; a resource may be at most {limit} bytes \
-                 (it is one NATS message, and this NATS server's max_payload is {max_payload})",
+                 (it is one NATS message; NATS' max_payload is 1048576 bytes by default)",
                 resource.kind(),
                 resource.metadata().name
             ),
@@ -328,7 +332,7 @@ async fn apply(
     if outcome == ApplyOutcome::Unchanged {
         return Ok(Json(result));
     }
-    let bytes = resource_bytes(&resource);
+    let bytes = resource.to_stored_json();
     // Only a lost compare-and-set is a conflict that applying again resolves; anything else
     // (NATS unreachable, a timeout) is the store's trouble, 503.
     let write = match &existing {
@@ -380,14 +384,6 @@ fn same_spec(a: &Resource, b: &Resource) -> bool {
         (Resource::Device(a), Resource::Device(b)) => a.spec == b.spec,
         _ => false,
     }
-}
-
-fn resource_bytes(resource: &Resource) -> Vec<u8> {
-    match resource {
-        Resource::Deployment(d) => serde_json::to_vec(d),
-        Resource::Device(d) => serde_json::to_vec(d),
-    }
-    .expect("resources serialize")
 }
 
 /// Advice that does not block the apply.

@@ -143,15 +143,16 @@ pub fn check_documents(docs: &[Document]) -> Vec<(String, Vec<String>)> {
     let mut seen: std::collections::BTreeMap<(String, String), &str> = Default::default();
     for doc in docs {
         let mut why = Vec::new();
-        let size = doc.value.to_string().len();
-        if size > document::MAX_RESOURCE_BYTES {
-            why.push(format!(
-                "the resource is {size} bytes; the operator accepts at most {} bytes per resource",
-                document::MAX_RESOURCE_BYTES
-            ));
-        }
         match Resource::from_user(doc.value.clone()) {
             Ok(r) => {
+                // Measured as the operator measures it: as stored, defaults filled in.
+                let size = r.to_stored_json().len();
+                if size > document::MAX_RESOURCE_BYTES {
+                    why.push(format!(
+                        "the resource is {size} bytes as stored; the operator accepts at most {} bytes per resource",
+                        document::MAX_RESOURCE_BYTES
+                    ));
+                }
                 let key = (r.kind().to_lowercase(), r.metadata().name.clone());
                 if let Some(first) = seen.insert(key.clone(), &doc.source) {
                     why.push(format!(
@@ -160,7 +161,16 @@ pub fn check_documents(docs: &[Document]) -> Vec<(String, Vec<String>)> {
                     ));
                 }
             }
-            Err(fields) => why.extend(fields.iter().map(ToString::to_string)),
+            Err(fields) => {
+                let size = doc.value.to_string().len();
+                if size > document::MAX_RESOURCE_BYTES {
+                    why.push(format!(
+                        "the document is {size} bytes; the operator accepts at most {} bytes per resource",
+                        document::MAX_RESOURCE_BYTES
+                    ));
+                }
+                why.extend(fields.iter().map(ToString::to_string));
+            }
         }
         if !why.is_empty() {
             problems.push((doc.source.clone(), why));
@@ -169,15 +179,12 @@ pub fn check_documents(docs: &[Document]) -> Vec<(String, Vec<String>)> {
     problems
 }
 
-/// `s` as one URL path segment or query value: everything but letters, digits, `-`, `_`, `.`
-/// and `~` percent-encoded, so a `?`, `#` or `/` in a name stays part of the name (and the
-/// operator refuses it) instead of ending the path.
+/// `s` as one URL path segment or query value: everything but letters, digits, `-` and `_`
+/// percent-encoded, so a `?`, `#` or `/` in a name stays part of the name (and the operator
+/// refuses it) instead of ending the path, and `.` or `..` is never a dot segment.
 pub fn segment(s: &str) -> String {
-    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~');
+    const KEEP: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_');
     percent_encoding::utf8_percent_encode(s, KEEP).to_string()
 }
 
@@ -674,6 +681,23 @@ mod tests {
                 ),
             ]
         );
+        // Valid but too large as stored: said with its stored size.
+        let mut big = fleet_contracts::testing::full_deployment();
+        big["spec"]["template"]["containers"][0]["env"][0]["value"] =
+            "y".repeat(document::MAX_RESOURCE_BYTES).into();
+        let problems = check_documents(&[Document {
+            source: "big".into(),
+            value: big,
+        }]);
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].1[0].starts_with("the resource is 52")
+                && problems[0].1[0].ends_with(
+                    "bytes as stored; the operator accepts at most 524288 bytes per resource"
+                ),
+            "{problems:?}"
+        );
+        // Invalid and too large: both are said.
         let big = serde_json::json!({"apiVersion": "fleet.dev/v1", "kind": "Device",
             "metadata": {"name": "a", "labels": {"x": "y".repeat(document::MAX_RESOURCE_BYTES)}}});
         let problems = check_documents(&[Document {
@@ -681,8 +705,8 @@ mod tests {
             value: big,
         }]);
         assert!(
-            problems[0].1[0].starts_with("the resource is 52")
-                && problems[0].1[0].contains("at most 524288 bytes per resource"),
+            problems[0].1[0].starts_with("the document is 52")
+                && problems[0].1[1].starts_with("metadata.labels.x: label values are at most 63"),
             "{problems:?}"
         );
     }
@@ -692,7 +716,8 @@ mod tests {
         assert_eq!(segment("web"), "web");
         assert_eq!(segment("web?x=1"), "web%3Fx%3D1");
         assert_eq!(segment("web#x"), "web%23x");
-        assert_eq!(segment("../devices/a"), "..%2Fdevices%2Fa");
+        assert_eq!(segment("../devices/a"), "%2E%2E%2Fdevices%2Fa");
+        assert_eq!(segment(".."), "%2E%2E");
         assert_eq!(segment("*"), "%2A");
     }
 

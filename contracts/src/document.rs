@@ -16,7 +16,8 @@ use serde_json::{Map, Number, Value};
 use crate::FieldError;
 
 /// The largest resource, as stored (compact JSON), that the operator accepts: half of NATS'
-/// default `max_payload`, leaving room for the envelope the desired state adds.
+/// default `max_payload`. It bounds one resource only: a device's sync reply carries all of
+/// its Deployments in one message, which this does not bound (a known gap).
 pub const MAX_RESOURCE_BYTES: usize = 512 * 1024;
 
 /// The largest request body the operator reads: a resource sent with indentation is larger

@@ -87,7 +87,7 @@ fn cases() -> Vec<Case> {
             says: format!("{C}.image: appears twice in this mapping"),
         },
         edited("a resource above the size limit", |d| container(d)["env"][0]["value"] = json!(big), 413,
-            &format!("bytes as stored; a resource may be at most {MAX_RESOURCE_BYTES} bytes")),
+            &format!("bytes as stored; a resource may be at most {MAX_RESOURCE_BYTES} bytes (it is one NATS message; this NATS server's max_payload is 1048576 bytes)")),
     ]
 }
 

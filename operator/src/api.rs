@@ -272,17 +272,21 @@ async fn apply(
     let mut resource = Resource::from_user(doc).map_err(invalid)?;
     let size = resource.to_stored_json().len();
     // 0 until the server's first INFO (the operator starts before NATS answers): unknown.
-    let max_payload = match shared.nats.server_info().max_payload {
-        0 => usize::MAX,
-        n => n,
+    let max_payload = shared.nats.server_info().max_payload;
+    let limit = match max_payload {
+        0 => MAX_RESOURCE_BYTES,
+        n => MAX_RESOURCE_BYTES.min(n),
     };
-    let limit = MAX_RESOURCE_BYTES.min(max_payload);
     if size > limit {
+        let server = match max_payload {
+            0 => String::new(),
+            n => format!("; this NATS server's max_payload is {n} bytes"),
+        };
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "{} {:?} is {size} bytes as stored; a resource may be at most {limit} bytes \
-                 (it is one NATS message; NATS' max_payload is 1048576 bytes by default)",
+                 (it is one NATS message{server})",
                 resource.kind(),
                 resource.metadata().name
             ),

@@ -6,12 +6,15 @@
 //! containers alone until NATS answers (it never removes a workload because a file was lost).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::Write,
     path::{Path, PathBuf},
 };
 
-use fleet_contracts::{SCHEMA_VERSION, state::DesiredDeployment};
+use fleet_contracts::{
+    SCHEMA_VERSION,
+    state::{DesiredDeployment, StoreRef},
+};
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "desired.json";
@@ -46,13 +49,25 @@ struct CacheFile {
     schema: u32,
     device: String,
     deployments: BTreeMap<String, DesiredDeployment>,
+    /// The store `deployments` came from; absent in a cache written before stores had an
+    /// identity (the next answer's store is then taken as the device's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store: Option<StoreRef>,
+    /// Which of `deployments` are held from an earlier store ([`crate::store`]).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    held: BTreeSet<String>,
+}
+
+/// What the cache holds: everything to run (held deployments included), and the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cached {
+    pub deployments: BTreeMap<String, DesiredDeployment>,
+    pub store: Option<StoreRef>,
+    pub held: BTreeSet<String>,
 }
 
 /// Loads the cache; `Ok(None)` when there is none yet.
-pub fn load(
-    dir: &Path,
-    device: &str,
-) -> Result<Option<BTreeMap<String, DesiredDeployment>>, CacheError> {
+pub fn load(dir: &Path, device: &str) -> Result<Option<Cached>, CacheError> {
     let path = dir.join(FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -70,21 +85,23 @@ pub fn load(
             expected: device.to_owned(),
         });
     }
-    Ok(Some(file.deployments))
+    Ok(Some(Cached {
+        deployments: file.deployments,
+        store: file.store,
+        held: file.held,
+    }))
 }
 
 /// Replaces the cache atomically: a crash at any point leaves the old or the new file whole.
-pub fn save(
-    dir: &Path,
-    device: &str,
-    deployments: &BTreeMap<String, DesiredDeployment>,
-) -> Result<(), CacheError> {
+pub fn save(dir: &Path, device: &str, cached: &Cached) -> Result<(), CacheError> {
     let path = dir.join(FILE);
     let tmp = dir.join(format!("{FILE}.tmp"));
     let file = CacheFile {
         schema: SCHEMA_VERSION,
         device: device.to_owned(),
-        deployments: deployments.clone(),
+        deployments: cached.deployments.clone(),
+        store: cached.store.clone(),
+        held: cached.held.clone(),
     };
     let bytes = serde_json::to_vec_pretty(&file).expect("the cache always serializes");
     let write = || -> std::io::Result<()> {
@@ -106,9 +123,16 @@ mod tests {
     use super::*;
     use fleet_contracts::resource::{Container, PodTemplate};
 
-    fn desired() -> BTreeMap<String, DesiredDeployment> {
+    fn desired() -> Cached {
         let spec = PodTemplate::single(Container::new("web", "img:1"));
-        [("web".to_owned(), DesiredDeployment::new("web", 4, spec))].into()
+        Cached {
+            deployments: [("web".to_owned(), DesiredDeployment::new("web", 4, spec))].into(),
+            store: Some(StoreRef {
+                fleet_id: "F".into(),
+                epoch: 3,
+            }),
+            held: ["web".to_owned()].into(),
+        }
     }
 
     #[test]
@@ -118,6 +142,17 @@ mod tests {
         save(dir.path(), "pi-01", &desired()).unwrap();
         assert_eq!(load(dir.path(), "pi-01").unwrap(), Some(desired()));
         assert!(!dir.path().join("desired.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_cache_from_before_store_identities_reads_with_no_store() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(FILE),
+            br#"{"schema":1,"device":"pi-01","deployments":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(load(dir.path(), "pi-01").unwrap(), Some(Cached::default()));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! (at start, when told it changed, and periodically) and hands it to the
 //! [`reconcile::Reconciler`], which runs the pure [`plan`] against [`podman`] (each action on
 //! its own task, one at a time per deployment) and reports each deployment's phase back
-//! through the [`sync::Outbox`]; a heartbeat goes out on a timer. The
+//! through the [`sync::Outbox`]; a heartbeat goes out on a timer. Each answer first goes
+//! through [`store`]: only the store the device's desired state came from may remove a
+//! workload; another store's answer changes nothing until an admin adopts the device. The
 //! desired state is cached on disk ([`cache`]) so a reboot without network still brings the
 //! workloads back. [`probe`] decides readiness; [`serve`] answers the operator's logs and exec
 //! requests. Before its first connection the agent enrolls ([`identity`]): it generates
@@ -25,6 +27,7 @@ pub mod reconcile;
 pub mod runner;
 pub mod serve;
 pub mod storage;
+pub mod store;
 pub mod sync;
 
 use std::{
@@ -78,13 +81,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let podman = Podman::new(TokioRunner, &config.podman);
     let (mut reconciler, mut work_rx) = Reconciler::new(config.device_id.clone(), podman);
     let mut cache_error = None;
+    let mut stores = store::StoreState::default();
     match cache::load(&config.state_dir, &config.device_id) {
         Ok(Some(cached)) => {
             info!(
-                deployments = cached.len(),
+                deployments = cached.deployments.len(),
+                held = cached.held.len(),
+                store = ?cached.store,
                 "starting from the cached desired state"
             );
-            reconciler.load_cached(cached);
+            reconciler.load_cached(cached.deployments);
+            stores.store = cached.store;
+            stores.held = cached.held;
         }
         Ok(None) => info!("no cached desired state; waiting for NATS before touching containers"),
         Err(e) => {
@@ -94,6 +102,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
 
     let key = identity::load_or_create_key(&config.state_dir)?;
+    let public_key = key.public_key();
     if !identity::is_enrolled(&config.state_dir) && config.enrollment_token()?.is_none() {
         return Err(RunError::NoToken);
     }
@@ -122,6 +131,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // published; a reconcile time that stands still shows a stuck loop.
     let (vitals_tx, vitals) = tokio::sync::watch::channel(Vitals {
         cache_error: cache_error.clone(),
+        store_flags: stores.health_flags(),
         ..Default::default()
     });
     tokio::spawn(heartbeat(
@@ -130,6 +140,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         vitals,
         started,
         dropped,
+        public_key,
     ));
 
     info!(device = %config.device_id, version = VERSION, nats = %config.nats_url, "agent started");
@@ -138,14 +149,20 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             _ = &mut shutdown => break,
             Some(e) = fatal_rx.recv() => return Err(e),
             Some(snapshot) = desired_rx.recv() => {
-                let mut changed = reconciler.apply(snapshot);
+                let before = stores.clone();
+                let mut changed = take(&mut reconciler, &mut stores, &snapshot);
                 // Take every queued change before acting, so a burst costs one pass.
                 while let Ok(snapshot) = desired_rx.try_recv() {
-                    changed |= reconciler.apply(snapshot);
+                    changed |= take(&mut reconciler, &mut stores, &snapshot);
                 }
-                if changed {
-                    if let Some(desired) = reconciler.desired_for_cache() {
-                        cache_error = cache::save(&config.state_dir, &config.device_id, &desired)
+                if changed || stores.store != before.store || stores.held != before.held {
+                    if let Some(deployments) = reconciler.desired_for_cache() {
+                        let cached = cache::Cached {
+                            deployments,
+                            store: stores.store.clone(),
+                            held: stores.held.clone(),
+                        };
+                        cache_error = cache::save(&config.state_dir, &config.device_id, &cached)
                             .map_err(|e| { error!(error = %e, "cannot cache the desired state"); e.to_string() })
                             .err();
                     }
@@ -166,6 +183,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         vitals_tx.send_replace(Vitals {
             podman_error: reconciler.podman_error.clone(),
             cache_error: cache_error.clone(),
+            store_flags: stores.health_flags(),
             deployments: reconciler.deployment_count() as u32,
             last_reconcile_ms: reconciler.last_pass_ms,
         });
@@ -177,11 +195,32 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Hands one answer to [`store::StoreState`] and what it decides to run to the reconciler.
+/// Returns whether the desired state changed.
+fn take<R: runner::CommandRunner + 'static>(
+    reconciler: &mut Reconciler<R>,
+    stores: &mut store::StoreState,
+    snapshot: &sync::DesiredSnapshot,
+) -> bool {
+    let was_holding = stores.holding.clone();
+    match stores.take(snapshot, reconciler.desired()) {
+        Some(desired) => reconciler.apply(desired),
+        None => {
+            if was_holding != stores.holding {
+                let (cached, found) = stores.holding.clone().expect("holding");
+                warn!(%cached, %found, "store changed: holding; the operator answers from another store than this device's desired state came from, so nothing is changed until an admin adopts the device (`fleetctl device adopt`)");
+            }
+            false
+        }
+    }
+}
+
 /// What the heartbeat reports about the reconcile loop.
 #[derive(Debug, Clone, Default)]
 struct Vitals {
     podman_error: Option<String>,
     cache_error: Option<String>,
+    store_flags: Vec<HealthFlag>,
     deployments: u32,
     last_reconcile_ms: Option<u64>,
 }
@@ -193,6 +232,7 @@ async fn heartbeat(
     vitals: tokio::sync::watch::Receiver<Vitals>,
     started: tokio::time::Instant,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    public_key: String,
 ) {
     let os = os_name();
     let mut tick = tokio::time::interval(config.heartbeat_interval());
@@ -207,6 +247,7 @@ async fn heartbeat(
         if let Some(message) = v.cache_error {
             health_flags.push(HealthFlag::CacheWriteFailed { message });
         }
+        health_flags.extend(v.store_flags);
         let hb = Heartbeat {
             schema: SCHEMA_VERSION,
             device: config.device_id.clone(),
@@ -220,6 +261,7 @@ async fn heartbeat(
             last_reconcile_ms: v.last_reconcile_ms,
             storage: storage::read(&config.boot_dir),
             dropped_requests: dropped.load(std::sync::atomic::Ordering::Relaxed),
+            public_key: public_key.clone(),
         };
         let bytes = serde_json::to_vec(&hb).expect("a heartbeat serializes");
         outbox.put(names::info_key(&config.device_id), bytes);

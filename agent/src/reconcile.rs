@@ -29,7 +29,7 @@ use crate::{
     podman::{CreateSpec, InitOutcome, Observed, Podman},
     probe::Readiness,
     runner::CommandRunner,
-    sync::{DesiredSnapshot, DesiredValue},
+    sync::DesiredValue,
 };
 
 /// First wait before retrying a create that failed; doubles up to [`MAX_RETRY`].
@@ -159,8 +159,14 @@ impl<R: CommandRunner + 'static> Reconciler<R> {
         self.desired = Some(cached.into_iter().map(|(k, v)| (k, Ok(v))).collect());
     }
 
-    /// Applies a change from NATS. Returns whether the desired state changed.
-    pub fn apply(&mut self, DesiredSnapshot(all): DesiredSnapshot) -> bool {
+    /// The desired state in force, once known.
+    pub fn desired(&self) -> Option<&BTreeMap<String, DesiredValue>> {
+        self.desired.as_ref()
+    }
+
+    /// Replaces the desired state (what [`crate::store`] decided to run). Returns whether it
+    /// changed.
+    pub fn apply(&mut self, all: BTreeMap<String, DesiredValue>) -> bool {
         let desired = self.desired.get_or_insert_with(BTreeMap::new);
         let changed = *desired != all;
         *desired = all;
@@ -633,9 +639,7 @@ mod tests {
         runner.answer(0, "[]", ""); // ps after
         runner.answer(0, "[]", ""); // ps on the next pass
         let (mut r, mut rx) = reconciler(runner);
-        r.apply(DesiredSnapshot(
-            [("web".to_owned(), Ok(desired("localhost/nope:1")))].into(),
-        ));
+        r.apply([("web".to_owned(), Ok(desired("localhost/nope:1")))].into());
         let mut reports = Reports::default();
         settle(&mut r, &mut rx, &mut reports, 1).await;
         let phases: Vec<_> = reports
@@ -668,9 +672,7 @@ mod tests {
         let runner = RecordingRunner::default();
         runner.answer(0, &format!("[{}]", ps_entry("web", "c1", "old")), "");
         let (mut r, mut rx) = reconciler(runner);
-        r.apply(DesiredSnapshot(
-            [("web".to_owned(), Err("cannot read: schema 9".to_owned()))].into(),
-        ));
+        r.apply([("web".to_owned(), Err("cannot read: schema 9".to_owned()))].into());
         let mut reports = Reports::default();
         settle(&mut r, &mut rx, &mut reports, 1).await;
         assert_eq!(
@@ -709,7 +711,7 @@ mod tests {
         runner.answer(0, "", ""); // start
         runner.answer(0, &format!("[{}]", ps_entry("web", "c2", &hash)), "");
         let (mut r, mut rx) = reconciler(runner);
-        r.apply(DesiredSnapshot([("web".to_owned(), Ok(new))].into()));
+        r.apply([("web".to_owned(), Ok(new))].into());
         let mut reports = Reports::default();
         settle(&mut r, &mut rx, &mut reports, 1).await;
         let steps: Vec<_> = reports
@@ -760,7 +762,7 @@ mod tests {
         runner.answer(0, "", ""); // start
         runner.answer(0, &format!("[{}]", ps_entry("web", "c2", &hash)), "");
         let (mut r, mut rx) = reconciler(runner);
-        r.apply(DesiredSnapshot([("web".to_owned(), Ok(d))].into()));
+        r.apply([("web".to_owned(), Ok(d))].into());
         let mut reports = Reports::default();
         settle(&mut r, &mut rx, &mut reports, 1).await;
         // The next pass finds no container and makes one.
@@ -789,7 +791,7 @@ mod tests {
             ("api".to_owned(), Ok(desired("img:1"))),
             ("web".to_owned(), Ok(desired("img:1"))),
         ];
-        r.apply(DesiredSnapshot(two.into()));
+        r.apply(two.into());
         let mut reports = Reports::default();
         r.pass(&mut reports, 1).await;
         let mut busy: Vec<_> = r.in_flight.keys().cloned().collect();

@@ -22,7 +22,7 @@ use fleet_contracts::{
         MAX_REPORT_BYTES, MAX_REPORT_ENTRIES, ReportEntry, ReportReply, ReportRequest, SyncReply,
         SyncRequest,
     },
-    state::DesiredDeployment,
+    state::{DesiredDeployment, StoreRef},
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -31,9 +31,17 @@ use tracing::{debug, info, warn};
 /// A desired value as received: parsed, or the reason it could not be.
 pub type DesiredValue = Result<DesiredDeployment, String>;
 
-/// The device's complete desired state: replaces everything the agent knew.
-#[derive(Debug)]
-pub struct DesiredSnapshot(pub BTreeMap<String, DesiredValue>);
+/// The device's complete desired state as one answer gave it, and the store it came from:
+/// [`crate::store`] decides what of it to apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredSnapshot {
+    pub desired: BTreeMap<String, DesiredValue>,
+    pub store: Option<StoreRef>,
+    /// An admin adopted the device from this store.
+    pub accept: Option<StoreRef>,
+    /// An admin released the device's held deployments.
+    pub release_held: bool,
+}
 
 /// Counts the connections made (the first and every reconnect).
 pub type Connections = tokio::sync::watch::Receiver<u64>;
@@ -107,19 +115,25 @@ pub async fn follow_desired(
     let mut timer = tokio::time::interval(every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     timer.tick().await; // The first tick is now; the first sync happens anyway.
-    let mut applied: Option<u64> = None;
+    let mut applied: Option<(Option<StoreRef>, u64)> = None;
     let mut backoff = FIRST_BACKOFF;
     let mut due = true;
     loop {
         if due {
             match sync_once(&client, &device).await {
-                Ok(Synced::Desired(revision, _)) if applied.is_some_and(|a| revision < a) => {
+                // Revisions count within one store only: a rebuilt or restored store starts
+                // again (and what to do with another store is `crate::store`'s decision).
+                Ok(Synced::Desired(revision, snapshot))
+                    if applied
+                        .as_ref()
+                        .is_some_and(|(store, a)| *store == snapshot.store && revision < *a) =>
+                {
                     debug!(%device, revision, applied = ?applied, "an answer older than the one applied; asking again");
                 }
-                Ok(Synced::Desired(revision, desired)) => {
-                    debug!(%device, revision, deployments = desired.len(), "desired state received");
-                    applied = Some(revision);
-                    if tx.send(DesiredSnapshot(desired)).await.is_err() {
+                Ok(Synced::Desired(revision, snapshot)) => {
+                    debug!(%device, revision, deployments = snapshot.desired.len(), "desired state received");
+                    applied = Some((snapshot.store.clone(), revision));
+                    if tx.send(snapshot).await.is_err() {
                         return; // The reconciler is gone: the agent is shutting down.
                     }
                     due = false;
@@ -164,7 +178,7 @@ pub async fn follow_desired(
 
 /// What one sync got.
 enum Synced {
-    Desired(u64, BTreeMap<String, DesiredValue>),
+    Desired(u64, DesiredSnapshot),
     NotReady,
 }
 
@@ -197,7 +211,13 @@ async fn sync_once(client: &async_nats::Client, device: &str) -> Result<Synced, 
         )
         .await?;
     match serde_json::from_slice::<SyncReply>(&reply.payload)? {
-        SyncReply::Desired { revision, desired } => {
+        SyncReply::Desired {
+            revision,
+            desired,
+            store,
+            accept,
+            release_held,
+        } => {
             let desired = desired
                 .into_iter()
                 .filter_map(|(deployment, value)| {
@@ -209,7 +229,13 @@ async fn sync_once(client: &async_nats::Client, device: &str) -> Result<Synced, 
                     Some((deployment, parsed))
                 })
                 .collect();
-            Ok(Synced::Desired(revision, desired))
+            let snapshot = DesiredSnapshot {
+                desired,
+                store,
+                accept,
+                release_held,
+            };
+            Ok(Synced::Desired(revision, snapshot))
         }
         SyncReply::NotReady => Ok(Synced::NotReady),
         SyncReply::Refused { reason } => Err(format!("the operator refused: {reason}").into()),

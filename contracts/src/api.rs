@@ -253,6 +253,52 @@ pub struct RolloutResume {
     pub at_ms: u64,
 }
 
+/// `POST /api/v1/devices/<name>/adopt`: give a device that reports but has no record (or
+/// holds on another store) a Device record with these labels, accept the store it holds on,
+/// and restore its identity record from the key it reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdoptRequest {
+    pub by: String,
+    #[serde(default)]
+    pub labels: crate::resource::Labels,
+}
+
+/// `POST /api/v1/devices/<name>/release`: remove the deployments the device holds from an
+/// earlier store (the body is a [`BlacklistRequest`]: who asks).
+///
+/// The answer to an adopt or a release: what happened, in words to show as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptResult {
+    pub device: String,
+    pub message: String,
+}
+
+/// What `GET /api/v1/backup` returns and `POST /api/v1/restore` takes: every value of every
+/// bucket but the leadership lease, as JSON, bucket -> key -> value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backup {
+    /// Always `FleetBackup`.
+    pub kind: String,
+    pub schema: u32,
+    pub created_ms: u64,
+    /// The store the backup was taken of.
+    pub store: crate::state::StoreRef,
+    pub buckets:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, serde_json::Value>>,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreResult {
+    /// The store as the devices now see it: the backup's fleet id, a new epoch.
+    pub store: crate::state::StoreRef,
+    /// What was done per bucket, in words to show as they are.
+    pub buckets: std::collections::BTreeMap<String, String>,
+}
+
 /// `POST /api/v1/devices/<name>/blacklist` and `.../unblacklist`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlacklistRequest {

@@ -10,6 +10,21 @@ pub const DESIRED_BUCKET: &str = "fleet-desired";
 pub const REPORTED_BUCKET: &str = "fleet-reported";
 /// KV bucket of resource documents, written by the operator's API only.
 pub const RESOURCES_BUCKET: &str = "fleet-resources";
+/// Key of the store identity ([`crate::state::StoreIdentity`]) in [`RESOURCES_BUCKET`]; no
+/// resource kind is called `fleet`.
+pub const STORE_KEY: &str = "fleet.store";
+
+/// Key in [`DESIRED_BUCKET`] naming the store identity the bucket was last completely derived
+/// from; written by the leader after every device key of that store. No device name starts
+/// with `_`, so it is never a device's key.
+pub const DESIRED_STORE_KEY: &str = "_store";
+
+/// Key of an admin's adoption record ([`crate::state::Adoption`]) for `device` in
+/// [`RESOURCES_BUCKET`].
+pub fn adoption_key(device: &str) -> String {
+    format!("adoption.{device}")
+}
+
 /// KV bucket of enrollment tokens (`token.<id>`) and enrolled device keys (`device.<name>`),
 /// written by the operator only.
 pub const ENROLLMENT_BUCKET: &str = "fleet-enrollment";

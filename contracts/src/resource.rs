@@ -535,6 +535,10 @@ pub struct DeviceStatus {
     pub blacklist: Option<crate::api::Audit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_unblacklist: Option<crate::api::Audit>,
+    /// The device reports but has no Device record: it enrolled in a store that was lost, or
+    /// restored from before it enrolled. `fleetctl device adopt` gives it one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unregistered: bool,
 }
 
 /// Any resource a person can apply.

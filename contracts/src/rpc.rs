@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::StoreRef;
+
 /// Longest reported value the operator stores, in bytes: a heartbeat or a deployment's status
 /// is a few hundred; the cap keeps one device from filling the bucket or the operator's memory.
 pub const MAX_REPORT_BYTES: usize = 64 * 1024;
@@ -37,6 +39,21 @@ pub enum SyncReply {
         /// answer, one of them behind).
         revision: u64,
         desired: BTreeMap<String, serde_json::Value>,
+        /// The store this desired state was derived from. A device applies an answer that
+        /// removes workloads only from the store its cache came from (see `agent/src/store.rs`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        store: Option<StoreRef>,
+        /// An admin adopted this device from the store it holds on: holding exactly this
+        /// store, it takes the current one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        accept: Option<StoreRef>,
+        /// An admin released the device's held deployments in the current store.
+        #[serde(
+            default,
+            rename = "releaseHeld",
+            skip_serializing_if = "std::ops::Not::not"
+        )]
+        release_held: bool,
     },
     /// The operator has not read the whole desired bucket yet: ask again shortly. Never an
     /// incomplete answer, since a device removes what a complete answer lacks.
@@ -91,7 +108,17 @@ mod tests {
         let reply = SyncReply::Desired {
             revision: 7,
             desired: [("web".to_owned(), serde_json::json!({"schema": 1}))].into(),
+            store: Some(StoreRef {
+                fleet_id: "F".into(),
+                epoch: 2,
+            }),
+            accept: None,
+            release_held: true,
         };
+        // An older operator's answer (no store) still reads.
+        let old: SyncReply =
+            serde_json::from_str(r#"{"result":"desired","revision":1,"desired":{}}"#).unwrap();
+        assert!(matches!(old, SyncReply::Desired { store: None, .. }));
         let json = serde_json::to_string(&reply).unwrap();
         assert_eq!(serde_json::from_str::<SyncReply>(&json).unwrap(), reply);
         let not_ready: SyncReply =

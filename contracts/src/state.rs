@@ -1,4 +1,5 @@
-//! Values stored in the desired and reported KV buckets.
+//! Values stored in the desired and reported KV buckets, and the store's own records in the
+//! resources bucket (its identity, adoptions).
 //!
 //! Every value carries `schema` ([`crate::SCHEMA_VERSION`]); readers ignore unknown fields.
 //! Timestamps are milliseconds since the Unix epoch, taken by the writer's clock.
@@ -111,6 +112,59 @@ pub struct Heartbeat {
     /// (dropped unanswered) since the agent started: something is trying its subjects.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dropped_requests: u64,
+    /// The device's NATS public key, so an admin adopting it after the store was lost can
+    /// restore its identity record (and so its JWT renewals).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub public_key: String,
+}
+
+/// `fleet-resources` `fleet.store` ([`crate::names::STORE_KEY`]): which store this is. Written
+/// once when the operator first creates the buckets, and again only by a restore, which keeps
+/// the backup's fleet id and moves the epoch forward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreIdentity {
+    pub schema: u32,
+    #[serde(flatten)]
+    pub store: StoreRef,
+    /// Set while a restore writes the buckets: the operators answer no device until the
+    /// desired state was derived from the restored resources.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restoring: bool,
+    pub created_ms: u64,
+}
+
+/// A fleet store as a device knows it: the fleet id (random, 128 bits, made when the store
+/// was first created) and the epoch (1, then one more per restore).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreRef {
+    pub fleet_id: String,
+    pub epoch: u64,
+}
+
+impl std::fmt::Display for StoreRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fleet {} epoch {}", self.fleet_id, self.epoch)
+    }
+}
+
+/// `fleet-resources` `adoption.<device>`: what an admin decided for a device that holds
+/// workloads from another store (`fleetctl device adopt` / `release`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Adoption {
+    pub schema: u32,
+    /// The store the device held on when it was adopted: a device holding exactly this one
+    /// takes the current store, keeping what it ran as held deployments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept: Option<StoreRef>,
+    /// Held deployments are released (removed) on the device while the current store is this
+    /// one; a later restore needs a new release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<StoreRef>,
+    pub by: String,
+    pub at_ms: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -144,6 +198,15 @@ pub enum HealthFlag {
     PodmanUnavailable { message: String },
     /// The desired state cannot be saved to disk: a reboot without network would lose it.
     CacheWriteFailed { message: String },
+    /// "store changed: holding": the operator answered from another store than the one the
+    /// device's desired state came from (`cached`), a different fleet or an older epoch
+    /// (`found`). The device keeps running exactly what it had and waits for an admin
+    /// (`fleetctl device adopt`).
+    StoreChanged { cached: StoreRef, found: StoreRef },
+    /// Deployments the device kept running from an earlier store after a restore or an
+    /// adoption, which the current store does not mention: they run until an admin applies
+    /// them again or releases them (`fleetctl device release`).
+    HeldDeployments { deployments: Vec<String> },
     /// A flag this reader does not know.
     #[serde(other)]
     Unknown,
@@ -204,6 +267,7 @@ mod tests {
                 ..StorageChecks::default()
             }),
             dropped_requests: 3,
+            public_key: "UABC".into(),
         };
         let json = serde_json::to_string(&hb).unwrap();
         assert_eq!(serde_json::from_str::<Heartbeat>(&json).unwrap(), hb);

@@ -201,6 +201,9 @@ pub async fn actual(fleet: &Fleet, devices: &[Hollow]) -> Result<[Placement; 3]>
     let mut keys = desired.keys().await?;
     while let Some(key) = keys.next().await {
         let key = key?;
+        if key == names::DESIRED_STORE_KEY {
+            continue;
+        }
         let Some(bytes) = desired.get(&key).await? else {
             continue;
         };

@@ -176,7 +176,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -1153,10 +1153,16 @@ impl Hollow {
         let desired = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
         let (map, out, device) = (desired.clone(), outbox.clone(), name.to_owned());
         tasks.push(tokio::spawn(async move {
+            // The agent's own rule for answers from another store (`fleet_agent::store`).
+            let mut stores = fleet_agent::store::StoreState::default();
+            let mut running = None;
             while let Some(event) = rx.recv().await {
+                let Some(all) = stores.take(&event, running.as_ref()) else {
+                    continue;
+                };
+                running = Some(all.clone());
                 let mut map = map.lock().unwrap();
                 let before: Vec<String> = map.keys().cloned().collect();
-                let sync::DesiredSnapshot(all) = event;
                 *map = all
                     .into_iter()
                     .filter_map(|(k, v)| Some((k, v.ok()?)))
@@ -1243,6 +1249,7 @@ pub fn hollow_heartbeat(device: &str, interval_ms: u64, deployments: u32) -> Vec
         last_reconcile_ms: None,
         storage: None,
         dropped_requests: 0,
+        public_key: String::new(),
     };
     serde_json::to_vec(&hb).expect("a heartbeat serializes")
 }

@@ -51,6 +51,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/api/v1/deployments/{name}/rollout/resume",
             post(resume_rollout),
         )
+        .route("/api/v1/devices/{name}/adopt", post(adopt_device))
+        .route("/api/v1/devices/{name}/release", post(release_device))
+        .route("/api/v1/backup", get(backup))
+        .route(
+            "/api/v1/restore",
+            post(restore).layer(DefaultBodyLimit::max(MAX_BACKUP_BYTES)),
+        )
         .route("/api/v1/devices/{name}/blacklist", post(blacklist_device))
         .route(
             "/api/v1/devices/{name}/unblacklist",
@@ -486,6 +493,11 @@ async fn list_devices(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<Device
                 status: Some(fleet.device_status(d, now)),
                 ..d.clone()
             })
+            .chain(
+                fleet
+                    .unregistered()
+                    .filter_map(|name| fleet.unregistered_device(name, now)),
+            )
             .collect(),
     ))
 }
@@ -493,10 +505,12 @@ async fn list_devices(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<Device
 async fn get_device(State(shared): State<Arc<Shared>>, Name(name): Name) -> ApiResult<Device> {
     require_converged(&shared)?;
     let fleet = shared.fleet.read().unwrap();
-    let d = fleet
-        .devices
-        .get(&name)
-        .ok_or_else(|| not_found("Device", &name))?;
+    let Some(d) = fleet.devices.get(&name) else {
+        return fleet
+            .unregistered_device(&name, now_ms())
+            .map(Json)
+            .ok_or_else(|| not_found("Device", &name));
+    };
     Ok(Json(Device {
         status: Some(fleet.device_status(d, now_ms())),
         ..d.clone()
@@ -681,6 +695,11 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             .count();
         let _ = writeln!(out, "fleet_operator_devices{{health=\"{health}\"}} {n}");
     }
+    let _ = write!(
+        out,
+        "# HELP fleet_operator_unregistered_devices Devices that report but have no Device record (the store lost it, or a restore predates it): `fleetctl device adopt`.\n# TYPE fleet_operator_unregistered_devices gauge\nfleet_operator_unregistered_devices {}\n",
+        fleet.unregistered().count()
+    );
     out.push_str("# HELP fleet_operator_deployment_devices Matching devices per Deployment by state.\n# TYPE fleet_operator_deployment_devices gauge\n");
     for d in fleet.deployments.values() {
         let s = fleet.deployment_status(d, now);
@@ -709,7 +728,7 @@ async fn page(State(shared): State<Arc<Shared>>) -> Html<String> {
          <title>Fleet</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
          td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.banner{padding:.5em;margin-bottom:1em}\
          .recovering{background:#fec}.converged{background:#dfd}.Failed,.Offline{color:#b00}.Stale{color:#a60}\
-         .Running,.Healthy{color:#070}</style></head><body><h1>Fleet</h1>",
+         .Running,.Healthy{color:#070}.Unregistered{color:#a0a}</style></head><body><h1>Fleet</h1>",
     );
     match status.state {
         RecoveryState::Converged => {
@@ -770,14 +789,32 @@ async fn page(State(shared): State<Arc<Shared>>) -> Html<String> {
         );
     }
     h.push_str("</table><h2>Devices</h2><table><tr><th>name</th><th>health</th><th>last heartbeat</th><th>agent</th><th>os</th><th>labels</th></tr>");
-    for dev in fleet.devices.values() {
-        let s = fleet.device_status(dev, now);
+    let unregistered: Vec<Device> = fleet
+        .unregistered()
+        .filter_map(|name| fleet.unregistered_device(name, now))
+        .collect();
+    for dev in fleet.devices.values().chain(&unregistered) {
+        let s = dev
+            .status
+            .clone()
+            .unwrap_or_else(|| fleet.device_status(dev, now));
         let age = s.heartbeat_age_ms.map_or("never".to_owned(), |ms| {
             format!("{:.1} s ago", ms as f64 / 1000.0)
         });
         let (agent, os) = s.heartbeat.as_ref().map_or(("-".into(), "-".into()), |hb| {
             (hb.agent_version.clone(), hb.os.clone())
         });
+        let holding = s.heartbeat.as_ref().is_some_and(|hb| {
+            hb.health_flags
+                .iter()
+                .any(|f| matches!(f, fleet_contracts::state::HealthFlag::StoreChanged { .. }))
+        });
+        let health = match (s.unregistered, holding) {
+            (true, true) => "Unregistered (holding)".to_owned(),
+            (true, false) => "Unregistered".to_owned(),
+            (false, true) => format!("{} (holding)", s.health),
+            (false, false) => s.health.to_string(),
+        };
         let labels = dev
             .metadata
             .labels
@@ -789,8 +826,12 @@ async fn page(State(shared): State<Arc<Shared>>) -> Html<String> {
             h,
             "<tr><td>{}</td><td class={}>{}</td><td>{age}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&dev.metadata.name),
-            s.health,
-            s.health,
+            if s.unregistered {
+                "Unregistered".to_owned()
+            } else {
+                s.health.to_string()
+            },
+            esc(&health),
             esc(&agent),
             esc(&os),
             esc(&labels)
@@ -964,6 +1005,81 @@ async fn revoke_token(
         .map_err(|e| unavailable(e.to_string()))?;
     info!(token = %id, "enrollment token revoked");
     Ok(Json(token))
+}
+
+/// Largest backup a restore reads: a fleet of thousands of devices is a few MiB.
+const MAX_BACKUP_BYTES: usize = 256 * 1024 * 1024;
+
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    use crate::store::StoreError;
+    let status = match e {
+        StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+        StoreError::Conflict(_) => StatusCode::CONFLICT,
+        StoreError::Nats(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError::new(status, e.to_string())
+}
+
+/// A JSON body read strictly: an error names the field.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.inner().to_string();
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            if path == "." {
+                format!("invalid request: {message}")
+            } else {
+                format!("invalid request: {path}: {message}")
+            },
+        )
+    })
+}
+
+async fn adopt_device(
+    State(shared): State<Arc<Shared>>,
+    Name(name): Name,
+    body: Bytes,
+) -> ApiResult<fleet_contracts::api::AdoptResult> {
+    require_converged(&shared)?;
+    let request: fleet_contracts::api::AdoptRequest = json_body(&body)?;
+    crate::store::adopt(&shared, &name, &request)
+        .await
+        .map(Json)
+        .map_err(store_error)
+}
+
+async fn release_device(
+    State(shared): State<Arc<Shared>>,
+    Name(name): Name,
+    body: Bytes,
+) -> ApiResult<fleet_contracts::api::AdoptResult> {
+    require_converged(&shared)?;
+    let request: BlacklistRequest = json_body(&body)?;
+    crate::store::release(&shared, &name, &request.by)
+        .await
+        .map(Json)
+        .map_err(store_error)
+}
+
+async fn backup(State(shared): State<Arc<Shared>>) -> ApiResult<fleet_contracts::api::Backup> {
+    crate::store::backup(&shared)
+        .await
+        .map(Json)
+        .map_err(store_error)
+}
+
+async fn restore(
+    State(shared): State<Arc<Shared>>,
+    body: Bytes,
+) -> ApiResult<fleet_contracts::api::RestoreResult> {
+    let backup: fleet_contracts::api::Backup = json_body(&body)?;
+    crate::store::restore(&shared, &backup)
+        .await
+        .map(Json)
+        .map_err(store_error)
 }
 
 async fn blacklist_device(

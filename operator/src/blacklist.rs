@@ -23,7 +23,7 @@ use crate::{
     enroll::identity_key,
 };
 
-const REVOCATIONS_KEY: &str = "revocations";
+pub(crate) const REVOCATIONS_KEY: &str = "revocations";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlacklistError {
@@ -101,7 +101,7 @@ pub async fn revoke(shared: &Shared, key: &str, entry: Revoked) -> Result<(), Bl
 
 /// Sets (`Some`) or removes the entry of `key` in the revocation list, compare-and-set, and
 /// drops the entries whose credentials have all expired by now.
-async fn update_revocations(
+pub(crate) async fn update_revocations(
     store: &Store,
     key: &str,
     entry: Option<Revoked>,

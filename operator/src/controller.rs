@@ -22,9 +22,10 @@ use async_nats::jetstream::{
 use fleet_contracts::{
     names::{
         AUDIT_BUCKET, DESIRED_BUCKET, ENROLLMENT_BUCKET, LEASE_BUCKET, REPORTED_BUCKET,
-        RESOURCES_BUCKET,
+        RESOURCES_BUCKET, STORE_KEY,
     },
     resource::{Deployment, Device},
+    state::{StoreIdentity, StoreRef},
 };
 use futures::StreamExt;
 use tokio::sync::Notify;
@@ -72,14 +73,45 @@ pub async fn open_buckets(js: &jetstream::Context, replicas: usize) -> Result<Bu
             })
         }
     };
+    let resources = open(RESOURCES_BUCKET, 5).await?;
+    ensure_store_identity(&resources).await?;
     Ok(Buckets {
-        resources: open(RESOURCES_BUCKET, 5).await?,
+        resources,
         desired: open(DESIRED_BUCKET, 5).await?,
         reported: open_device_written(js, REPORTED_BUCKET, replicas).await?,
         enrollment: open(ENROLLMENT_BUCKET, 5).await?,
         audit: open(AUDIT_BUCKET, 1).await?,
         lease: open(LEASE_BUCKET, 1).await?,
     })
+}
+
+/// Gives a store its identity the first time its buckets are created: a new random fleet id,
+/// epoch 1. Idempotent and race-free between operators (a create, which only one wins).
+async fn ensure_store_identity(resources: &kv::Store) -> Result<(), SetupError> {
+    let failed = |e: Box<dyn std::error::Error + Send + Sync>| SetupError::Bucket {
+        bucket: RESOURCES_BUCKET,
+        source: e,
+    };
+    let mut id = [0u8; 16];
+    getrandom::getrandom(&mut id).map_err(|e| failed(Box::new(e)))?;
+    let identity = StoreIdentity {
+        schema: fleet_contracts::SCHEMA_VERSION,
+        store: StoreRef {
+            fleet_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            epoch: 1,
+        },
+        restoring: false,
+        created_ms: now_ms(),
+    };
+    let bytes = serde_json::to_vec(&identity).expect("serializes");
+    match resources.create(STORE_KEY, bytes.into()).await {
+        Ok(_) => {
+            info!(store = %identity.store, "a new fleet store: gave it its identity");
+            Ok(())
+        }
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(failed(Box::new(e))),
+    }
 }
 
 /// Opens a bucket devices write to, creating it if needed, with rollup headers refused: a
@@ -177,6 +209,8 @@ pub struct Metrics {
 
 /// The index of the desired bucket's watch.
 const DESIRED_WATCH: usize = 2;
+/// The index of the resources bucket's watch.
+const RESOURCES_WATCH: usize = 0;
 
 const WATCH_NAMES: [&str; 4] = [
     "resources",
@@ -225,6 +259,12 @@ impl Shared {
         self.watches_current[DESIRED_WATCH].load(Ordering::Acquire)
     }
 
+    /// True once the resources watch has read the whole bucket (the store's identity and the
+    /// adoptions with it).
+    pub fn resources_read(&self) -> bool {
+        self.watches_current[RESOURCES_WATCH].load(Ordering::Acquire)
+    }
+
     /// Caught up and, while leading, the desired bucket written to match: nothing left to
     /// rebuild.
     pub fn converged(&self) -> bool {
@@ -266,23 +306,23 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Rings the doorbell of every device the desired view has keys for.
+/// Rings the doorbell of every device the view knows: those with desired keys, a record or a
+/// heartbeat (an unregistered device holding on another store is owed a ring too).
 async fn ring_all(shared: &Shared) {
-    let devices: std::collections::BTreeSet<String> = shared
-        .fleet
-        .read()
-        .unwrap()
-        .desired
-        .keys()
-        .filter_map(|k| k.split_once('.').map(|(d, _)| d.to_owned()))
-        .collect();
+    let devices: std::collections::BTreeSet<String> = {
+        let fleet = shared.fleet.read().unwrap();
+        fleet
+            .desired
+            .keys()
+            .filter_map(|k| k.split_once('.').map(|(d, _)| d.to_owned()))
+            .chain(fleet.devices.keys().cloned())
+            .chain(fleet.heartbeats.keys().cloned())
+            .collect()
+    };
     for device in &devices {
         crate::gateway::ring(shared, device).await;
     }
-    debug!(
-        devices = devices.len(),
-        "rang every device with desired keys"
-    );
+    debug!(devices = devices.len(), "rang every device");
 }
 
 /// Starts the watches and the fan-out loop.
@@ -403,6 +443,23 @@ async fn watch_once(
         if entry.delta == 0 {
             shared.set_current(index, true);
         }
+        // The desired bucket was derived whole from a new store (a restore, a new store): every
+        // device may now be answered, with a store it has not seen yet.
+        if index == DESIRED_WATCH
+            && entry.key == fleet_contracts::names::DESIRED_STORE_KEY
+            && shared.desired_read()
+            && shared.leadership.is_leader()
+        {
+            ring_all(shared).await;
+        }
+        // An admin's adoption or release changes what the device is answered.
+        if index == RESOURCES_WATCH
+            && shared.resources_read()
+            && shared.leadership.is_leader()
+            && let Some(device) = entry.key.strip_prefix("adoption.")
+        {
+            crate::gateway::ring(shared, device).await;
+        }
         // A device hears that its desired state changed, from the leader (the writer) once
         // the view is whole: it then asks for all of it.
         if index == DESIRED_WATCH
@@ -424,6 +481,8 @@ fn clear(shared: &Shared, index: usize) {
             fleet.deployments.clear();
             fleet.devices.clear();
             fleet.resumes.clear();
+            fleet.store = None;
+            fleet.adoptions.clear();
         }
         1 => {
             fleet.reported.clear();
@@ -455,6 +514,17 @@ fn apply_resource(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
             fleet.devices.remove(name).is_some()
         }
         ("rollout", None) => fleet.resumes.remove(name).is_some(),
+        ("fleet", None) if name == "store" => fleet.store.take().is_some(),
+        ("fleet", Some(bytes)) if name == "store" => {
+            fleet.store = Some(serde_json::from_slice(bytes).map_err(|e| e.to_string())?);
+            true
+        }
+        ("adoption", None) => fleet.adoptions.remove(name).is_some(),
+        ("adoption", Some(bytes)) => {
+            let a = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            fleet.adoptions.insert(name.to_owned(), a);
+            true
+        }
         ("rollout", Some(bytes)) => {
             let r: fleet_contracts::api::RolloutResume =
                 serde_json::from_slice(bytes).map_err(|e| e.to_string())?;

@@ -43,6 +43,9 @@ pub enum CtlError {
     },
     #[error("unexpected answer from the operator: {0}")]
     Protocol(String),
+    /// A local file could not be read or written, or is not what it should be.
+    #[error("{0}")]
+    Io(String),
 }
 
 /// One resource document read from a file.
@@ -403,6 +406,44 @@ impl Client {
             reason: reason.to_owned(),
         };
         self.answer(&url, self.auth(self.agent.post(&url)).send_json(&req))
+    }
+
+    /// Adopts a device that reports but has no record, or holds on another store.
+    pub fn adopt(
+        &self,
+        device: &str,
+        request: &fleet_contracts::api::AdoptRequest,
+    ) -> Result<fleet_contracts::api::AdoptResult, CtlError> {
+        let url = self.url(&format!("/api/v1/devices/{}/adopt", segment(device)));
+        self.answer(&url, self.auth(self.agent.post(&url)).send_json(request))
+    }
+
+    /// Lets a device remove the deployments it holds from an earlier store.
+    pub fn release(
+        &self,
+        device: &str,
+        by: &str,
+    ) -> Result<fleet_contracts::api::AdoptResult, CtlError> {
+        let url = self.url(&format!("/api/v1/devices/{}/release", segment(device)));
+        let req = fleet_contracts::api::BlacklistRequest {
+            by: by.to_owned(),
+            reason: String::new(),
+        };
+        self.answer(&url, self.auth(self.agent.post(&url)).send_json(&req))
+    }
+
+    /// Every bucket's values but the lease.
+    pub fn backup(&self) -> Result<fleet_contracts::api::Backup, CtlError> {
+        self.get("/api/v1/backup")
+    }
+
+    /// Restores a backup (a new epoch of its fleet; see docs/store-loss.md).
+    pub fn restore(
+        &self,
+        backup: &fleet_contracts::api::Backup,
+    ) -> Result<fleet_contracts::api::RestoreResult, CtlError> {
+        let url = self.url("/api/v1/restore");
+        self.answer(&url, self.auth(self.agent.post(&url)).send_json(backup))
     }
 
     /// Deletes `kind` (`deployments` or `devices`) `name`.

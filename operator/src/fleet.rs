@@ -12,7 +12,10 @@ use fleet_contracts::{
     resource::{
         Deployment, DeploymentStatus, Device, DeviceDeploymentStatus, DeviceStatus, RolloutPhase,
     },
-    state::{DesiredDeployment, Health, Heartbeat, Phase, ReportedDeployment},
+    state::{
+        Adoption, DesiredDeployment, Health, Heartbeat, Phase, ReportedDeployment, StoreIdentity,
+        StoreRef,
+    },
 };
 
 /// Missed heartbeat intervals before a device is stale, and before it is offline.
@@ -45,6 +48,10 @@ pub struct Fleet {
     /// `<bucket>/<key>` of values this operator cannot read, and why: reported in the status,
     /// and the desired keys of an unreadable Device or Deployment are left alone.
     pub unreadable: BTreeMap<String, String>,
+    /// Which store this is (`fleet-resources` `fleet.store`), once read.
+    pub store: Option<StoreIdentity>,
+    /// Admins' decisions for devices holding workloads of another store, per device.
+    pub adoptions: BTreeMap<String, Adoption>,
 }
 
 /// A desired value and when NATS stored it (the server's clock): when a staged rollout gave
@@ -237,11 +244,58 @@ impl Fleet {
         ready && self.health(device, now_ms).0 == Health::Healthy
     }
 
+    /// The store the desired bucket was last completely derived from (its
+    /// [`names::DESIRED_STORE_KEY`]).
+    pub fn desired_store(&self) -> Option<StoreRef> {
+        let stored = self.desired.get(names::DESIRED_STORE_KEY)?;
+        serde_json::from_slice(&stored.bytes).ok()
+    }
+
+    /// The store devices may be told their desired state comes from: known, not being
+    /// restored, and the desired bucket derived from it whole. `None` means: answer no device
+    /// yet (it would take a partial or stale desired state for this store's).
+    pub fn answering_store(&self) -> Option<StoreRef> {
+        let store = self.store.as_ref().filter(|s| !s.restoring)?;
+        (self.desired_store().as_ref() == Some(&store.store)).then(|| store.store.clone())
+    }
+
+    /// Devices that report (a heartbeat) but have no Device record: enrolled in a store that
+    /// was lost or restored from before they enrolled. Shown as `Unregistered` until adopted.
+    pub fn unregistered(&self) -> impl Iterator<Item = &str> + '_ {
+        self.heartbeats
+            .keys()
+            .filter(|d| !self.devices.contains_key(*d))
+            .map(String::as_str)
+    }
+
     /// The writes that bring the desired bucket in line; empty when it already is.
     ///
     /// A desired key is never deleted because of a resource this operator cannot read (a newer
     /// schema, a corrupt value): its device or Deployment is unknown, not gone.
+    ///
+    /// Once every device key is written, the store marker ([`names::DESIRED_STORE_KEY`]) is
+    /// set to the store's identity, in a pass of its own: a device is told it has this
+    /// store's desired state only when the bucket holds all of it (never during a restore).
     pub fn fan_out(&self, now_ms: u64) -> FanOut {
+        let work = self.fan_out_devices(now_ms);
+        if !work.put.is_empty() || !work.delete.is_empty() {
+            return work;
+        }
+        match &self.store {
+            Some(store)
+                if !store.restoring && self.desired_store().as_ref() != Some(&store.store) =>
+            {
+                let bytes = serde_json::to_vec(&store.store).expect("serializes");
+                FanOut {
+                    put: vec![(names::DESIRED_STORE_KEY.to_owned(), bytes)],
+                    delete: vec![],
+                }
+            }
+            _ => work,
+        }
+    }
+
+    fn fan_out_devices(&self, now_ms: u64) -> FanOut {
         let wanted = self.wanted_desired(now_ms);
         let put = wanted
             .iter()
@@ -383,6 +437,29 @@ impl Fleet {
         status
     }
 
+    /// A device that reports but has no record, as the API shows it: no labels, status
+    /// `unregistered`.
+    pub fn unregistered_device(&self, name: &str, now_ms: u64) -> Option<Device> {
+        if self.devices.contains_key(name) || !self.heartbeats.contains_key(name) {
+            return None;
+        }
+        let mut device = Device {
+            api_version: fleet_contracts::API_VERSION.into(),
+            kind: "Device".into(),
+            metadata: fleet_contracts::resource::Metadata {
+                name: name.to_owned(),
+                ..Default::default()
+            },
+            spec: Default::default(),
+            status: None,
+        };
+        let mut status = self.device_status(&device, now_ms);
+        status.deployments.clear();
+        status.unregistered = true;
+        device.status = Some(status);
+        Some(device)
+    }
+
     pub fn device_status(&self, dev: &Device, now_ms: u64) -> DeviceStatus {
         let (health, age) = self.health(&dev.metadata.name, now_ms);
         DeviceStatus {
@@ -406,6 +483,7 @@ impl Fleet {
                 .identities
                 .get(&dev.metadata.name)
                 .and_then(|i| i.last_unblacklist.clone()),
+            unregistered: false,
         }
     }
 }
@@ -530,6 +608,65 @@ mod tests {
     }
 
     #[test]
+    fn the_store_marker_follows_every_device_key_and_waits_out_a_restore() {
+        let mut f = fleet();
+        let store = |epoch| StoreRef {
+            fleet_id: "f".into(),
+            epoch,
+        };
+        f.store = Some(StoreIdentity {
+            schema: SCHEMA_VERSION,
+            store: store(1),
+            restoring: false,
+            created_ms: 0,
+        });
+        // Device keys first; no device is answered meanwhile.
+        let out = f.fan_out(0);
+        assert_eq!(keys(&out.put), ["a.web", "b.web"]);
+        assert_eq!(f.answering_store(), None);
+        f.desired = stored(out.put, 0);
+        // Then, in a pass of its own, the marker; from then on devices are answered.
+        let out = f.fan_out(0);
+        assert_eq!(keys(&out.put), [names::DESIRED_STORE_KEY]);
+        f.desired.extend(stored(out.put, 0));
+        assert_eq!(f.answering_store(), Some(store(1)));
+        assert_eq!(f.fan_out(0), FanOut::default());
+        // A restore under way: nobody is answered and the marker waits, even once the keys
+        // match.
+        f.store.as_mut().unwrap().store = store(2);
+        f.store.as_mut().unwrap().restoring = true;
+        assert_eq!(f.answering_store(), None);
+        assert_eq!(f.fan_out(0), FanOut::default());
+        f.store.as_mut().unwrap().restoring = false;
+        assert_eq!(f.answering_store(), None);
+        assert_eq!(keys(&f.fan_out(0).put), [names::DESIRED_STORE_KEY]);
+        // The marker is no device's key: fan-out never deletes it.
+        assert!(f.fan_out(0).delete.is_empty());
+    }
+
+    #[test]
+    fn a_device_that_reports_without_a_record_is_unregistered() {
+        let mut f = fleet();
+        let hb = |device: &str| SeenHeartbeat {
+            heartbeat: serde_json::from_value(serde_json::json!({
+                "schema": 1, "device": device, "agent_version": "x", "os": "x",
+                "uptime_secs": 1, "sent_at_ms": 1, "interval_ms": 1000, "deployments": 0
+            }))
+            .unwrap(),
+            stored_at_ms: 1,
+        };
+        f.heartbeats.insert("a".into(), hb("a"));
+        f.heartbeats.insert("ghost".into(), hb("ghost"));
+        assert_eq!(f.unregistered().collect::<Vec<_>>(), ["ghost"]);
+        let ghost = f.unregistered_device("ghost", 2).unwrap();
+        let status = ghost.status.unwrap();
+        assert!(status.unregistered && status.deployments.is_empty());
+        assert!(status.heartbeat.is_some());
+        assert_eq!(f.unregistered_device("a", 2), None);
+        assert_eq!(f.unregistered_device("nobody", 2), None);
+    }
+
+    #[test]
     fn fan_out_bytes_are_deterministic() {
         assert_eq!(fleet().wanted_desired(0), fleet().wanted_desired(0));
         let v: DesiredDeployment =
@@ -597,6 +734,7 @@ mod tests {
             last_reconcile_ms: None,
             storage: None,
             dropped_requests: 0,
+            public_key: String::new(),
         };
         f.apply_reported("a._info", Some(&serde_json::to_vec(&hb).unwrap()), 10_000)
             .unwrap();
@@ -727,6 +865,7 @@ mod tests {
             last_reconcile_ms: None,
             storage: None,
             dropped_requests: 0,
+            public_key: String::new(),
         };
         let key = format!("{device}._info");
         f.apply_reported(&key, Some(&serde_json::to_vec(&hb).unwrap()), at_ms)

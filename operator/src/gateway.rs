@@ -51,11 +51,19 @@ pub async fn serve_sync(client: async_nats::Client, shared: Arc<Shared>) {
 /// The device's whole desired state from the view, or [`SyncReply::NotReady`] while the view
 /// has not read the whole desired bucket (a partial answer would make the device remove what
 /// it lacks).
+///
+/// The answer names the store its desired state was derived from; there is none to name
+/// while the store's identity is unread, a restore is under way, or the desired bucket was not
+/// yet derived whole from the current store: the device is then told to ask again.
 pub fn sync(shared: &Shared, device: &str) -> SyncReply {
-    if !shared.desired_read() {
+    if !shared.desired_read() || !shared.resources_read() {
         return SyncReply::NotReady;
     }
     let fleet = shared.fleet.read().unwrap();
+    let Some(store) = fleet.answering_store() else {
+        return SyncReply::NotReady;
+    };
+    let adoption = fleet.adoptions.get(device);
     let prefix = format!("{device}.");
     let desired = fleet
         .desired
@@ -73,6 +81,9 @@ pub fn sync(shared: &Shared, device: &str) -> SyncReply {
     SyncReply::Desired {
         revision: fleet.desired_revision,
         desired,
+        accept: adoption.and_then(|a| a.accept.clone()),
+        release_held: adoption.is_some_and(|a| a.release.as_ref() == Some(&store)),
+        store: Some(store),
     }
 }
 

@@ -9,7 +9,8 @@
 //! devices ([`enroll`]) and blacklists them ([`blacklist`]). It is also the devices' only way
 //! to the fleet's state ([`gateway`]): devices use no JetStream, they ask the operator for
 //! their desired state and hand it their reports, over core NATS requests answered only on
-//! the asker's own inbox ([`respond`]).
+//! the asker's own inbox ([`respond`]). It backs the store up and restores it, and adopts
+//! devices that hold workloads from another store ([`store`]; docs/store-loss.md).
 //!
 //! The operator writes resources and desired state; it writes a device's reported keys only
 //! with what that device sent, under that device's keys.
@@ -24,6 +25,7 @@ pub mod gateway;
 pub mod identity;
 pub mod lease;
 pub mod respond;
+pub mod store;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 

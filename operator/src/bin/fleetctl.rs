@@ -7,7 +7,10 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use fleet_contracts::resource::{Deployment, Device};
+use fleet_contracts::{
+    resource::{Deployment, Device},
+    state::HealthFlag,
+};
 use fleet_operator::ctl::{self, Client, CtlError, age, table};
 
 #[derive(Debug, Parser)]
@@ -103,6 +106,18 @@ enum Command {
     /// Staged rollouts: where one stands, and continuing a halted one.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Write every value of the fleet's store (but the operators' lease) to FILE as JSON.
+    Backup {
+        /// Where to write it; `-` for standard output.
+        file: PathBuf,
+    },
+    /// Restore a backup: the fleet's resources become the backup's, under a new epoch of its
+    /// fleet. Devices take the restored desired state and keep running (held) what it does
+    /// not mention; nothing the backup holds is restarted. See docs/store-loss.md.
+    Restore {
+        /// A file written by `fleetctl backup`.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +151,24 @@ enum DeviceCommand {
         name: String,
         #[arg(long, default_value = "")]
         reason: String,
+        #[arg(long = "as", env = "USER", default_value = "unknown")]
+        by: String,
+    },
+    /// Take in a device that reports but is `Unregistered` (the store lost its record) or is
+    /// holding on another store: it gets a Device record with these labels and its identity
+    /// record back, and keeps running what it runs (as held deployments) under this store.
+    Adopt {
+        name: String,
+        /// A label of its Device record, `key=value`; repeat for more.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long = "as", env = "USER", default_value = "unknown")]
+        by: String,
+    },
+    /// Let a device remove the deployments it holds from an earlier store (those no
+    /// Deployment of this store names).
+    Release {
+        name: String,
         #[arg(long = "as", env = "USER", default_value = "unknown")]
         by: String,
     },
@@ -321,6 +354,63 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
         }
         Command::Device(DeviceCommand::Unblacklist { name, reason, by }) => {
             println!("{}", client.blacklist(&name, false, &by, &reason)?.message);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Device(DeviceCommand::Adopt { name, labels, by }) => {
+            let request = fleet_contracts::api::AdoptRequest {
+                by,
+                labels: labels.into_iter().collect(),
+            };
+            println!(
+                "device/{name} adopted: {}",
+                client.adopt(&name, &request)?.message
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Device(DeviceCommand::Release { name, by }) => {
+            println!("device/{name}: {}", client.release(&name, &by)?.message);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup { file } => {
+            let backup = client.backup()?;
+            let mut bytes = serde_json::to_vec_pretty(&backup).expect("serializes");
+            bytes.push(b'\n');
+            let values: usize = backup.buckets.values().map(|b| b.len()).sum();
+            if file.as_os_str() == "-" {
+                std::io::Write::write_all(&mut std::io::stdout(), &bytes)
+                    .map_err(|e| CtlError::Io(format!("cannot write the backup: {e}")))?;
+            } else {
+                write_whole(&file, &bytes)?;
+            }
+            eprintln!(
+                "backed up {values} values of {} ({} bytes)",
+                backup.store,
+                bytes.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore { file } => {
+            let text = std::fs::read(&file)
+                .map_err(|e| CtlError::Io(format!("cannot read {}: {e}", file.display())))?;
+            let mut de = serde_json::Deserializer::from_slice(&text);
+            let backup: fleet_contracts::api::Backup = serde_path_to_error::deserialize(&mut de)
+                .map_err(|e| {
+                    CtlError::Io(format!(
+                        "{} is not a backup written by `fleetctl backup`: {}: {}",
+                        file.display(),
+                        e.path(),
+                        e.inner()
+                    ))
+                })?;
+            eprintln!("restoring {} from {} ...", backup.store, file.display());
+            let result = client.restore(&backup)?;
+            for (bucket, what) in &result.buckets {
+                println!("{bucket}: {what}");
+            }
+            println!(
+                "restored as {}: devices of this fleet take it and keep running (held) what it does not mention",
+                result.store
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Logs {
@@ -550,9 +640,20 @@ fn devices_table(list: &[Device]) -> String {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(",");
+            let holding = s.heartbeat.as_ref().is_some_and(|h| {
+                h.health_flags
+                    .iter()
+                    .any(|f| matches!(f, HealthFlag::StoreChanged { .. }))
+            });
+            let health = match (s.unregistered, holding) {
+                (true, true) => "Unregistered (holding)".to_owned(),
+                (true, false) => "Unregistered".to_owned(),
+                (false, true) => format!("{} (holding)", s.health),
+                (false, false) => s.health.to_string(),
+            };
             vec![
                 d.metadata.name.clone(),
-                s.health.to_string(),
+                health,
                 s.heartbeat_age_ms.map_or("never".into(), age),
                 s.heartbeat
                     .as_ref()
@@ -639,12 +740,30 @@ fn describe_deployment(d: &Deployment) -> String {
     out
 }
 
+/// Writes `bytes` to `path` through a temporary file renamed over it, synced first: a crash
+/// leaves the old file or the new one, never half a backup.
+fn write_whole(path: &std::path::Path, bytes: &[u8]) -> Result<(), CtlError> {
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| CtlError::Io(format!("cannot write {}: {e}", path.display())))
+}
+
 fn describe_device(d: &Device) -> String {
     let s = d.status.clone().unwrap_or_default();
     let mut out = format!(
-        "Name:        {}\nHealth:      {}\nHeartbeat:   {}\nLabels:      {}\n",
+        "Name:        {}\nHealth:      {}{}\nHeartbeat:   {}\nLabels:      {}\n",
         d.metadata.name,
         s.health,
+        if s.unregistered {
+            " (Unregistered: no Device record; `fleetctl device adopt`)"
+        } else {
+            ""
+        },
         s.heartbeat_age_ms
             .map_or("never".into(), |ms| format!("{} ago", age(ms))),
         d.metadata
@@ -662,7 +781,19 @@ fn describe_device(d: &Device) -> String {
             age(hb.uptime_secs * 1000)
         ));
         for f in &hb.health_flags {
-            out.push_str(&format!("Flag:        {f:?}\n"));
+            let said = match f {
+                HealthFlag::StoreChanged { cached, found } => format!(
+                    "store changed: holding. Its workloads came from {cached}; this store is \
+                     {found}. It changes nothing until adopted (`fleetctl device adopt`)"
+                ),
+                HealthFlag::HeldDeployments { deployments } => format!(
+                    "holds {} from an earlier store, running as they were: apply them again, \
+                     or `fleetctl device release` removes them",
+                    deployments.join(", ")
+                ),
+                other => format!("{other:?}"),
+            };
+            out.push_str(&format!("Flag:        {said}\n"));
         }
         if hb.dropped_requests > 0 {
             out.push_str(&format!(

@@ -8,7 +8,9 @@
 # FLEET_NATS_MONITOR_PORT (8222), FLEET_LOG (info),
 # FLEET_NATS_CLUSTER=3: three nats-server nodes on loopback (client ports FLEET_NATS_PORT+0..2,
 #   monitor ports FLEET_NATS_MONITOR_PORT+0..2, route ports FLEET_NATS_ROUTE_PORT (6222)+0..2),
-#   every KV bucket with three replicas; its state is kept apart from the single-node one,
+#   every KV bucket with three replicas. The HA fleet is a separate fleet, with its own
+#   NATS store, identity and device state in $FLEET_STATE/ha; the single-node fleet's state
+#   stays as it is, and each run of either comes back as it was,
 # FLEET_STANDBY=1: a second operator on FLEET_HTTP_PORT+1, standing by to take over.
 # State survives restarts: run it again and the fleet comes back.
 set -euo pipefail
@@ -22,12 +24,21 @@ MON_PORT=${FLEET_NATS_MONITOR_PORT:-8222}
 ROUTE_PORT=${FLEET_NATS_ROUTE_PORT:-6222}
 NODES=${FLEET_NATS_CLUSTER:-1}
 case "$NODES" in 1|3) ;; *) echo "local-fleet: FLEET_NATS_CLUSTER must be 1 or 3" >&2; exit 2 ;; esac
+if [ "$NODES" = 3 ]; then
+  # A store is not moved between a single server and a cluster: the HA fleet is another
+  # fleet, with state of its own (sharing the device's state would make it a device of the
+  # single-node fleet that finds another store, which holds and waits for an admin).
+  STATE=$STATE/ha
+fi
 export FLEET_SERVER="http://127.0.0.1:$HTTP_PORT"
 # fleetctl authenticates with the operator's admin token (created with the identity).
 export FLEET_TOKEN_FILE="$STATE/identity/admin.token"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
+if [ "$NODES" = 3 ]; then
+  say "the HA fleet is a separate fleet: its NATS store, identity and device state are in $STATE"
+fi
 say "installing what is missing (scripts/bootstrap.sh)"
 bash scripts/bootstrap.sh
 export PATH="$FLEET_CACHE/tools/bin:$HOME/.cargo/bin:$PATH"

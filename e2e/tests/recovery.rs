@@ -34,6 +34,9 @@ async fn desired_bucket(fleet: &Fleet) -> Result<BTreeMap<String, DesiredDeploym
     let mut all = BTreeMap::new();
     while let Some(key) = keys.next().await {
         let key = key?;
+        if key == names::DESIRED_STORE_KEY {
+            continue;
+        }
         if let Some(bytes) = kv.get(&key).await? {
             all.insert(key, serde_json::from_slice(&bytes)?);
         }

@@ -50,7 +50,8 @@ struct CacheFile {
     device: String,
     deployments: BTreeMap<String, DesiredDeployment>,
     /// The store `deployments` came from; absent in a cache written before stores had an
-    /// identity (the next answer's store is then taken as the device's).
+    /// identity (the next answer's store is then taken as the device's, and what that answer
+    /// omits is held, as after a restore: `crate::store`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     store: Option<StoreRef>,
     /// Which of `deployments` are held from an earlier store ([`crate::store`]).

@@ -9,7 +9,8 @@
 //!
 //! | the answer's store                          | the device                                  |
 //! |---------------------------------------------|---------------------------------------------|
-//! | none known yet on the device                | applies it and records its store            |
+//! | none known, nothing running yet             | applies it and records its store            |
+//! | none known, a cache from before store ids    | same as a restore, and records its store    |
 //! | the same fleet and epoch                    | applies it whole                            |
 //! | the same fleet, a later epoch (a restore)   | applies it, keeps what it omits as *held*   |
 //! | adopted by an admin from the device's store | same as a restore                           |
@@ -35,14 +36,21 @@ pub enum Verdict {
     Hold,
 }
 
-/// The rule of the module docs' table.
+/// The rule of the module docs' table. `running` says whether the device runs a desired state
+/// already: one that names no store (a cache written before stores had an identity) is kept
+/// like a restore's, since the answer's store may be one that lost data.
 pub fn verdict(
     cached: Option<&StoreRef>,
     arriving: Option<&StoreRef>,
     accept: Option<&StoreRef>,
+    running: bool,
 ) -> Verdict {
     let Some(cached) = cached else {
-        return Verdict::Apply;
+        return if running {
+            Verdict::Restore
+        } else {
+            Verdict::Apply
+        };
     };
     let Some(arriving) = arriving else {
         return Verdict::Hold;
@@ -82,6 +90,7 @@ impl StoreState {
             self.store.as_ref(),
             answer.store.as_ref(),
             answer.accept.as_ref(),
+            !running.is_empty(),
         ) {
             Verdict::Hold => {
                 let cached = self.store.clone().expect("a verdict to hold has a store");
@@ -112,8 +121,10 @@ impl StoreState {
             self.held.clear();
         }
         let mut merged = answer.desired.clone();
+        // An unreadable value is held too (the reconciler leaves its container alone); only
+        // readable ones survive a restart, since the cache keeps no unreadable value.
         self.held
-            .retain(|k| !merged.contains_key(k) && running.get(k).is_some_and(Result::is_ok));
+            .retain(|k| !merged.contains_key(k) && running.contains_key(k));
         for name in &self.held {
             merged.insert(name.clone(), running[name].clone());
         }
@@ -186,20 +197,37 @@ mod tests {
     fn verdicts_follow_the_table() {
         let a1 = store("a", 1);
         use Verdict::*;
-        assert_eq!(verdict(None, Some(&a1), None), Apply);
-        assert_eq!(verdict(None, None, None), Apply);
-        assert_eq!(verdict(Some(&a1), Some(&a1), None), Apply);
-        assert_eq!(verdict(Some(&a1), Some(&store("a", 2)), None), Restore);
-        assert_eq!(verdict(Some(&store("a", 2)), Some(&a1), None), Hold);
-        assert_eq!(verdict(Some(&a1), Some(&store("b", 1)), None), Hold);
-        assert_eq!(verdict(Some(&a1), Some(&store("b", 9)), None), Hold);
-        assert_eq!(verdict(Some(&a1), None, None), Hold);
+        assert_eq!(verdict(None, Some(&a1), None, false), Apply);
+        assert_eq!(verdict(None, None, None, false), Apply);
         assert_eq!(
-            verdict(Some(&a1), Some(&store("b", 1)), Some(&store("a", 2))),
-            Hold,
-            "an adoption from another store than the device's is not one"
+            verdict(None, Some(&a1), None, true),
+            Restore,
+            "a cache from before store ids removes nothing on its first answer"
         );
-        assert_eq!(verdict(Some(&a1), Some(&store("b", 1)), Some(&a1)), Restore);
+        for running in [false, true] {
+            assert_eq!(verdict(Some(&a1), Some(&a1), None, running), Apply);
+            let a2 = store("a", 2);
+            assert_eq!(verdict(Some(&a1), Some(&a2), None, running), Restore);
+            assert_eq!(verdict(Some(&a2), Some(&a1), None, running), Hold);
+            assert_eq!(
+                verdict(Some(&a1), Some(&store("b", 1)), None, running),
+                Hold
+            );
+            assert_eq!(
+                verdict(Some(&a1), Some(&store("b", 9)), None, running),
+                Hold
+            );
+            assert_eq!(verdict(Some(&a1), None, None, running), Hold);
+            assert_eq!(
+                verdict(Some(&a1), Some(&store("b", 1)), Some(&a2), running),
+                Hold,
+                "an adoption from another store than the device's is not one"
+            );
+            assert_eq!(
+                verdict(Some(&a1), Some(&store("b", 1)), Some(&a1), running),
+                Restore
+            );
+        }
     }
 
     #[test]
@@ -287,6 +315,35 @@ mod tests {
             )
             .unwrap();
         assert!(removed.is_empty());
+    }
+
+    #[test]
+    fn a_cache_from_before_store_ids_holds_what_the_first_answer_omits() {
+        let mut s = StoreState::default();
+        let running = desired(&["web", "db"]);
+        let after = s
+            .take(
+                &answer(&["web"], Some(store("b", 1)), None, false),
+                Some(&running),
+            )
+            .unwrap();
+        assert_eq!(after, running, "nothing removed");
+        assert_eq!(s.store, Some(store("b", 1)));
+        assert_eq!(s.held, BTreeSet::from(["db".to_owned()]));
+        // An unreadable value omitted by a restore is held (left alone) too.
+        let mut s = StoreState {
+            store: Some(store("a", 1)),
+            ..Default::default()
+        };
+        let mut running = desired(&["web"]);
+        running.insert("odd".into(), Err("schema 9".into()));
+        let after = s
+            .take(
+                &answer(&["web"], Some(store("a", 2)), None, false),
+                Some(&running),
+            )
+            .unwrap();
+        assert_eq!(after["odd"], running["odd"]);
     }
 
     #[test]

@@ -115,7 +115,9 @@ pub async fn follow_desired(
     let mut timer = tokio::time::interval(every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     timer.tick().await; // The first tick is now; the first sync happens anyway.
-    let mut applied: Option<(Option<StoreRef>, u64)> = None;
+    // The newest revision taken per store (a handful over a device's life): an answer of
+    // another store in between does not reset the guard against a lagging operator.
+    let mut applied: BTreeMap<Option<StoreRef>, u64> = BTreeMap::new();
     let mut backoff = FIRST_BACKOFF;
     let mut due = true;
     loop {
@@ -124,15 +126,13 @@ pub async fn follow_desired(
                 // Revisions count within one store only: a rebuilt or restored store starts
                 // again (and what to do with another store is `crate::store`'s decision).
                 Ok(Synced::Desired(revision, snapshot))
-                    if applied
-                        .as_ref()
-                        .is_some_and(|(store, a)| *store == snapshot.store && revision < *a) =>
+                    if applied.get(&snapshot.store).is_some_and(|a| revision < *a) =>
                 {
                     debug!(%device, revision, applied = ?applied, "an answer older than the one applied; asking again");
                 }
                 Ok(Synced::Desired(revision, snapshot)) => {
                     debug!(%device, revision, deployments = snapshot.desired.len(), "desired state received");
-                    applied = Some((snapshot.store.clone(), revision));
+                    applied.insert(snapshot.store.clone(), revision);
                     if tx.send(snapshot).await.is_err() {
                         return; // The reconciler is gone: the agent is shutting down.
                     }

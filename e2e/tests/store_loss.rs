@@ -247,7 +247,7 @@ async fn a_restore_from_an_older_backup_restarts_nothing_and_holds_what_came_aft
 
     let restored = client.restore(&backup)?;
     assert_eq!(restored.store.fleet_id, backup.store.fleet_id);
-    assert_eq!(restored.store.epoch, backup.store.epoch + 1);
+    assert!(restored.store.epoch > backup.store.epoch, "{restored:?}");
     eventually(
         "pi-01 to hold `later` under the restored store",
         WAIT,

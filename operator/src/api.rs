@@ -299,6 +299,7 @@ async fn apply(
             ),
         ));
     }
+    refuse_while_restoring(&shared)?;
     // No need to wait for a recovering view: the write is a compare-and-set on KV itself.
     let key = names::resource_key(resource.kind(), &resource.metadata().name);
     let store = &shared.buckets.resources;
@@ -535,7 +536,25 @@ async fn delete_device(
     delete(&shared, "Device", &name).await
 }
 
+/// A change to the resources while a restore writes them would be mixed into, or lost under,
+/// the backup's: refused until the restore is done (or run again, if it was interrupted).
+fn refuse_while_restoring(shared: &Shared) -> Result<(), ApiError> {
+    let fleet = shared.fleet.read().unwrap();
+    match &fleet.store {
+        Some(s) if s.restoring => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "a restore to {} is under way: try again once it is done (an interrupted one is \
+                 finished by running `fleetctl restore` again)",
+                s.store
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn delete(shared: &Shared, kind: &str, name: &str) -> Result<StatusCode, ApiError> {
+    refuse_while_restoring(shared)?;
     // KV decides, not the (possibly recovering) view.
     let key = names::resource_key(kind, name);
     let entry = shared.buckets.resources.entry(&key).await.map_err(|e| {

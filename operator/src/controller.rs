@@ -211,6 +211,8 @@ pub struct Metrics {
 const DESIRED_WATCH: usize = 2;
 /// The index of the resources bucket's watch.
 const RESOURCES_WATCH: usize = 0;
+/// The index of the reported bucket's watch.
+const REPORTED_WATCH: usize = 1;
 
 const WATCH_NAMES: [&str; 4] = [
     "resources",
@@ -257,6 +259,12 @@ impl Shared {
     /// answered in full.
     pub fn desired_read(&self) -> bool {
         self.watches_current[DESIRED_WATCH].load(Ordering::Acquire)
+    }
+
+    /// True once the reported watch has read the whole bucket: the view knows every reported
+    /// key.
+    pub fn reported_read(&self) -> bool {
+        self.watches_current[REPORTED_WATCH].load(Ordering::Acquire)
     }
 
     /// True once the resources watch has read the whole bucket (the store's identity and the
@@ -613,7 +621,32 @@ async fn fan_out_loop(shared: Arc<Shared>, resync: Duration) {
             continue;
         }
         let written_at = now_ms();
-        let work = shared.fleet.read().unwrap().fan_out(written_at);
+        let (work, view_store) = {
+            let fleet = shared.fleet.read().unwrap();
+            (fleet.fan_out(written_at), fleet.store.clone())
+        };
+        // The store marker tells every operator that devices may be answered as this store:
+        // written only if the view's identity is the store's current one. A view whose
+        // resources watch lags (a restore just began) would otherwise mark the desired bucket
+        // with the old identity while the restore's writes reach it.
+        if work
+            .put
+            .iter()
+            .any(|(k, _)| k == fleet_contracts::names::DESIRED_STORE_KEY)
+        {
+            let current = match shared.buckets.resources.get(STORE_KEY).await {
+                Ok(Some(bytes)) => serde_json::from_slice::<StoreIdentity>(&bytes).ok(),
+                Ok(None) => None,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the store identity; the next pass retries");
+                    continue;
+                }
+            };
+            if current != view_store {
+                debug!("the view's store identity is behind the store's; waiting for the watch");
+                continue;
+            }
+        }
         if work.put.is_empty() && work.delete.is_empty() {
             if !shared.written.swap(true, Ordering::AcqRel) {
                 info!("converged: the desired state matches every resource");

@@ -277,6 +277,10 @@ impl Fleet {
     /// set to the store's identity, in a pass of its own: a device is told it has this
     /// store's desired state only when the bucket holds all of it (never during a restore).
     pub fn fan_out(&self, now_ms: u64) -> FanOut {
+        // While a restore writes the resources, nothing is derived from them half written.
+        if self.store.as_ref().is_some_and(|s| s.restoring) {
+            return FanOut::default();
+        }
         let work = self.fan_out_devices(now_ms);
         if !work.put.is_empty() || !work.delete.is_empty() {
             return work;
@@ -637,6 +641,18 @@ mod tests {
         f.store.as_mut().unwrap().restoring = true;
         assert_eq!(f.answering_store(), None);
         assert_eq!(f.fan_out(0), FanOut::default());
+        // Nor is anything derived from resources half restored.
+        f.deployments
+            .insert("web".into(), deployment("web", "edge", "img:2", 2));
+        assert_eq!(f.fan_out(0), FanOut::default());
+        f.desired = stored(f.fan_out_devices(0).put, 0);
+        f.desired.extend(stored(
+            vec![(
+                names::DESIRED_STORE_KEY.to_owned(),
+                serde_json::to_vec(&store(1)).unwrap(),
+            )],
+            0,
+        ));
         f.store.as_mut().unwrap().restoring = false;
         assert_eq!(f.answering_store(), None);
         assert_eq!(keys(&f.fan_out(0).put), [names::DESIRED_STORE_KEY]);

@@ -127,6 +127,9 @@ async fn report(shared: &Shared, device: &str, payload: &[u8]) -> ReportReply {
         fleet.reported.get(device).map_or(0, |m| m.len())
             + usize::from(fleet.heartbeats.contains_key(device))
     };
+    // Whether the view knows every reported key: while its watch is rebuilt (after a NATS
+    // hiccup) a key the device holds may look unknown, and its removal must still happen.
+    let view_whole = shared.reported_read();
     let mut new_keys = 0;
     for entry in request.entries {
         let key = names::deployment_key(device, &entry.key);
@@ -143,8 +146,9 @@ async fn report(shared: &Shared, device: &str, payload: &[u8]) -> ReportReply {
         };
         let checked = match entry.value {
             // Removing what is not there is done already; writing a delete marker for it would
-            // let a device make subjects without end.
-            None if !known => match valid_key(&entry.key) {
+            // let a device make subjects without end. Only a whole view can tell it is not
+            // there: a delete skipped on a partial one left a stale report for good.
+            None if !known && view_whole => match valid_key(&entry.key) {
                 Ok(()) => continue,
                 Err(e) => Err(e),
             },

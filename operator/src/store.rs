@@ -113,8 +113,9 @@ pub async fn backup(shared: &Shared) -> Result<Backup, StoreError> {
         let mut values = BTreeMap::new();
         for (key, (bytes, _)) in read_all(bucket(shared, name)).await? {
             let value = serde_json::from_slice(&bytes).map_err(|e| {
-                nats(format!(
-                    "{name} {key} is not JSON ({e}); it cannot be backed up"
+                StoreError::Conflict(format!(
+                    "{name} {key} is not JSON ({e}): it was not written by Fleet and cannot be \
+                     backed up; remove it"
                 ))
             })?;
             values.insert(key, value);
@@ -148,6 +149,22 @@ fn check(backup: &Backup) -> Result<(), StoreError> {
     }
     if backup.store.fleet_id.is_empty() || backup.store.epoch == 0 {
         return invalid("store: a fleet id and an epoch of at least 1 are required".into());
+    }
+    if let Some(missing) = BACKED_UP.iter().find(|b| !backup.buckets.contains_key(**b)) {
+        return invalid(format!(
+            "buckets.{missing}: missing; a backup written by `fleetctl backup` holds {}",
+            BACKED_UP.join(", ")
+        ));
+    }
+    let recorded = backup.buckets[RESOURCES_BUCKET]
+        .get(STORE_KEY)
+        .and_then(|v| serde_json::from_value::<StoreIdentity>(v.clone()).ok());
+    if recorded.as_ref().map(|r| &r.store) != Some(&backup.store) {
+        return invalid(format!(
+            "buckets.{RESOURCES_BUCKET}.{STORE_KEY}: must be the store identity the backup names \
+             (store: {})",
+            backup.store
+        ));
     }
     for (name, values) in &backup.buckets {
         if !BACKED_UP.contains(&name.as_str()) {
@@ -192,7 +209,10 @@ fn check_identity(key: &str, value: &serde_json::Value) -> Result<(), String> {
         let record: DeviceIdentity =
             serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
         if record.device != device {
-            return Err(format!("holds device {:?}", record.device));
+            return Err(format!(
+                "device: {:?} is not the device the key names",
+                record.device
+            ));
         }
         if !record.public_key.starts_with('U')
             || nkeys::KeyPair::from_public_key(&record.public_key).is_err()
@@ -218,10 +238,12 @@ fn check_resource(key: &str, value: &serde_json::Value) -> Result<(), String> {
                     .collect::<Vec<_>>()
                     .join("; ")
             })?;
-            if !resource.kind().eq_ignore_ascii_case(kind) || resource.metadata().name != name {
+            if !resource.kind().eq_ignore_ascii_case(kind) {
+                return Err(format!("kind: {} under a {kind} key", resource.kind()));
+            }
+            if resource.metadata().name != name {
                 return Err(format!(
-                    "holds {} {:?}",
-                    resource.kind(),
+                    "metadata.name: {:?} is not the name the key gives",
                     resource.metadata().name
                 ));
             }
@@ -245,11 +267,15 @@ pub async fn restore(shared: &Shared, backup: &Backup) -> Result<RestoreResult, 
     // 1. A new epoch of the backup's fleet, marked restoring: devices are answered again only
     // once the desired state is derived whole from what is written below.
     let (current, revision) = identity(shared).await?;
-    let epoch = if current.store.fleet_id == backup.store.fleet_id {
+    // Past every epoch this fleet had, even in another store (a later restore of the same
+    // backup elsewhere, a store devices ran on since): the restore's time in seconds, or one
+    // more than the highest seen, whichever is larger.
+    let seen = if current.store.fleet_id == backup.store.fleet_id {
         current.store.epoch.max(backup.store.epoch)
     } else {
         backup.store.epoch
-    } + 1;
+    };
+    let epoch = (seen + 1).max(now_ms() / 1000);
     let mut restoring = StoreIdentity {
         schema: SCHEMA_VERSION,
         store: StoreRef {
@@ -261,6 +287,15 @@ pub async fn restore(shared: &Shared, backup: &Backup) -> Result<RestoreResult, 
     };
     let revision = write_identity(shared, &restoring, revision).await?;
     info!(from = %backup.store, to = %restoring.store, "restore: started");
+    // No operator answers a device until the desired state is derived from the restored
+    // resources: the marker goes before any of them is written, so a view that sees a device
+    // key derived from them has seen it go (one bucket, one order).
+    shared
+        .buckets
+        .desired
+        .delete(names::DESIRED_STORE_KEY)
+        .await
+        .map_err(nats)?;
     let empty = BTreeMap::new();
     let of = |name: &str| backup.buckets.get(name).unwrap_or(&empty);
     let mut said = BTreeMap::new();
@@ -475,7 +510,22 @@ pub async fn adopt(
             .await
         {
             Ok(_) => said.push("identity record restored from the key it reports".to_owned()),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let recorded = shared
+                    .fleet
+                    .read()
+                    .unwrap()
+                    .identities
+                    .get(device)
+                    .map(|i| i.public_key.clone());
+                if recorded.is_some_and(|k| k != *key) {
+                    said.push(
+                        "its identity record names another key than it reports: kept as it is \
+                         (delete the device and enroll it again if the record is wrong)"
+                            .to_owned(),
+                    );
+                }
+            }
             Err(e) => return Err(nats(e)),
         }
     }
@@ -568,15 +618,30 @@ mod tests {
     use super::*;
 
     fn backup() -> Backup {
+        let store = StoreRef {
+            fleet_id: "f".into(),
+            epoch: 1,
+        };
+        let mut buckets: BTreeMap<_, BTreeMap<_, _>> = BACKED_UP
+            .iter()
+            .map(|b| (b.to_string(), BTreeMap::new()))
+            .collect();
+        let identity = StoreIdentity {
+            schema: SCHEMA_VERSION,
+            store: store.clone(),
+            restoring: false,
+            created_ms: 1,
+        };
+        buckets.get_mut(RESOURCES_BUCKET).unwrap().insert(
+            STORE_KEY.to_owned(),
+            serde_json::to_value(&identity).unwrap(),
+        );
         Backup {
             kind: "FleetBackup".into(),
             schema: SCHEMA_VERSION,
             created_ms: 1,
-            store: StoreRef {
-                fleet_id: "f".into(),
-                epoch: 1,
-            },
-            buckets: BTreeMap::new(),
+            store,
+            buckets,
         }
     }
 
@@ -606,6 +671,15 @@ mod tests {
         let mut b = backup();
         b.store.epoch = 0;
         assert!(refused(&b).starts_with("store:"));
+        // A bucket left out (a hand-edited file) would empty it: refused.
+        let mut b = backup();
+        b.buckets.remove(RESOURCES_BUCKET);
+        assert!(refused(&b).contains("buckets.fleet-resources: missing"));
+        // The store it names must be the one its resources record.
+        let mut b = backup();
+        b.store.epoch = 2;
+        let e = refused(&b);
+        assert!(e.contains("buckets.fleet-resources.fleet.store"), "{e}");
         assert!(
             refused(&with("fleet-lease", "operator", 1.into())).contains("buckets.fleet-lease")
         );
@@ -614,7 +688,7 @@ mod tests {
         // A resource under another name's key, a resource that does not validate.
         let e = refused(&with(RESOURCES_BUCKET, "device.pi-02", device));
         assert!(
-            e.contains("buckets.fleet-resources.device.pi-02: holds Device"),
+            e.contains("buckets.fleet-resources.device.pi-02: metadata.name"),
             "{e}"
         );
         let e = refused(&with(
@@ -634,7 +708,7 @@ mod tests {
         let user = nkeys::KeyPair::new_user().public_key();
         assert!(check(&with(ENROLLMENT_BUCKET, "device.a", identity("a", &user))).is_ok());
         let e = refused(&with(ENROLLMENT_BUCKET, "device.a", identity("b", &user)));
-        assert!(e.contains("holds device \"b\""), "{e}");
+        assert!(e.contains(": device: \"b\""), "{e}");
         let account = nkeys::KeyPair::new_account().public_key();
         let e = refused(&with(
             ENROLLMENT_BUCKET,

@@ -741,11 +741,18 @@ fn describe_deployment(d: &Deployment) -> String {
 }
 
 /// Writes `bytes` to `path` through a temporary file renamed over it, synced first: a crash
-/// leaves the old file or the new one, never half a backup.
+/// leaves the old file or the new one, never half a backup. Readable by its owner only: a
+/// backup holds the devices' identities and the revocation list.
 fn write_whole(path: &std::path::Path, bytes: &[u8]) -> Result<(), CtlError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         std::io::Write::write_all(&mut f, bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)

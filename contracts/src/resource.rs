@@ -541,6 +541,28 @@ pub struct DeviceStatus {
     pub unregistered: bool,
 }
 
+impl DeviceStatus {
+    /// The health as people see it: `Unregistered` for a device without a record, and
+    /// `(holding)` after it while the device holds on another store.
+    pub fn shown_health(&self) -> String {
+        let holding = self.heartbeat.as_ref().is_some_and(|h| {
+            h.health_flags
+                .iter()
+                .any(|f| matches!(f, crate::state::HealthFlag::StoreChanged { .. }))
+        });
+        let health = if self.unregistered {
+            "Unregistered".to_owned()
+        } else {
+            self.health.to_string()
+        };
+        if holding {
+            format!("{health} (holding)")
+        } else {
+            health
+        }
+    }
+}
+
 /// Any resource a person can apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resource {

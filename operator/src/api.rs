@@ -823,17 +823,7 @@ async fn page(State(shared): State<Arc<Shared>>) -> Html<String> {
         let (agent, os) = s.heartbeat.as_ref().map_or(("-".into(), "-".into()), |hb| {
             (hb.agent_version.clone(), hb.os.clone())
         });
-        let holding = s.heartbeat.as_ref().is_some_and(|hb| {
-            hb.health_flags
-                .iter()
-                .any(|f| matches!(f, fleet_contracts::state::HealthFlag::StoreChanged { .. }))
-        });
-        let health = match (s.unregistered, holding) {
-            (true, true) => "Unregistered (holding)".to_owned(),
-            (true, false) => "Unregistered".to_owned(),
-            (false, true) => format!("{} (holding)", s.health),
-            (false, false) => s.health.to_string(),
-        };
+        let health = s.shown_health();
         let labels = dev
             .metadata
             .labels

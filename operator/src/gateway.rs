@@ -18,7 +18,7 @@ use fleet_contracts::{
     rpc::{
         DesiredChanged, MAX_REPORT_BYTES, MAX_REPORT_ENTRIES, ReportReply, ReportRequest, SyncReply,
     },
-    state::{Heartbeat, ReportedDeployment},
+    state::{HealthFlag, Heartbeat, ReportedDeployment},
 };
 use tracing::{debug, warn};
 
@@ -228,6 +228,29 @@ fn check_value(device: &str, key: &str, value: &serde_json::Value) -> Result<Vec
         if hb.device != device {
             return Err(format!("a heartbeat of {:?}, not of {device}", hb.device));
         }
+        // What an admin's adoption acts on, and `fleetctl describe` prints: a store is named
+        // as Fleet names one, held deployments as deployments are.
+        for flag in &hb.health_flags {
+            match flag {
+                HealthFlag::StoreChanged { cached, found } => {
+                    for store in [cached, found] {
+                        let id = &store.fleet_id;
+                        if id.is_empty()
+                            || id.len() > 64
+                            || !id.bytes().all(|b| b.is_ascii_hexdigit())
+                        {
+                            return Err(format!("storeChanged: fleet id {id:?} is not one"));
+                        }
+                    }
+                }
+                HealthFlag::HeldDeployments { deployments } => {
+                    for name in deployments {
+                        check_name(name).map_err(|e| format!("heldDeployments: {name:?}: {e}"))?;
+                    }
+                }
+                _ => {}
+            }
+        }
     } else {
         let r: ReportedDeployment = serde_json::from_value(value.clone())
             .map_err(|e| format!("not a deployment status: {e}"))?;
@@ -294,6 +317,27 @@ mod tests {
             check("a.b", status("a.b"))
                 .unwrap_err()
                 .starts_with("invalid key")
+        );
+        // The store flags an adoption acts on are what Fleet makes, nothing a terminal runs.
+        let mut flagged = hb("pi-01");
+        let store = |id: &str| serde_json::json!({"fleetId": id, "epoch": 1});
+        flagged["health_flags"] = serde_json::json!([
+            {"storeChanged": {"cached": store("0a1b"), "found": store("ff")}},
+            {"heldDeployments": {"deployments": ["web"]}}
+        ]);
+        assert_eq!(check("_info", flagged.clone()), Ok(()));
+        flagged["health_flags"][0]["storeChanged"]["cached"] = store("\u{1b}]0;x\u{7}");
+        assert!(
+            check("_info", flagged.clone())
+                .unwrap_err()
+                .starts_with("storeChanged")
+        );
+        flagged["health_flags"][0]["storeChanged"]["cached"] = store("0a1b");
+        flagged["health_flags"][1]["heldDeployments"]["deployments"][0] = "../x".into();
+        assert!(
+            check("_info", flagged)
+                .unwrap_err()
+                .starts_with("heldDeployments")
         );
         let big = serde_json::json!({"deployment": "web", "pad": "x".repeat(MAX_REPORT_BYTES)});
         assert!(check("web", big).unwrap_err().contains("holds at most"));

@@ -640,17 +640,7 @@ fn devices_table(list: &[Device]) -> String {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(",");
-            let holding = s.heartbeat.as_ref().is_some_and(|h| {
-                h.health_flags
-                    .iter()
-                    .any(|f| matches!(f, HealthFlag::StoreChanged { .. }))
-            });
-            let health = match (s.unregistered, holding) {
-                (true, true) => "Unregistered (holding)".to_owned(),
-                (true, false) => "Unregistered".to_owned(),
-                (false, true) => format!("{} (holding)", s.health),
-                (false, false) => s.health.to_string(),
-            };
+            let health = s.shown_health();
             vec![
                 d.metadata.name.clone(),
                 health,

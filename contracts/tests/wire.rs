@@ -1,0 +1,269 @@
+//! The wire formats, pinned: each value below is written to exactly the JSON shown and read
+//! back to the same value. A type moved between modules, renamed or reordered must still
+//! produce these bytes, so devices and operators of different versions keep talking.
+
+use std::fmt::Debug;
+
+use fleet_contracts::api::{
+    Audit, DeviceIdentity, EnrollReply, EnrollRequest, EnrollmentToken, ExecAudit, ExecReply,
+    ExecRequest, FollowAck, Lease, LogsChunk, LogsReply, LogsRequest, Revocations, Revoked,
+    RevokedFor, RolloutResume,
+};
+use fleet_contracts::resource::{
+    Container, EnvVar, ExecProbe, HttpGetProbe, InitContainer, Lifecycle, PodTemplate, Port, Probe,
+    Protocol, RestartPolicy, RunningProbe, TcpProbe, VolumeMount,
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// `value` serializes to exactly `json`, and `json` reads back to `value`.
+fn pinned<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: T, json: &str) {
+    assert_eq!(serde_json::to_string(&value).unwrap(), json, "{value:?}");
+    assert_eq!(serde_json::from_str::<T>(json).unwrap(), value, "{json}");
+}
+
+fn audit() -> Audit {
+    Audit {
+        by: "ops".into(),
+        at_ms: 5,
+        reason: "stolen".into(),
+    }
+}
+
+#[test]
+fn kv_values() {
+    pinned(
+        Lease {
+            schema: 1,
+            holder: "op-a".into(),
+            ttl_ms: 6000,
+            renewed_at_ms: 7,
+        },
+        r#"{"schema":1,"holder":"op-a","ttl_ms":6000,"renewed_at_ms":7}"#,
+    );
+    pinned(
+        EnrollmentToken {
+            schema: 1,
+            id: "t1".into(),
+            labels: [("role".to_owned(), "edge".to_owned())].into(),
+            created_ms: 1,
+            expires_ms: 2,
+            used_by: Some("pi-01".into()),
+            used_ms: Some(3),
+            revoked: true,
+            user_key: Some("UKEY".into()),
+        },
+        r#"{"schema":1,"id":"t1","labels":{"role":"edge"},"created_ms":1,"expires_ms":2,"used_by":"pi-01","used_ms":3,"revoked":true,"user_key":"UKEY"}"#,
+    );
+    pinned(
+        DeviceIdentity {
+            schema: 1,
+            device: "pi-01".into(),
+            public_key: "UKEY".into(),
+            enrolled_ms: 9,
+            token: "t1".into(),
+            blacklist: Some(audit()),
+            last_unblacklist: None,
+            jwt_expires_secs: Some(11),
+        },
+        r#"{"schema":1,"device":"pi-01","public_key":"UKEY","enrolled_ms":9,"token":"t1","blacklist":{"by":"ops","at_ms":5,"reason":"stolen"},"jwt_expires_secs":11}"#,
+    );
+    pinned(
+        Revocations {
+            schema: 1,
+            keys: [
+                (
+                    "UA".to_owned(),
+                    Revoked {
+                        device: "pi-01".into(),
+                        at_secs: 3,
+                        reason: RevokedFor::Deleted,
+                        until_secs: Some(4),
+                    },
+                ),
+                (
+                    "UB".to_owned(),
+                    Revoked {
+                        device: "t1".into(),
+                        at_secs: 5,
+                        reason: RevokedFor::Token,
+                        until_secs: None,
+                    },
+                ),
+            ]
+            .into(),
+        },
+        r#"{"schema":1,"keys":{"UA":{"device":"pi-01","at_secs":3,"reason":"deleted","until_secs":4},"UB":{"device":"t1","at_secs":5,"reason":"token"}}}"#,
+    );
+    pinned(
+        RolloutResume {
+            schema: 1,
+            generation: 4,
+            by: "ops".into(),
+            at_ms: 8,
+        },
+        r#"{"schema":1,"generation":4,"by":"ops","at_ms":8}"#,
+    );
+    pinned(
+        ExecAudit {
+            schema: 1,
+            by: "ops".into(),
+            device: "pi-01".into(),
+            deployment: "web".into(),
+            command: vec!["ls".into(), "-l".into()],
+            at_ms: 12,
+            outcome: "exit 0".into(),
+        },
+        r#"{"schema":1,"by":"ops","device":"pi-01","deployment":"web","command":["ls","-l"],"at_ms":12,"outcome":"exit 0"}"#,
+    );
+}
+
+#[test]
+fn request_reply_messages() {
+    pinned(
+        EnrollRequest {
+            schema: 1,
+            device: "pi-01".into(),
+            public_key: "UKEY".into(),
+        },
+        r#"{"schema":1,"device":"pi-01","public_key":"UKEY"}"#,
+    );
+    pinned(
+        EnrollReply::Enrolled {
+            jwt: "J".into(),
+            expires_at: 9,
+        },
+        r#"{"enrolled":{"jwt":"J","expires_at":9}}"#,
+    );
+    pinned(
+        EnrollReply::Refused {
+            reason: "no".into(),
+        },
+        r#"{"refused":{"reason":"no"}}"#,
+    );
+    pinned(
+        LogsRequest {
+            schema: 1,
+            deployment: "web".into(),
+            tail: 10,
+            follow_session: Some("s1".into()),
+        },
+        r#"{"schema":1,"deployment":"web","tail":10,"follow_session":"s1"}"#,
+    );
+    pinned(
+        LogsChunk {
+            seq: 2,
+            lines: vec!["a".into()],
+            end: Some("stopped".into()),
+        },
+        r#"{"seq":2,"lines":["a"],"end":"stopped"}"#,
+    );
+    pinned(FollowAck { seq: 3, stop: true }, r#"{"seq":3,"stop":true}"#);
+    pinned(
+        LogsReply::Lines {
+            lines: vec!["a".into()],
+            truncated: false,
+        },
+        r#"{"lines":{"lines":["a"],"truncated":false}}"#,
+    );
+    pinned(
+        LogsReply::Error {
+            message: "gone".into(),
+        },
+        r#"{"error":{"message":"gone"}}"#,
+    );
+    pinned(
+        ExecRequest {
+            schema: 1,
+            deployment: "web".into(),
+            command: vec!["true".into()],
+            timeout_secs: 30,
+        },
+        r#"{"schema":1,"deployment":"web","command":["true"],"timeout_secs":30}"#,
+    );
+    pinned(
+        ExecReply::Done {
+            exit_code: 1,
+            stdout: "o".into(),
+            stderr: "e".into(),
+            truncated: true,
+        },
+        r#"{"done":{"exit_code":1,"stdout":"o","stderr":"e","truncated":true}}"#,
+    );
+    pinned(
+        ExecReply::TimedOut { after_secs: 4 },
+        r#"{"timed_out":{"after_secs":4}}"#,
+    );
+}
+
+#[test]
+fn pod_template() {
+    let template = PodTemplate {
+        init_containers: vec![InitContainer {
+            name: "migrate".into(),
+            image: "localhost/app:1".into(),
+            command: vec!["migrate".into()],
+            args: vec![],
+            env: vec![],
+            volumes: vec![],
+            timeout_seconds: 60,
+        }],
+        containers: vec![Container {
+            args: vec!["--port".into(), "8080".into()],
+            env: vec![EnvVar {
+                name: "GREETING".into(),
+                value: "hi".into(),
+            }],
+            ports: vec![Port {
+                container_port: 8080,
+                host_port: Some(18080),
+                protocol: Protocol::Udp,
+            }],
+            volumes: vec![VolumeMount {
+                name: "data".into(),
+                mount_path: "/data".into(),
+                host_path: Some("/srv/data".into()),
+                read_only: true,
+            }],
+            probes: vec![
+                Probe {
+                    name: "live".into(),
+                    http_get: Some(HttpGetProbe {
+                        port: 8080,
+                        path: "/healthz".into(),
+                        status_min: 200,
+                        status_max: 299,
+                    }),
+                    tcp: None,
+                    exec: None,
+                    running: None,
+                    period_seconds: 5,
+                    timeout_seconds: 1,
+                    failure_threshold: 2,
+                },
+                Probe {
+                    name: "ready".into(),
+                    http_get: None,
+                    tcp: Some(TcpProbe { port: 8080 }),
+                    exec: Some(ExecProbe {
+                        command: vec!["true".into()],
+                    }),
+                    running: Some(RunningProbe {}),
+                    period_seconds: 10,
+                    timeout_seconds: 2,
+                    failure_threshold: 3,
+                },
+            ],
+            ..Container::new("web", "localhost/http:1")
+        }],
+        restart_policy: RestartPolicy::OnFailure,
+        lifecycle: Lifecycle {
+            stop_signal: "SIGINT".into(),
+            grace_seconds: 9,
+            sigkill_fallback: false,
+        },
+    };
+    pinned(
+        template,
+        r#"{"initContainers":[{"name":"migrate","image":"localhost/app:1","command":["migrate"],"timeoutSeconds":60}],"containers":[{"name":"web","image":"localhost/http:1","args":["--port","8080"],"env":[{"name":"GREETING","value":"hi"}],"ports":[{"containerPort":8080,"hostPort":18080,"protocol":"UDP"}],"volumes":[{"name":"data","mountPath":"/data","hostPath":"/srv/data","readOnly":true}],"probes":[{"name":"live","httpGet":{"port":8080,"path":"/healthz","statusMin":200,"statusMax":299},"periodSeconds":5,"timeoutSeconds":1,"failureThreshold":2},{"name":"ready","tcp":{"port":8080},"exec":{"command":["true"]},"running":{},"periodSeconds":10,"timeoutSeconds":2,"failureThreshold":3}]}],"restartPolicy":"OnFailure","lifecycle":{"stopSignal":"SIGINT","graceSeconds":9,"sigkillFallback":false}}"#,
+    );
+}

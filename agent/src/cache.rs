@@ -122,7 +122,7 @@ pub fn save(dir: &Path, device: &str, cached: &Cached) -> Result<(), CacheError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_contracts::resource::{Container, PodTemplate};
+    use fleet_contracts::spec::{Container, PodTemplate};
 
     fn desired() -> Cached {
         let spec = PodTemplate::single(Container::new("web", "img:1"));

@@ -15,9 +15,8 @@ use std::{
 };
 
 use fleet_contracts::{
-    SCHEMA_VERSION,
-    api::{EnrollReply, EnrollRequest},
-    names,
+    SCHEMA_VERSION, names,
+    rpc::{EnrollReply, EnrollRequest},
 };
 use nkeys::KeyPair;
 

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use fleet_contracts::{
-    resource::RestartPolicy,
+    spec::RestartPolicy,
     state::{DesiredDeployment, Phase},
 };
 use sha2::{Digest, Sha256};
@@ -360,7 +360,7 @@ mod tests {
 
     #[test]
     fn hash_ignores_generation_and_follows_spec() {
-        use fleet_contracts::resource::{Container, PodTemplate};
+        use fleet_contracts::spec::{Container, PodTemplate};
         let spec = |image: &str| PodTemplate::single(Container::new("web", image));
         let a = DesiredDeployment::new("web", 1, spec("img:1"));
         let b = DesiredDeployment::new("web", 2, spec("img:1"));

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use fleet_contracts::resource::{
+use fleet_contracts::spec::{
     Container, EnvVar, InitContainer, Lifecycle, RestartPolicy, VolumeMount,
 };
 use serde::Deserialize;
@@ -536,7 +536,7 @@ fn create_args(s: &CreateSpec<'_>) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::runner::RecordingRunner;
-    use fleet_contracts::resource::{EnvVar, Port, Protocol, VolumeMount};
+    use fleet_contracts::spec::{EnvVar, Port, Protocol, VolumeMount};
 
     #[test]
     fn parses_real_podman_4_3_ps_output() {

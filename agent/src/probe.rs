@@ -6,7 +6,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use fleet_contracts::resource::{Container, Probe};
+use fleet_contracts::spec::{Container, Probe};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,

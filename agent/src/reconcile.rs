@@ -570,7 +570,7 @@ fn wanted(
                     Wanted {
                         generation: current.map_or(0, |o| o.generation),
                         hash: current.map(|o| o.spec_hash.clone()).unwrap_or_default(),
-                        restart: fleet_contracts::resource::RestartPolicy::Never,
+                        restart: fleet_contracts::spec::RestartPolicy::Never,
                         hold: true,
                     }
                 }
@@ -584,7 +584,7 @@ fn wanted(
 mod tests {
     use super::*;
     use crate::{config::PodmanConfig, runner::RecordingRunner};
-    use fleet_contracts::resource::{Container, PodTemplate};
+    use fleet_contracts::spec::{Container, PodTemplate};
 
     #[derive(Default)]
     struct Reports(Vec<(String, Option<ReportedDeployment>)>);

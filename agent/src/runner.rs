@@ -124,7 +124,7 @@ async fn forward_lines<R: tokio::io::AsyncBufRead + Unpin>(
     tx: tokio::sync::mpsc::Sender<String>,
 ) {
     while let Ok(Some(line)) =
-        read_bounded_line(&mut reader, fleet_contracts::api::MAX_LINE_BYTES).await
+        read_bounded_line(&mut reader, fleet_contracts::rpc::MAX_LINE_BYTES).await
     {
         if tx.send(line).await.is_err() {
             break;

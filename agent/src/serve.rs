@@ -19,11 +19,12 @@ use std::{
 };
 
 use fleet_contracts::{
-    api::{
-        ExecReply, ExecRequest, FOLLOW_ACK_TIMEOUT_SECS, FOLLOW_MAX_BYTES, FOLLOW_WINDOW,
-        FollowAck, LogsChunk, LogsReply, LogsRequest, MAX_REPLY_BYTES, follow_ack_subject,
-    },
     names,
+    names::follow_ack_subject,
+    rpc::{
+        ExecReply, ExecRequest, FOLLOW_ACK_TIMEOUT_SECS, FOLLOW_MAX_BYTES, FOLLOW_WINDOW,
+        FollowAck, LogsChunk, LogsReply, LogsRequest, MAX_REPLY_BYTES,
+    },
 };
 use futures::StreamExt;
 use tracing::{debug, info, warn};

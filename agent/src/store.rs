@@ -153,7 +153,7 @@ impl StoreState {
 mod tests {
     use super::*;
     use fleet_contracts::{
-        resource::{Container, PodTemplate},
+        spec::{Container, PodTemplate},
         state::DesiredDeployment,
     };
 

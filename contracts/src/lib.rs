@@ -1,7 +1,17 @@
-//! Every type that crosses a Fleet process boundary: resource documents, the values stored in
-//! NATS KV, the HTTP API bodies, the device's request/reply messages (`rpc`), and the names of
-//! buckets, keys and subjects; and the strict reading (`document`) and value checks
-//! (`checks`) every document a person sends goes through.
+//! Every type that crosses a Fleet process boundary, one module per channel:
+//!
+//! - [`names`]: every bucket, key, subject and inbox prefix (nothing else spells one), and the
+//!   rule every device and resource name obeys;
+//! - [`checks`] and [`document`]: the value checks and the strict reading every document a
+//!   person sends goes through;
+//! - [`spec`]: the pod template, what a Deployment runs on each device;
+//! - [`state`]: every value stored in NATS KV;
+//! - [`resource`]: the documents people apply (Deployment, Device) and their validation;
+//! - [`rpc`]: every request/reply message over core NATS (sync, report, enroll, logs, exec);
+//! - [`api`]: the operator's HTTP bodies, and nothing else.
+//!
+//! Dependencies run one way, in that order (`tests/tidy.rs` checks it); the wire formats are
+//! pinned in `tests/wire.rs`.
 //!
 //! This crate is pure: serde and nothing else. It never touches NATS, tokio, a file or a clock;
 //! callers pass timestamps in. Values evolve additively: readers ignore unknown fields, writers
@@ -13,6 +23,7 @@ pub mod document;
 pub mod names;
 pub mod resource;
 pub mod rpc;
+pub mod spec;
 pub mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -24,6 +35,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 /// The `apiVersion` of every resource document.
 pub const API_VERSION: &str = "fleet.dev/v1";
+
+/// Labels on a resource, and the labels a selector requires.
+pub type Labels = std::collections::BTreeMap<String, String>;
 
 /// A problem with one field of a document, named by its path
 /// (`spec.template.containers[0].image`).

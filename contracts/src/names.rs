@@ -62,6 +62,15 @@ pub fn report_subject(device: &str) -> String {
     format!("fleet.report.{device}")
 }
 
+/// Every subject the operator sends to `device` on (requests and the doorbell): what a
+/// device may hear besides its own inbox.
+pub fn device_subjects(device: &str) -> String {
+    format!("fleet.dev.{device}.>")
+}
+
+/// The queue group the operators hear devices' requests in: one operator answers each.
+pub const OPERATOR_QUEUE: &str = "fleet-operator";
+
 /// Where the operator tells a device its desired state changed
 /// ([`crate::rpc::DesiredChanged`]).
 pub fn desired_doorbell_subject(device: &str) -> String {
@@ -104,6 +113,11 @@ pub fn is_reply_under(reply: &str, prefix: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
         })
+}
+
+/// Where a follower acknowledges chunks (`{"seq":N}`) or says stop (`{"stop":true}`).
+pub fn follow_ack_subject(device: &str, session: &str) -> String {
+    format!("fleet.dev.{device}.logs.ack.{session}")
 }
 
 /// The key suffix of a device's heartbeat in the reported bucket (`<device>._info`).

@@ -1,7 +1,9 @@
 //! Request/reply messages between a device and the operator over core NATS: the device's whole
 //! desired state on request (`fleet.sync.<device>`), its reports for the operator to store
-//! (`fleet.report.<device>`), and the doorbell that tells it its desired state changed
-//! (`fleet.dev.<device>.desired`).
+//! (`fleet.report.<device>`), the doorbell that tells it its desired state changed
+//! (`fleet.dev.<device>.desired`), enrollment and renewal (`fleet.enroll.<token>`,
+//! `fleet.renew.<device>`), and the operator's log and exec requests to a device
+//! (`fleet.dev.<device>.logs`, `.exec`).
 //!
 //! A device uses no JetStream at all (docs/adr/0010): every message it sends is a plain
 //! request the operator answers on the device's own inbox, so nothing a device sends can make
@@ -97,6 +99,107 @@ pub enum ReportReply {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredChanged {
     pub schema: u32,
+}
+
+/// Sent by a device to `fleet.enroll.<token id>`, over a connection made with the enrollment
+/// token itself (a short-lived bearer credential that can publish only there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub schema: u32,
+    pub device: String,
+    /// The device's NKey public key (`U...`); the seed never leaves the device.
+    pub public_key: String,
+}
+
+/// The operator's answer to an [`EnrollRequest`]: a user JWT, or why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollReply {
+    Enrolled { jwt: String, expires_at: u64 },
+    Refused { reason: String },
+}
+
+/// Largest reply body a device sends for logs or exec output (NATS carries at most 1 MiB).
+pub const MAX_REPLY_BYTES: usize = 512 * 1024;
+
+/// Sent to `fleet.dev.<device>.logs`: the last `tail` lines of a deployment's container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsRequest {
+    pub schema: u32,
+    pub deployment: String,
+    pub tail: u32,
+    /// Keep sending new lines as [`LogsChunk`]s to the reply subject until told to stop on
+    /// `fleet.dev.<device>.logs.ack.<session>` or no ack arrives for [`FOLLOW_ACK_TIMEOUT_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_session: Option<String>,
+}
+
+/// A follower that has not acknowledged anything for this long is gone: the device stops.
+pub const FOLLOW_ACK_TIMEOUT_SECS: u64 = 10;
+
+/// Chunks a device sends ahead of the last acknowledged one (flow control).
+pub const FOLLOW_WINDOW: u64 = 16;
+
+/// Bytes one follow session may carry before the device ends it.
+pub const FOLLOW_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Bytes of one line kept; the rest is cut and marked.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// One batch of a followed log, in order; `end` says why the session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsChunk {
+    pub seq: u64,
+    pub lines: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+}
+
+/// A follower's message on the ack subject.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowAck {
+    pub seq: u64,
+    #[serde(default)]
+    pub stop: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogsReply {
+    /// Oldest first; `truncated` when the byte cap dropped the oldest lines.
+    Lines {
+        lines: Vec<String>,
+        truncated: bool,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Sent to `fleet.dev.<device>.exec`: run a command once in a deployment's container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub schema: u32,
+    pub deployment: String,
+    pub command: Vec<String>,
+    pub timeout_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecReply {
+    Done {
+        exit_code: i32,
+        stdout: String,
+        stderr: String,
+        truncated: bool,
+    },
+    TimedOut {
+        after_secs: u32,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[cfg(test)]

@@ -1,12 +1,13 @@
-//! Values stored in the desired and reported KV buckets, and the store's own records in the
-//! resources bucket (its identity, adoptions).
+//! Every value stored in NATS KV: desired and reported state, the store's own records in the
+//! resources bucket (its identity, adoptions, rollout resumes), enrollment tokens and device
+//! identities, revocations, the leadership lease and the exec audit.
 //!
 //! Every value carries `schema` ([`crate::SCHEMA_VERSION`]); readers ignore unknown fields.
 //! Timestamps are milliseconds since the Unix epoch, taken by the writer's clock.
 
 use serde::{Deserialize, Serialize};
 
-use crate::{SCHEMA_VERSION, resource::PodTemplate};
+use crate::{Labels, SCHEMA_VERSION, spec::PodTemplate};
 
 /// `fleet-desired` `<device>.<deployment>`: what one device must run for one Deployment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +233,152 @@ impl std::fmt::Display for Health {
     }
 }
 
+/// `fleet-lease` `operator`: which operator leads. Renewed by compare-and-set on its revision;
+/// nobody compares the times in it across machines (they are for people).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub schema: u32,
+    pub holder: String,
+    pub ttl_ms: u64,
+    pub renewed_at_ms: u64,
+}
+
+/// An enrollment token as stored in `fleet-enrollment` and listed by the API (the secret token
+/// itself is shown once, at creation, and never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentToken {
+    pub schema: u32,
+    pub id: String,
+    #[serde(default)]
+    pub labels: Labels,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    /// The device that used it; a token works once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
+    /// The public key of the token's own NATS user (what the token's holder connects as):
+    /// revoked in the fleet account as soon as the token is used or revoked. Absent in
+    /// records older than that rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_key: Option<String>,
+}
+
+impl EnrollmentToken {
+    /// Why this token cannot be used at `now_ms`, if it cannot.
+    pub fn refusal(&self, now_ms: u64) -> Option<String> {
+        if self.revoked {
+            Some(format!("enrollment token {} was revoked", self.id))
+        } else if let Some(device) = &self.used_by {
+            Some(format!(
+                "enrollment token {} was already used (by {device})",
+                self.id
+            ))
+        } else if now_ms >= self.expires_ms {
+            Some(format!("enrollment token {} has expired", self.id))
+        } else {
+            None
+        }
+    }
+}
+
+/// `fleet-enrollment` `device.<name>`: the key a device enrolled with. Kept apart from the
+/// Device resource, which people edit, so re-applying a Device never drops its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceIdentity {
+    pub schema: u32,
+    pub device: String,
+    pub public_key: String,
+    pub enrolled_ms: u64,
+    /// The enrollment token it used.
+    pub token: String,
+    /// Set while the device is blacklisted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blacklist: Option<Audit>,
+    /// The last time a blacklist was lifted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_unblacklist: Option<Audit>,
+    /// When the newest JWT minted for this key expires (unix seconds): a revocation of the key
+    /// must last until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_expires_secs: Option<u64>,
+}
+
+/// Who did something, when, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Audit {
+    pub by: String,
+    pub at_ms: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// `fleet-enrollment` `revocations`: the user keys revoked in the fleet account (blacklisted
+/// and deleted devices, used and revoked enrollment tokens), key -> what and since when. The
+/// account JWT's revocation list is rendered from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocations {
+    pub schema: u32,
+    #[serde(default)]
+    pub keys: std::collections::BTreeMap<String, Revoked>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    /// The device whose key this is, or for an enrollment token its id.
+    pub device: String,
+    /// JWTs issued at or before this second are refused.
+    pub at_secs: u64,
+    #[serde(default)]
+    pub reason: RevokedFor,
+    /// No JWT of this key is valid after this second anyway: the entry may then go, which
+    /// keeps the account JWT small. `None`: kept until undone (a blacklist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_secs: Option<u64>,
+}
+
+/// Why a key is revoked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RevokedFor {
+    /// A blacklisted device (undone by un-blacklisting).
+    #[default]
+    Blacklisted,
+    /// A deleted device: its id may enroll again, with a new key, never this one.
+    Deleted,
+    /// An enrollment token that was used or revoked: its holder may not even ask again.
+    Token,
+    #[serde(other)]
+    Unknown,
+}
+
+/// `fleet-resources` `rollout.<deployment>`: an operator's decision to continue a halted
+/// rollout of `generation` (`fleetctl rollout resume`): devices given that generation before
+/// `at_ms` no longer hold it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutResume {
+    pub schema: u32,
+    pub generation: u64,
+    pub by: String,
+    pub at_ms: u64,
+}
+
+/// `fleet-audit` `exec.<unix ms>.<device>`: who ran what, where, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecAudit {
+    pub schema: u32,
+    pub by: String,
+    pub device: String,
+    pub deployment: String,
+    pub command: Vec<String>,
+    pub at_ms: u64,
+    /// `exit 0`, `timed out after 30s`, or the error.
+    pub outcome: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,5 +418,41 @@ mod tests {
         };
         let json = serde_json::to_string(&hb).unwrap();
         assert_eq!(serde_json::from_str::<Heartbeat>(&json).unwrap(), hb);
+    }
+
+    #[test]
+    fn token_refusals() {
+        let token = EnrollmentToken {
+            schema: 1,
+            id: "t1".into(),
+            labels: Default::default(),
+            created_ms: 0,
+            expires_ms: 1000,
+            used_by: None,
+            used_ms: None,
+            revoked: false,
+            user_key: None,
+        };
+        assert_eq!(token.refusal(999), None);
+        assert_eq!(
+            token.refusal(1000).as_deref(),
+            Some("enrollment token t1 has expired")
+        );
+        let used = EnrollmentToken {
+            used_by: Some("pi-01".into()),
+            ..token.clone()
+        };
+        assert_eq!(
+            used.refusal(0).as_deref(),
+            Some("enrollment token t1 was already used (by pi-01)")
+        );
+        let revoked = EnrollmentToken {
+            revoked: true,
+            ..used
+        };
+        assert_eq!(
+            revoked.refusal(0).as_deref(),
+            Some("enrollment token t1 was revoked")
+        );
     }
 }

@@ -4,14 +4,17 @@
 
 use std::fmt::Debug;
 
-use fleet_contracts::api::{
-    Audit, DeviceIdentity, EnrollReply, EnrollRequest, EnrollmentToken, ExecAudit, ExecReply,
-    ExecRequest, FollowAck, Lease, LogsChunk, LogsReply, LogsRequest, Revocations, Revoked,
-    RevokedFor, RolloutResume,
+use fleet_contracts::rpc::{
+    EnrollReply, EnrollRequest, ExecReply, ExecRequest, FollowAck, LogsChunk, LogsReply,
+    LogsRequest,
 };
-use fleet_contracts::resource::{
+use fleet_contracts::spec::{
     Container, EnvVar, ExecProbe, HttpGetProbe, InitContainer, Lifecycle, PodTemplate, Port, Probe,
     Protocol, RestartPolicy, RunningProbe, TcpProbe, VolumeMount,
+};
+use fleet_contracts::state::{
+    Audit, DeviceIdentity, EnrollmentToken, ExecAudit, Lease, Revocations, Revoked, RevokedFor,
+    RolloutResume,
 };
 use serde::{Serialize, de::DeserializeOwned};
 

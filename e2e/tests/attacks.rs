@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use async_nats::HeaderMap;
 use fleet_contracts::{
-    api::{EnrollReply, EnrollRequest, Revocations},
     names::{self, DESIRED_BUCKET, ENROLLMENT_BUCKET, REPORTED_BUCKET},
-    rpc::{ReportEntry, ReportReply, ReportRequest, SyncReply},
+    rpc::{EnrollReply, EnrollRequest, ReportEntry, ReportReply, ReportRequest, SyncReply},
+    state::Revocations,
 };
 use fleet_e2e::{
     Fleet, WAIT,
@@ -500,7 +500,7 @@ async fn requests_to_a_device_that_are_not_the_operators_are_dropped_there() -> 
     // The operator's own connection may publish on dev-b's request subjects: it sends what an
     // attacker would like a device to answer to.
     let operator = fleet.nats.client().await?;
-    let exec = serde_json::to_vec(&fleet_contracts::api::ExecRequest {
+    let exec = serde_json::to_vec(&fleet_contracts::rpc::ExecRequest {
         schema: 1,
         deployment: "web".into(),
         command: vec!["id".into()],

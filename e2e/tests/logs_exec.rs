@@ -3,9 +3,11 @@
 
 use anyhow::{Context, Result, bail};
 use fleet_contracts::{
-    api::{ExecAudit, ExecCommand, ExecReply, LogsReply},
+    api::ExecCommand,
     names,
     resource::RolloutPhase,
+    rpc::{ExecReply, LogsReply},
+    state::ExecAudit,
 };
 use fleet_e2e::{Fleet, WAIT, eventually};
 use fleet_operator::ctl::CtlError;

@@ -3,11 +3,7 @@
 //! while a new container has not passed them yet, `Running` when a ready one fails one later.
 
 use anyhow::{Result, bail};
-use fleet_contracts::{
-    api::{ExecCommand, ExecReply},
-    resource::RolloutPhase,
-    state::Phase,
-};
+use fleet_contracts::{api::ExecCommand, resource::RolloutPhase, rpc::ExecReply, state::Phase};
 use fleet_e2e::{Fleet, WAIT, eventually, free_port, http_deployment};
 
 fn with_probes(port: u16, greeting: &str, probes: serde_json::Value) -> serde_json::Value {

@@ -18,13 +18,13 @@ use fleet_contracts::{
     SCHEMA_VERSION,
     api::{
         ApplyOutcome, ApplyResult, BlacklistRequest, BlacklistResult, CreateEnrollmentToken,
-        CreatedEnrollmentToken, EnrollmentToken, ErrorBody, ExecAudit, ExecCommand, ExecReply,
-        ExecRequest, LogsReply, LogsRequest, OperatorStatus, RecoveryState, Role,
+        CreatedEnrollmentToken, ErrorBody, ExecCommand, OperatorStatus, RecoveryState, Role,
     },
     document::{self, MAX_BODY_BYTES, MAX_RESOURCE_BYTES},
     names,
     resource::{Deployment, Device, Resource},
-    state::Health,
+    rpc::{ExecReply, ExecRequest, LogsReply, LogsRequest},
+    state::{EnrollmentToken, ExecAudit, Health},
 };
 use futures::StreamExt;
 use tracing::info;
@@ -601,7 +601,7 @@ async fn forget_device(shared: &Shared, name: &str) -> Result<(), ApiError> {
         )
     };
     let key = crate::enroll::identity_key(name);
-    let identity: Option<fleet_contracts::api::DeviceIdentity> = shared
+    let identity: Option<fleet_contracts::state::DeviceIdentity> = shared
         .buckets
         .enrollment
         .get(&key)
@@ -618,10 +618,10 @@ async fn forget_device(shared: &Shared, name: &str) -> Result<(), ApiError> {
         crate::blacklist::revoke(
             shared,
             &identity.public_key,
-            fleet_contracts::api::Revoked {
+            fleet_contracts::state::Revoked {
                 device: name.to_owned(),
                 at_secs: now,
-                reason: fleet_contracts::api::RevokedFor::Deleted,
+                reason: fleet_contracts::state::RevokedFor::Deleted,
                 until_secs: Some(until),
             },
         )
@@ -1242,7 +1242,10 @@ async fn follow_logs(
     deployment: String,
     q: LogsQuery,
 ) -> Result<Response, ApiError> {
-    use fleet_contracts::api::{FollowAck, LogsChunk, follow_ack_subject};
+    use fleet_contracts::{
+        names::follow_ack_subject,
+        rpc::{FollowAck, LogsChunk},
+    };
     let session = crate::enroll::new_token_id();
     let nats = shared.nats.clone();
     let inbox = nats.new_inbox();
@@ -1309,7 +1312,7 @@ async fn follow_logs(
                 }
                 let next = tokio::time::timeout(
                     std::time::Duration::from_secs(
-                        fleet_contracts::api::FOLLOW_ACK_TIMEOUT_SECS * 3,
+                        fleet_contracts::rpc::FOLLOW_ACK_TIMEOUT_SECS * 3,
                     ),
                     chunks.next(),
                 )
@@ -1437,7 +1440,7 @@ async fn resume_rollout(
     State(shared): State<Arc<Shared>>,
     Name(name): Name,
     body: Bytes,
-) -> ApiResult<fleet_contracts::api::RolloutResume> {
+) -> ApiResult<fleet_contracts::state::RolloutResume> {
     require_converged(&shared)?;
     let req: BlacklistRequest = if body.is_empty() {
         BlacklistRequest::default()
@@ -1459,7 +1462,7 @@ async fn resume_rollout(
         }
         d.metadata.generation
     };
-    let resume = fleet_contracts::api::RolloutResume {
+    let resume = fleet_contracts::state::RolloutResume {
         schema: SCHEMA_VERSION,
         generation,
         by: if req.by.is_empty() {

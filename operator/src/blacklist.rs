@@ -14,7 +14,8 @@
 use async_nats::jetstream::kv::{Operation, Store};
 use fleet_contracts::{
     SCHEMA_VERSION,
-    api::{Audit, BlacklistResult, DeviceIdentity, Revocations, Revoked, RevokedFor},
+    api::BlacklistResult,
+    state::{Audit, DeviceIdentity, Revocations, Revoked, RevokedFor},
 };
 use tracing::info;
 

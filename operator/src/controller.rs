@@ -534,7 +534,7 @@ fn apply_resource(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
             true
         }
         ("rollout", Some(bytes)) => {
-            let r: fleet_contracts::api::RolloutResume =
+            let r: fleet_contracts::state::RolloutResume =
                 serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
             fleet.resumes.insert(name.to_owned(), r);
             true

@@ -10,13 +10,10 @@ use std::{
 };
 
 use fleet_contracts::{
-    api::{
-        ApplyResult, CreateEnrollmentToken, CreatedEnrollmentToken, EnrollmentToken, ErrorBody,
-        OperatorStatus,
-    },
+    api::{ApplyResult, CreateEnrollmentToken, CreatedEnrollmentToken, ErrorBody, OperatorStatus},
     document,
     resource::{Deployment, Device, Resource, RolloutPhase},
-    state::Phase,
+    state::{EnrollmentToken, Phase},
 };
 use serde::de::DeserializeOwned;
 
@@ -314,7 +311,7 @@ impl Client {
         deployment: &str,
         device: &str,
         tail: u32,
-    ) -> Result<fleet_contracts::api::LogsReply, CtlError> {
+    ) -> Result<fleet_contracts::rpc::LogsReply, CtlError> {
         self.get(&format!(
             "/api/v1/deployments/{}/logs?device={}&tail={tail}",
             segment(deployment),
@@ -369,7 +366,7 @@ impl Client {
         &self,
         deployment: &str,
         cmd: &fleet_contracts::api::ExecCommand,
-    ) -> Result<fleet_contracts::api::ExecReply, CtlError> {
+    ) -> Result<fleet_contracts::rpc::ExecReply, CtlError> {
         let url = self.url(&format!("/api/v1/deployments/{}/exec", segment(deployment)));
         self.answer(&url, self.auth(self.agent.post(&url)).send_json(cmd))
     }
@@ -379,7 +376,7 @@ impl Client {
         &self,
         deployment: &str,
         by: &str,
-    ) -> Result<fleet_contracts::api::RolloutResume, CtlError> {
+    ) -> Result<fleet_contracts::state::RolloutResume, CtlError> {
         let url = self.url(&format!(
             "/api/v1/deployments/{}/rollout/resume",
             segment(deployment)

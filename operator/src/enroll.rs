@@ -13,10 +13,11 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::kv::{self, Operation};
 use fleet_contracts::{
-    API_VERSION, SCHEMA_VERSION,
-    api::{DeviceIdentity, EnrollReply, EnrollRequest, EnrollmentToken, Revoked, RevokedFor},
+    API_VERSION, Labels, SCHEMA_VERSION,
     names::{self, check_name},
-    resource::{Device, Labels, Metadata},
+    resource::{Device, Metadata},
+    rpc::{EnrollReply, EnrollRequest},
+    state::{DeviceIdentity, EnrollmentToken, Revoked, RevokedFor},
 };
 use tracing::{info, warn};
 
@@ -119,7 +120,7 @@ pub async fn serve(client: async_nats::Client, shared: Arc<Shared>, identity: Ar
     let state = shared.clone();
     respond::serve(
         client,
-        "enroll",
+        names::enroll_subject,
         names::enroll_inbox,
         shared,
         false,
@@ -146,7 +147,7 @@ pub async fn serve_renewals(client: async_nats::Client, shared: Arc<Shared>) {
     let state = shared.clone();
     respond::serve(
         client,
-        "renew",
+        names::renew_subject,
         names::device_inbox,
         shared,
         false,

@@ -7,14 +7,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fleet_contracts::{
-    api::DeviceIdentity,
     names::{self, DeviceKey},
     resource::{
         Deployment, DeploymentStatus, Device, DeviceDeploymentStatus, DeviceStatus, RolloutPhase,
     },
     state::{
-        Adoption, DesiredDeployment, Health, Heartbeat, Phase, ReportedDeployment, StoreIdentity,
-        StoreRef,
+        Adoption, DesiredDeployment, DeviceIdentity, Health, Heartbeat, Phase, ReportedDeployment,
+        StoreIdentity, StoreRef,
     },
 };
 
@@ -44,7 +43,7 @@ pub struct Fleet {
     /// Enrolled devices' identity records (`fleet-enrollment` `device.<name>`).
     pub identities: BTreeMap<String, DeviceIdentity>,
     /// `fleetctl rollout resume` decisions, per Deployment.
-    pub resumes: BTreeMap<String, fleet_contracts::api::RolloutResume>,
+    pub resumes: BTreeMap<String, fleet_contracts::state::RolloutResume>,
     /// `<bucket>/<key>` of values this operator cannot read, and why: reported in the status,
     /// and the desired keys of an unreadable Device or Deployment are left alone.
     pub unreadable: BTreeMap<String, String>,
@@ -507,7 +506,8 @@ mod tests {
     use super::*;
     use fleet_contracts::{
         SCHEMA_VERSION,
-        resource::{Container, DeploymentSpec, LabelSelector, Metadata, PodTemplate},
+        resource::{DeploymentSpec, LabelSelector, Metadata},
+        spec::{Container, PodTemplate},
     };
 
     fn device(name: &str, role: &str) -> Device {

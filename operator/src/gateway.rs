@@ -36,7 +36,7 @@ pub async fn serve_sync(client: async_nats::Client, shared: Arc<Shared>) {
     let state = shared.clone();
     respond::serve(
         client,
-        "sync",
+        names::sync_subject,
         names::device_inbox,
         shared,
         true,
@@ -92,7 +92,7 @@ pub async fn serve_reports(client: async_nats::Client, shared: Arc<Shared>) {
     let state = shared.clone();
     respond::serve(
         client,
-        "report",
+        names::report_subject,
         names::device_inbox,
         shared,
         true,

@@ -23,7 +23,7 @@ use std::{
 };
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
-use fleet_contracts::{SCHEMA_VERSION, api::Lease, names::LEASE_KEY};
+use fleet_contracts::{SCHEMA_VERSION, names::LEASE_KEY, state::Lease};
 use tokio::time::Instant;
 use tracing::{info, warn};
 

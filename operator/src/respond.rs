@@ -48,13 +48,14 @@ impl Answer {
 /// Most requests of one verb handled at once when `concurrent`.
 const MAX_IN_FLIGHT: usize = 256;
 
-/// Serves `fleet.<verb>.*` on `client` until it closes. `inbox(token)` is the inbox prefix the
+/// Serves `subject("*")` (a [`names`] function: `fleet.<verb>.*`) on `client` until it closes.
+/// `inbox(token)` is the inbox prefix the
 /// requester named by `token` owns; `answer(token, payload)` makes the answer. With
 /// `concurrent`, requests are handled side by side (at most [`MAX_IN_FLIGHT`]); otherwise one
 /// after another, in the order they came.
 pub async fn serve<F, Fut>(
     client: async_nats::Client,
-    verb: &'static str,
+    subject: fn(&str) -> String,
     inbox: fn(&str) -> String,
     shared: Arc<Shared>,
     concurrent: bool,
@@ -63,15 +64,16 @@ pub async fn serve<F, Fut>(
     F: Fn(String, bytes::Bytes) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Answer> + Send + 'static,
 {
-    let prefix = format!("fleet.{verb}.");
+    let prefix = subject("");
+    let verb: Arc<str> = prefix.trim_end_matches('.').into();
     // A queue group: with several operators (active/passive), one of them answers each request.
     let subscribed = client
-        .queue_subscribe(format!("{prefix}*"), "fleet-operator".to_owned())
+        .queue_subscribe(subject("*"), names::OPERATOR_QUEUE.to_owned())
         .await;
     let mut sub = match subscribed {
         Ok(s) => s,
         Err(e) => {
-            warn!(error = %e, verb, "cannot serve requests");
+            warn!(error = %e, %verb, "cannot serve requests");
             return;
         }
     };
@@ -89,17 +91,17 @@ pub async fn serve<F, Fut>(
                     .refused_requests
                     .fetch_add(1, Ordering::Relaxed);
                 let shown: String = other.unwrap_or("(none)").chars().take(120).collect();
-                warn!(verb, token = %token.chars().take(64).collect::<String>(), reply = %shown,
+                warn!(%verb, token = %token.chars().take(64).collect::<String>(), reply = %shown,
                     "refused a request whose reply subject is not the requester's own inbox");
                 continue;
             }
         };
         let work = {
-            let (client, answer) = (client.clone(), answer.clone());
+            let (client, answer, verb) = (client.clone(), answer.clone(), verb.clone());
             async move {
                 let Answer { body, then } = answer(token, msg.payload).await;
                 if let Err(e) = client.publish(reply, body.into()).await {
-                    warn!(error = %e, verb, "cannot answer a request");
+                    warn!(error = %e, %verb, "cannot answer a request");
                 }
                 if let Some(then) = then {
                     let _ = client.flush().await;

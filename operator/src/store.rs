@@ -18,14 +18,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use async_nats::jetstream::kv::{self, Operation};
 use fleet_contracts::{
     API_VERSION, SCHEMA_VERSION,
-    api::{AdoptRequest, AdoptResult, Backup, DeviceIdentity, RestoreResult, Revocations},
+    api::{AdoptRequest, AdoptResult, Backup, RestoreResult},
     document::MAX_RESOURCE_BYTES,
     names::{
         self, AUDIT_BUCKET, DESIRED_BUCKET, ENROLLMENT_BUCKET, REPORTED_BUCKET, RESOURCES_BUCKET,
         STORE_KEY,
     },
     resource::Resource,
-    state::{Adoption, HealthFlag, StoreIdentity, StoreRef},
+    state::{Adoption, DeviceIdentity, HealthFlag, Revocations, StoreIdentity, StoreRef},
 };
 use futures::StreamExt;
 use tracing::info;
@@ -252,7 +252,7 @@ fn check_resource(key: &str, value: &serde_json::Value) -> Result<(), String> {
         "adoption" => serde_json::from_value::<Adoption>(value.clone())
             .map(drop)
             .map_err(|e| e.to_string()),
-        "rollout" => serde_json::from_value::<fleet_contracts::api::RolloutResume>(value.clone())
+        "rollout" => serde_json::from_value::<fleet_contracts::state::RolloutResume>(value.clone())
             .map(drop)
             .map_err(|e| e.to_string()),
         "fleet" if name == "store" => Ok(()),

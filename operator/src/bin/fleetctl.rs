@@ -431,7 +431,7 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
             tail,
             ..
         } => match client.logs(&deployment, &device, tail)? {
-            fleet_contracts::api::LogsReply::Lines { lines, truncated } => {
+            fleet_contracts::rpc::LogsReply::Lines { lines, truncated } => {
                 if truncated {
                     eprintln!("(older lines dropped: the answer is capped at 512 KiB)");
                 }
@@ -440,7 +440,7 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            fleet_contracts::api::LogsReply::Error { message } => {
+            fleet_contracts::rpc::LogsReply::Error { message } => {
                 eprintln!("error: {message}");
                 Ok(ExitCode::FAILURE)
             }
@@ -459,7 +459,7 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
                 by,
             };
             match client.exec(&deployment, &cmd)? {
-                fleet_contracts::api::ExecReply::Done {
+                fleet_contracts::rpc::ExecReply::Done {
                     exit_code,
                     stdout,
                     stderr,
@@ -472,11 +472,11 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
                     }
                     Ok(ExitCode::from(u8::try_from(exit_code).unwrap_or(1)))
                 }
-                fleet_contracts::api::ExecReply::TimedOut { after_secs } => {
+                fleet_contracts::rpc::ExecReply::TimedOut { after_secs } => {
                     eprintln!("error: the command did not finish within {after_secs}s");
                     Ok(ExitCode::FAILURE)
                 }
-                fleet_contracts::api::ExecReply::Error { message } => {
+                fleet_contracts::rpc::ExecReply::Error { message } => {
                     eprintln!("error: {message}");
                     Ok(ExitCode::FAILURE)
                 }

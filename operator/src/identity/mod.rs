@@ -19,7 +19,11 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use fleet_contracts::names::{OPERATOR_INBOX, check_name, device_inbox};
+use fleet_contracts::names::{self, OPERATOR_INBOX, check_name, device_inbox};
+
+/// The server's template for the connecting user's name in a signing key's permissions: the
+/// device id or the enrollment token id.
+const NAME: &str = "{{name()}}";
 use nkeys::KeyPair;
 
 use jwt::{
@@ -305,7 +309,12 @@ impl Identity {
     pub fn service_creds(&self) -> Result<String, IdentityError> {
         let user = KeyPair::new_user();
         let permissions = UserPermissions {
-            publish: Permission::allow(&["$JS.API.>", "$KV.>", "$JS.FC.>", "fleet.dev.>"]),
+            publish: Permission::allow(&[
+                "$JS.API.>",
+                "$KV.>",
+                "$JS.FC.>",
+                &names::device_subjects("*"),
+            ]),
             subscribe: Permission::allow(&[&format!("{OPERATOR_INBOX}.>")]),
             resp: None,
             subs: Some(-1),
@@ -327,12 +336,15 @@ impl Identity {
     /// somewhere else could reach no stream or bucket.
     pub fn responder_creds(&self) -> Result<String, IdentityError> {
         let permissions = UserPermissions {
-            publish: Permission::allow(&["_INBOX.enroll.>", &format!("{}.>", device_inbox("*"))]),
+            publish: Permission::allow(&[
+                &format!("{}.>", names::enroll_inbox("*")),
+                &format!("{}.>", device_inbox("*")),
+            ]),
             subscribe: Permission::allow(&[
-                "fleet.enroll.*",
-                "fleet.renew.*",
-                "fleet.sync.*",
-                "fleet.report.*",
+                &names::enroll_subject("*"),
+                &names::renew_subject("*"),
+                &names::sync_subject("*"),
+                &names::report_subject("*"),
             ]),
             resp: None,
             subs: Some(-1),
@@ -471,14 +483,14 @@ impl Identity {
 pub fn device_template() -> UserPermissions {
     UserPermissions {
         publish: Permission::allow(&[
-            "fleet.sync.{{name()}}",
-            "fleet.report.{{name()}}",
-            "fleet.renew.{{name()}}",
+            &names::sync_subject(NAME),
+            &names::report_subject(NAME),
+            &names::renew_subject(NAME),
         ]),
         subscribe: Permission {
             allow: vec![
-                format!("{}.>", device_inbox("{{name()}}")),
-                "fleet.dev.{{name()}}.>".into(),
+                format!("{}.>", device_inbox(NAME)),
+                names::device_subjects(NAME),
             ],
             deny: vec![],
         },
@@ -496,8 +508,8 @@ pub fn device_template() -> UserPermissions {
 /// What an enrollment token may do: ask once, on its own subject, and hear the answer.
 pub fn enroll_template() -> UserPermissions {
     UserPermissions {
-        publish: Permission::allow(&["fleet.enroll.{{name()}}"]),
-        subscribe: Permission::allow(&["_INBOX.enroll.{{name()}}.>"]),
+        publish: Permission::allow(&[&names::enroll_subject(NAME)]),
+        subscribe: Permission::allow(&[&format!("{}.>", names::enroll_inbox(NAME))]),
         resp: None,
         subs: Some(10),
         data: Some(-1),

@@ -18,7 +18,8 @@ forbid() { # forbid PACKAGE CRATE...
   done
 }
 forbid fleet-contracts tokio async-nats axum ureq nkeys
-# fleet-bootguard runs in the initramfs before root is mounted: no async runtime, no NATS.
-forbid fleet-bootguard tokio async-nats axum ureq nkeys serde_json
+# fleet-bootguard runs in the initramfs before root is mounted: no async runtime, no NATS, no
+# serde (it takes only fleet_contracts::boot, with default features off).
+forbid fleet-bootguard tokio async-nats axum ureq nkeys serde serde_json
 [ $fail -eq 0 ] && echo "check-deps: ok"
 exit $fail

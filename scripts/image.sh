@@ -13,7 +13,9 @@ out=target/images/fleet-pi.img
 [ "${1:-}" = "--out" ] && out=$2
 
 bash scripts/bootstrap.sh --image
-cargo build --locked --release --quiet --target aarch64-unknown-linux-musl -p fleet-agent -p fleet-bootguard
+cargo build --locked --release --quiet --target aarch64-unknown-linux-musl -p fleet-agent
+# Alone, so cargo does not unify its features with the agent's: fleet-contracts without serde.
+cargo build --locked --release --quiet --target aarch64-unknown-linux-musl -p fleet-bootguard
 cargo build --locked --release --quiet -p fleet-image
 arm=target/aarch64-unknown-linux-musl/release
 FLEET_IMAGE_CACHE="$FLEET_CACHE/image" target/release/fleet-image build \

@@ -8,7 +8,9 @@
 //! - [`state`]: every value stored in NATS KV;
 //! - [`resource`]: the documents people apply (Deployment, Device) and their validation;
 //! - [`rpc`]: every request/reply message over core NATS (sync, report, enroll, logs, exec);
-//! - [`api`]: the operator's HTTP bodies, and nothing else.
+//! - [`api`]: the operator's HTTP bodies, and nothing else;
+//! - [`boot`]: the OS upgrade state on the boot partition, shared by the bootguard, the agent
+//!   and the provisioner; plain `std`, the one module left with the `wire` feature off.
 //!
 //! Dependencies run one way, in that order (`tests/tidy.rs` checks it); the wire formats are
 //! pinned in `tests/wire.rs`.
@@ -17,13 +19,22 @@
 //! callers pass timestamps in. Values evolve additively: readers ignore unknown fields, writers
 //! never drop a field within a schema version ([`SCHEMA_VERSION`]).
 
+#[cfg(feature = "wire")]
 pub mod api;
+pub mod boot;
+#[cfg(feature = "wire")]
 pub mod checks;
+#[cfg(feature = "wire")]
 pub mod document;
+#[cfg(feature = "wire")]
 pub mod names;
+#[cfg(feature = "wire")]
 pub mod resource;
+#[cfg(feature = "wire")]
 pub mod rpc;
+#[cfg(feature = "wire")]
 pub mod spec;
+#[cfg(feature = "wire")]
 pub mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -41,7 +52,8 @@ pub type Labels = std::collections::BTreeMap<String, String>;
 
 /// A problem with one field of a document, named by its path
 /// (`spec.template.containers[0].image`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "wire", derive(serde::Serialize, serde::Deserialize))]
 pub struct FieldError {
     pub path: String,
     pub message: String,

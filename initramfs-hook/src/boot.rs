@@ -2,7 +2,7 @@
 //! the known-good copy of the boot files with its manifest, and an event log.
 //!
 //! ```text
-//! <boot>/rollback/state              the upgrade state (state.rs), replaced whole
+//! <boot>/rollback/state              the upgrade state (fleet_contracts::boot), replaced whole
 //! <boot>/rollback/checks             what the storage checks found (checks.rs), replaced whole
 //! <boot>/rollback/events             one line per decision, for people (bounded)
 //! <boot>/rollback/boot-prev/MANIFEST "<sha256> <size> <path>" per file, written last
@@ -26,8 +26,8 @@ use sha2::{Digest, Sha256};
 use crate::{
     KnownGood,
     checks::{Checks, Unreadable},
-    state::{BootState, Corrupt},
 };
+use fleet_contracts::boot::{BootState, Corrupt};
 
 /// Folders of the boot partition that belong to the device, not to the OS's boot set.
 const KEEP: [&str; 2] = ["rollback", "fleet"];
@@ -289,7 +289,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Phase;
+    use fleet_contracts::boot::Phase;
 
     struct Dir(PathBuf);
     impl Drop for Dir {

@@ -29,9 +29,8 @@
 pub mod boot;
 pub mod checks;
 pub mod run;
-pub mod state;
 
-use state::{BootState, Corrupt, Phase};
+use fleet_contracts::boot::{BootState, Corrupt, Phase};
 
 /// The known-good copy of the boot partition's files (`rollback/boot-prev/`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,8 +25,8 @@ use crate::{
     boot::BootPartition,
     checks::{self, Checks, PoolDecision, PoolSeen},
     decide,
-    state::{BootState, Phase},
 };
+use fleet_contracts::boot::{BootState, Phase};
 
 /// How long a query (`lvs`) may take before the bootguard gives up on it.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2 * 60);

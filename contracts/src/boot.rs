@@ -1,8 +1,12 @@
-//! The upgrade state kept on the boot (FAT) partition, outside every snapshot:
+//! The OS upgrade state kept on the boot (FAT) partition, outside every snapshot:
 //! `rollback/state`, a few `key=value` lines. Written by the upgrade command and the check-in
-//! service in userspace, and by the bootguard in the initramfs; always replaced whole
-//! (write `state.tmp`, fsync, rename, fsync the folder), so a power cut leaves the old or the
-//! new file, never half of one.
+//! service in userspace (the agent, the provisioner), and by the bootguard in the initramfs;
+//! always replaced whole (write `state.tmp`, fsync, rename, fsync the folder), so a power cut
+//! leaves the old or the new file, never half of one.
+//!
+//! This is the one type and the one parser of that file. It needs nothing but `std`: the
+//! bootguard uses it with this crate's default features off (no serde, no serde_json in the
+//! initramfs; `scripts/check-deps.sh` checks it).
 
 use std::fmt;
 

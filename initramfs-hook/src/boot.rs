@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     KnownGood,
     checks::{Checks, Unreadable},
+    error::{At, Error},
 };
 use fleet_contracts::boot::{BootState, Corrupt};
 
@@ -63,46 +64,62 @@ impl BootPartition {
     }
 
     /// The state file: `Ok(None)` when there is none.
-    pub fn read_state(&self) -> io::Result<Result<Option<BootState>, Corrupt>> {
-        match fs::read(self.rollback().join("state")) {
+    pub fn read_state(&self) -> Result<Result<Option<BootState>, Corrupt>, Error> {
+        let path = self.rollback().join("state");
+        match fs::read(&path) {
             Ok(bytes) => Ok(match String::from_utf8(bytes) {
                 Ok(text) => BootState::parse(&text).map(Some),
                 Err(_) => Err(Corrupt("the state file is not text".into())),
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Ok(None)),
-            Err(e) => Err(e),
+            Err(e) => Err(e).at("read", &path),
         }
     }
 
-    pub fn write_state(&self, state: &BootState) -> io::Result<()> {
-        fs::create_dir_all(self.rollback())?;
+    /// The state file, for a command that needs a readable one: a corrupt file is an error
+    /// naming it.
+    pub fn state(&self) -> Result<Option<BootState>, Error> {
+        self.read_state()?.map_err(|corrupt| Error::Corrupt {
+            path: self.rollback().join("state"),
+            corrupt,
+        })
+    }
+
+    pub fn write_state(&self, state: &BootState) -> Result<(), Error> {
+        self.make_rollback()?;
         write_atomic(&self.rollback().join("state"), state.render().as_bytes())
     }
 
     /// The storage check record: `Ok(None)` when there is none (nothing was ever found).
-    pub fn read_checks(&self) -> io::Result<Result<Option<Checks>, Unreadable>> {
-        match fs::read(self.rollback().join("checks")) {
+    pub fn read_checks(&self) -> Result<Result<Option<Checks>, Unreadable>, Error> {
+        let path = self.rollback().join("checks");
+        match fs::read(&path) {
             Ok(bytes) => Ok(match String::from_utf8(bytes) {
                 Ok(text) => Checks::parse(&text).map(Some),
                 Err(_) => Err(Unreadable("the file is not text".into())),
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Ok(None)),
-            Err(e) => Err(e),
+            Err(e) => Err(e).at("read", &path),
         }
     }
 
-    pub fn write_checks(&self, checks: &Checks) -> io::Result<()> {
-        fs::create_dir_all(self.rollback())?;
+    pub fn write_checks(&self, checks: &Checks) -> Result<(), Error> {
+        self.make_rollback()?;
         write_atomic(&self.rollback().join("checks"), checks.render().as_bytes())
     }
 
+    fn make_rollback(&self) -> Result<(), Error> {
+        let dir = self.rollback();
+        fs::create_dir_all(&dir).at("create the folder", &dir)
+    }
+
     /// Appends a line to `rollback/events`, keeping the file under 64 KiB.
-    pub fn log_event(&self, line: &str) -> io::Result<()> {
-        fs::create_dir_all(self.rollback())?;
+    pub fn log_event(&self, line: &str) -> Result<(), Error> {
+        self.make_rollback()?;
         let path = self.rollback().join("events");
         let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         if size > EVENTS_MAX {
-            let old = fs::read(&path)?;
+            let old = fs::read(&path).at("read", &path)?;
             let half = &old[old.len() / 2..];
             let start = half
                 .iter()
@@ -110,30 +127,36 @@ impl BootPartition {
                 .map_or(half.len(), |i| i + 1);
             write_atomic(&path, &half[start..])?;
         }
-        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
-        writeln!(f, "{}", line.replace('\n', " "))?;
-        f.sync_all()
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .at("open", &path)?;
+        writeln!(f, "{}", line.replace('\n', " ")).at("append to", &path)?;
+        f.sync_all().at("fsync", &path)
     }
 
     /// Whether the known-good copy is there and whole.
-    pub fn known_good(&self) -> io::Result<KnownGood> {
-        let manifest = match fs::read_to_string(self.prev().join(MANIFEST)) {
+    pub fn known_good(&self) -> Result<KnownGood, Error> {
+        let path = self.prev().join(MANIFEST);
+        let manifest = match fs::read_to_string(&path) {
             Ok(m) => m,
             // A copy without its manifest was never finished: there is nothing to restore.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(KnownGood::Missing),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e).at("read", &path),
         };
         let Some(entries) = parse_manifest(&manifest) else {
             return Ok(KnownGood::Incomplete);
         };
         for entry in &entries {
-            match digest_file(&self.prev().join(&entry.path)) {
+            let copy = self.prev().join(&entry.path);
+            match digest_file(&copy) {
                 Ok((digest, size)) if digest == entry.digest && size == entry.size => {}
                 Ok(_) => return Ok(KnownGood::Incomplete),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     return Ok(KnownGood::Incomplete);
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e).at("read", &copy),
             }
         }
         Ok(KnownGood::Complete)
@@ -141,21 +164,28 @@ impl BootPartition {
 
     /// Copies the boot set (every file outside `rollback/` and `fleet/`) into
     /// `rollback/boot-prev/`, the manifest last. Returns the number of files.
-    pub fn save_known_good(&self) -> io::Result<usize> {
+    pub fn save_known_good(&self) -> Result<usize, Error> {
         let prev = self.prev();
         if prev.exists() {
-            fs::remove_dir_all(&prev)?;
+            fs::remove_dir_all(&prev).at("remove the old copy", &prev)?;
         }
         let mut manifest = String::new();
         let files = self.boot_set()?;
         for rel in &files {
             let dest = prev.join(rel);
             if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent)?;
+                fs::create_dir_all(parent).at("create the folder", parent)?;
             }
-            fs::copy(self.root.join(rel), &dest)?;
-            File::open(&dest)?.sync_all()?;
-            let (digest, size) = digest_file(&dest)?;
+            let src = self.root.join(rel);
+            fs::copy(&src, &dest).map_err(|source| Error::File {
+                op: "copy",
+                path: src.clone(),
+                source: io::Error::new(source.kind(), format!("to {}: {source}", dest.display())),
+            })?;
+            File::open(&dest)
+                .and_then(|f| f.sync_all())
+                .at("fsync", &dest)?;
+            let (digest, size) = digest_file(&dest).at("read", &dest)?;
             manifest.push_str(&format!("{digest} {size} {rel}\n"));
         }
         write_atomic(&prev.join(MANIFEST), manifest.as_bytes())?;
@@ -165,14 +195,15 @@ impl BootPartition {
     /// Puts the known-good files back: each file through a temporary copy and a rename,
     /// `config.txt` last, files the copy does not have removed, then the copy itself removed.
     /// Repeating it after a power cut gives the same result.
-    pub fn restore_known_good(&self) -> io::Result<usize> {
-        let manifest = fs::read_to_string(self.prev().join(MANIFEST))?;
-        let entries = parse_manifest(&manifest)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable MANIFEST"))?;
+    pub fn restore_known_good(&self) -> Result<usize, Error> {
+        let path = self.prev().join(MANIFEST);
+        let manifest = fs::read_to_string(&path).at("read", &path)?;
+        let entries = parse_manifest(&manifest).ok_or(Error::Manifest { path })?;
         let wanted: BTreeSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
         for stale in self.boot_set()? {
             if !wanted.contains(stale.as_str()) {
-                fs::remove_file(self.root.join(&stale))?;
+                let stale = self.root.join(&stale);
+                fs::remove_file(&stale).at("remove", &stale)?;
             }
         }
         let (last, first): (Vec<&Entry>, Vec<&Entry>) =
@@ -180,27 +211,28 @@ impl BootPartition {
         for entry in first.iter().chain(last.iter()) {
             let dest = self.root.join(&entry.path);
             if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent)?;
+                fs::create_dir_all(parent).at("create the folder", parent)?;
             }
-            let bytes = fs::read(self.prev().join(&entry.path))?;
+            let copy = self.prev().join(&entry.path);
+            let bytes = fs::read(&copy).at("read", &copy)?;
             write_atomic(&dest, &bytes)?;
         }
         sync_dir(&self.root)?;
-        fs::remove_dir_all(self.prev())?;
+        fs::remove_dir_all(self.prev()).at("remove", &self.prev())?;
         sync_dir(&self.rollback())?;
         Ok(entries.len())
     }
 
     /// Removes the known-good copy (after a commit).
-    pub fn drop_known_good(&self) -> io::Result<()> {
+    pub fn drop_known_good(&self) -> Result<(), Error> {
         match fs::remove_dir_all(self.prev()) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e).at("remove", &self.prev()),
             _ => sync_dir(&self.rollback()),
         }
     }
 
     /// Every file of the boot set, relative to the root, sorted.
-    fn boot_set(&self) -> io::Result<Vec<String>> {
+    fn boot_set(&self) -> Result<Vec<String>, Error> {
         let mut out = Vec::new();
         walk(&self.root, "", &mut out)?;
         out.sort();
@@ -208,15 +240,15 @@ impl BootPartition {
     }
 }
 
-fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
+fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), Error> {
+    for entry in fs::read_dir(dir).at("list", dir)? {
+        let entry = entry.at("list", dir)?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if prefix.is_empty() && KEEP.iter().any(|k| k.eq_ignore_ascii_case(&name)) {
             continue;
         }
         let rel = format!("{prefix}{name}");
-        if entry.file_type()?.is_dir() {
+        if entry.file_type().at("stat", &entry.path())?.is_dir() {
             walk(&entry.path(), &format!("{rel}/"), out)?;
         } else {
             out.push(rel);
@@ -268,22 +300,27 @@ fn digest_file(path: &Path) -> io::Result<(String, u64)> {
 /// and the directory entry naming the new clusters is written with that inode, not with the
 /// folder. Without it, a reboot soon after left `config.txt` pointing at the clusters of the
 /// file it replaced, already freed (seen under QEMU in the bootguard test).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    File::open(path)?.sync_all()?;
+    File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .at("write", &tmp)?;
+    fs::rename(&tmp, path).at("rename the new copy over", path)?;
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .at("fsync", path)?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .at("fsync the folder", dir)
 }
 
 #[cfg(test)]
@@ -312,6 +349,37 @@ mod tests {
         fs::write(root.join("overlays/a.dtbo"), "overlay").unwrap();
         fs::create_dir_all(root.join("fleet")).unwrap();
         fs::write(root.join("fleet/device.toml"), "nats_url = \"x\"\n").unwrap();
+    }
+
+    #[test]
+    fn failed_file_operations_name_the_operation_and_the_path() {
+        let dir = temp("errors");
+        let part = BootPartition::new(&dir.0);
+        let missing = dir.0.join("rollback/boot-prev/MANIFEST");
+        let err = part.restore_known_good().unwrap_err();
+        assert!(err.is_not_found(), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot read {}: ", missing.display())),
+            "{err}"
+        );
+        fs::create_dir_all(dir.0.join("rollback/boot-prev")).unwrap();
+        fs::write(&missing, "not a manifest\n").unwrap();
+        assert_eq!(
+            part.restore_known_good().unwrap_err().to_string(),
+            format!(
+                "{}: not a manifest of sha256, size and path lines",
+                missing.display()
+            )
+        );
+        fs::write(dir.0.join("rollback/state"), "phase=maybe\n").unwrap();
+        assert_eq!(
+            part.state().unwrap_err().to_string(),
+            format!(
+                "{}: the upgrade state file is unreadable: unknown phase \"maybe\"",
+                dir.0.join("rollback/state").display()
+            )
+        );
     }
 
     #[test]

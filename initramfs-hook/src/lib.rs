@@ -20,7 +20,8 @@
 //! [`boot`] is the boot partition (state file, check record, known-good copy with its
 //! manifest, event log); [`run`] applies the steps on a device (LVM through the `lvm` tool,
 //! the watchdog, the reboot) and holds the userspace commands `arm`, `commit` and
-//! `request-rollback`. The binary
+//! `request-rollback`; every failure is an [`Error`] naming the operation and what it was done
+//! on (the file and its path, the tool's command line and what it said). The binary
 //! (`src/main.rs`) is what the initramfs-tools `local-top` script (`initramfs/`) calls.
 //!
 //! No tokio, no NATS, no serde_json (checked by `scripts/check-deps.sh`): it runs in the
@@ -28,7 +29,10 @@
 
 pub mod boot;
 pub mod checks;
+pub mod error;
 pub mod run;
+
+pub use error::Error;
 
 use fleet_contracts::boot::{BootState, Corrupt, Phase};
 

@@ -3,12 +3,14 @@
 
 use std::{
     io::{self, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
 };
 
 use fleet_bootguard::{
+    Error,
     boot::BootPartition,
+    error::At,
     run::{self, FatCheck, Lvm, Outcome, WATCHDOG_BUDGET, Watchdog},
 };
 
@@ -110,7 +112,7 @@ fn main() -> ExitCode {
 /// `boot`'s exit status when the device must reboot (after a rollback).
 const REBOOT: u8 = 10;
 
-fn execute(args: &Args) -> io::Result<ExitCode> {
+fn execute(args: &Args) -> Result<ExitCode, Error> {
     let part = BootPartition::new(&args.boot_dir);
     let lvm = Lvm::new(&args.vg);
     match args.command.as_str() {
@@ -144,14 +146,16 @@ fn execute(args: &Args) -> io::Result<ExitCode> {
                 Ok(None) => "phase=idle (no state file)\n".to_owned(),
                 Err(corrupt) => format!("corrupt: {corrupt}\n"),
             };
-            io::stdout().write_all(text.as_bytes())?;
+            io::stdout()
+                .write_all(text.as_bytes())
+                .at("write", Path::new("(standard output)"))?;
             Ok(ExitCode::SUCCESS)
         }
         "arm" => {
             let id = args
                 .upgrade_id
                 .as_deref()
-                .ok_or_else(|| io::Error::other("arm needs --upgrade-id"))?;
+                .ok_or_else(|| Error::Usage("arm needs --upgrade-id".into()))?;
             let state = run::arm(&part, &lvm, &args.origin, id)?;
             say(&format!(
                 "upgrade {id} pending: snapshot {}/{} taken, {} boots to check in",
@@ -170,8 +174,6 @@ fn execute(args: &Args) -> io::Result<ExitCode> {
             say("the next boot rolls back");
             Ok(ExitCode::SUCCESS)
         }
-        other => Err(io::Error::other(format!(
-            "unknown command {other}\n{USAGE}"
-        ))),
+        other => Err(Error::Usage(format!("unknown command {other}\n{USAGE}"))),
     }
 }

@@ -25,6 +25,7 @@ use crate::{
     boot::BootPartition,
     checks::{self, Checks, PoolDecision, PoolSeen},
     decide,
+    error::{At, Error, Result, ToolFailure},
 };
 use fleet_contracts::boot::{BootState, Phase};
 
@@ -43,23 +44,23 @@ pub const WATCHDOG_BUDGET: Duration = Duration::from_secs(30 * 60);
 
 /// The logical volumes the bootguard needs.
 pub trait Volumes {
-    fn exists(&self, lv: &str) -> io::Result<bool>;
+    fn exists(&self, lv: &str) -> Result<bool>;
     /// Merges thin snapshot `lv` into its origin (at once when neither is open).
-    fn merge(&self, lv: &str) -> io::Result<()>;
+    fn merge(&self, lv: &str) -> Result<()>;
     /// Takes thin snapshot `name` of `origin`.
-    fn snapshot(&self, origin: &str, name: &str) -> io::Result<()>;
-    fn remove(&self, lv: &str) -> io::Result<()>;
+    fn snapshot(&self, origin: &str, name: &str) -> Result<()>;
+    fn remove(&self, lv: &str) -> Result<()>;
     /// The thin pool `lv` lives in; `None` when `lv` is not a thin LV.
-    fn pool_of(&self, lv: &str) -> io::Result<Option<String>>;
+    fn pool_of(&self, lv: &str) -> Result<Option<String>>;
     /// Activates `lv` and with it its thin pool, whose activation runs `thin_check` on the
     /// pool's metadata (lvm.conf's `thin_check_options`). An error only when lvm cannot run.
-    fn activate(&self, lv: &str) -> io::Result<PoolSeen>;
+    fn activate(&self, lv: &str) -> Result<PoolSeen>;
     /// What `thin_check` says of an inactive pool's metadata, for the record; best effort.
     fn check_pool(&self, pool: &str) -> String;
     /// `lvconvert --repair` of an inactive pool: new metadata rebuilt from the old one into
     /// the pool's spare metadata area; the old one is kept as `<pool>_meta<N>`. Returns what
     /// lvm said.
-    fn repair_pool(&self, pool: &str) -> io::Result<String>;
+    fn repair_pool(&self, pool: &str) -> Result<String>;
 }
 
 /// The `lvm` command on volume group `vg`.
@@ -79,14 +80,14 @@ impl Lvm {
         }
     }
 
-    fn run(&self, args: &[&str], timeout: Duration) -> io::Result<Output> {
+    fn run(&self, args: &[&str], timeout: Duration) -> Result<Output, Error> {
         #[allow(clippy::disallowed_methods)] // The bootguard's one process seam: the lvm tool.
         let mut cmd = Command::new(&self.program);
         cmd.args(args);
         run_bounded(cmd, timeout, &format!("lvm {}", args.join(" ")))
     }
 
-    fn checked(&self, args: &[&str], timeout: Duration) -> io::Result<String> {
+    fn checked(&self, args: &[&str], timeout: Duration) -> Result<String, Error> {
         let out = self.run(args, timeout)?;
         let said = format!(
             "{}{}",
@@ -96,11 +97,13 @@ impl Lvm {
         if out.status.success() {
             Ok(said.trim().to_owned())
         } else {
-            Err(io::Error::other(format!(
-                "lvm {}: {}",
-                args.join(" "),
-                said.trim()
-            )))
+            Err(Error::Tool {
+                command: format!("lvm {}", args.join(" ")),
+                failure: ToolFailure::Failed {
+                    status: out.status.code(),
+                    said: said.trim().to_owned(),
+                },
+            })
         }
     }
 
@@ -110,15 +113,19 @@ impl Lvm {
 }
 
 /// Runs `cmd` to its end, but at most `timeout`: then it is killed and the result is an error
-/// naming `what`. Its output is read while it runs, so a chatty tool cannot block on a full
-/// pipe.
-fn run_bounded(mut cmd: Command, timeout: Duration, what: &str) -> io::Result<Output> {
+/// naming `what` (the command line). Its output is read while it runs, so a chatty tool cannot
+/// block on a full pipe.
+fn run_bounded(mut cmd: Command, timeout: Duration, what: &str) -> Result<Output, Error> {
+    let tool = |failure| Error::Tool {
+        command: what.to_owned(),
+        failure,
+    };
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| io::Error::new(e.kind(), format!("{what}: cannot start it: {e}")))?;
+        .map_err(|e| tool(ToolFailure::CannotStart(e)))?;
     let drain = |child: &mut Child, out: bool| {
         let mut pipe: Box<dyn Read + Send> = if out {
             Box::new(child.stdout.take().expect("piped"))
@@ -134,16 +141,13 @@ fn run_bounded(mut cmd: Command, timeout: Duration, what: &str) -> io::Result<Ou
     let (stdout, stderr) = (drain(&mut child, true), drain(&mut child, false));
     let start = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = child.try_wait().map_err(|e| tool(ToolFailure::Io(e)))? {
             break status;
         }
         if start.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("{what}: no result after {}s; killed", timeout.as_secs()),
-            ));
+            return Err(tool(ToolFailure::TimedOut { after: timeout }));
         }
         thread::sleep(Duration::from_millis(50));
     };
@@ -160,7 +164,7 @@ fn dm_name(vg: &str, lv: &str) -> String {
 }
 
 impl Volumes for Lvm {
-    fn exists(&self, lv: &str) -> io::Result<bool> {
+    fn exists(&self, lv: &str) -> Result<bool, Error> {
         let name = self.name(lv);
         let out = self.run(
             &["lvs", "--noheadings", "-o", "lv_name", &name],
@@ -173,16 +177,22 @@ impl Volumes for Lvm {
         if err.contains("Failed to find logical volume") {
             Ok(false)
         } else {
-            Err(io::Error::other(format!("lvm lvs {name}: {}", err.trim())))
+            Err(Error::Tool {
+                command: format!("lvm lvs {name}"),
+                failure: ToolFailure::Failed {
+                    status: out.status.code(),
+                    said: err.trim().to_owned(),
+                },
+            })
         }
     }
 
-    fn merge(&self, lv: &str) -> io::Result<()> {
+    fn merge(&self, lv: &str) -> Result<(), Error> {
         self.checked(&["lvconvert", "--merge", &self.name(lv)], CHANGE_TIMEOUT)
             .map(drop)
     }
 
-    fn snapshot(&self, origin: &str, name: &str) -> io::Result<()> {
+    fn snapshot(&self, origin: &str, name: &str) -> Result<(), Error> {
         // No size: a size would make a thick copy-on-write snapshot instead of a thin one.
         self.checked(
             &["lvcreate", "-s", "-n", name, &self.name(origin)],
@@ -191,12 +201,12 @@ impl Volumes for Lvm {
         .map(drop)
     }
 
-    fn remove(&self, lv: &str) -> io::Result<()> {
+    fn remove(&self, lv: &str) -> Result<(), Error> {
         self.checked(&["lvremove", "-y", &self.name(lv)], CHANGE_TIMEOUT)
             .map(drop)
     }
 
-    fn pool_of(&self, lv: &str) -> io::Result<Option<String>> {
+    fn pool_of(&self, lv: &str) -> Result<Option<String>, Error> {
         let pool = self.checked(
             &["lvs", "--noheadings", "-o", "pool_lv", &self.name(lv)],
             QUERY_TIMEOUT,
@@ -205,7 +215,7 @@ impl Volumes for Lvm {
         Ok((!pool.is_empty()).then(|| pool.to_owned()))
     }
 
-    fn activate(&self, lv: &str) -> io::Result<PoolSeen> {
+    fn activate(&self, lv: &str) -> Result<PoolSeen, Error> {
         let out = self.run(&["lvchange", "-ay", &self.name(lv)], ACTIVATE_TIMEOUT)?;
         if out.status.success() {
             return Ok(PoolSeen::Active);
@@ -230,7 +240,8 @@ impl Volumes for Lvm {
         #[allow(clippy::disallowed_methods)] // thin_check, read-only, bounded like lvm.
         let mut cmd = Command::new(&self.thin_check);
         cmd.arg(format!("/dev/mapper/{}", dm_name(&self.vg, &meta)));
-        let said = match run_bounded(cmd, ACTIVATE_TIMEOUT, "thin_check") {
+        let what = format!("thin_check /dev/mapper/{}", dm_name(&self.vg, &meta));
+        let said = match run_bounded(cmd, ACTIVATE_TIMEOUT, &what) {
             Ok(out) => format!(
                 "thin_check (exit {}): {}{}",
                 out.status.code().unwrap_or(-1),
@@ -245,7 +256,7 @@ impl Volumes for Lvm {
         said
     }
 
-    fn repair_pool(&self, pool: &str) -> io::Result<String> {
+    fn repair_pool(&self, pool: &str) -> Result<String, Error> {
         self.checked(
             &["lvconvert", "--repair", "-y", &self.name(pool)],
             CHANGE_TIMEOUT,
@@ -261,7 +272,7 @@ pub enum Outcome {
 }
 
 /// What the bootguard sees on this device.
-pub fn observe(boot: &BootPartition, volumes: &dyn Volumes) -> io::Result<Observed> {
+pub fn observe(boot: &BootPartition, volumes: &dyn Volumes) -> Result<Observed, Error> {
     let state = boot.read_state()?;
     let snapshot = match &state {
         // No upgrade ever: nothing to ask LVM (which may not even hold the volume group yet).
@@ -300,7 +311,7 @@ pub fn boot(
     root_lv: &str,
     fat: Option<&FatCheck>,
     say: &mut dyn FnMut(&str),
-) -> io::Result<Outcome> {
+) -> Result<Outcome, Error> {
     let mut checks = match boot.read_checks() {
         Ok(Ok(c)) => c.unwrap_or_default(),
         Ok(Err(e)) => {
@@ -344,7 +355,7 @@ fn check_pool(
     root_lv: &str,
     checks: &Checks,
     say: &mut dyn FnMut(&str),
-) -> io::Result<()> {
+) -> Result<(), Error> {
     let Some(pool) = volumes.pool_of(root_lv)? else {
         return Ok(());
     };
@@ -383,9 +394,10 @@ fn check_pool(
                     .and_then(|said| match volumes.activate(root_lv)? {
                         PoolSeen::Active => Ok(said),
                         PoolSeen::CheckFailed(e) | PoolSeen::OtherFailure(e) => {
-                            Err(io::Error::other(format!(
-                                "root still does not activate after the repair: {e}"
-                            )))
+                            Err(Error::Volume {
+                                lv: root_lv.to_owned(),
+                                problem: format!("still does not activate after the repair: {e}"),
+                            })
                         }
                     });
             let next = match repaired {
@@ -423,7 +435,7 @@ fn upgrade_steps(
     boot: &BootPartition,
     volumes: &dyn Volumes,
     say: &mut dyn FnMut(&str),
-) -> io::Result<Outcome> {
+) -> Result<Outcome, Error> {
     let observed = observe(boot, volumes)?;
     let steps = decide(&observed);
     for step in steps {
@@ -472,10 +484,9 @@ pub fn arm(
     volumes: &dyn Volumes,
     origin: &str,
     upgrade_id: &str,
-) -> io::Result<BootState> {
-    let current = boot.read_state()?.map_err(io::Error::other)?;
-    if let Some(s) = current.filter(|s| s.phase != Phase::Idle) {
-        return Err(io::Error::other(format!(
+) -> Result<BootState, Error> {
+    if let Some(s) = boot.state()?.filter(|s| s.phase != Phase::Idle) {
+        return Err(Error::refused(format!(
             "an upgrade is already {} ({}): commit it or roll it back first",
             s.phase, s.upgrade_id
         )));
@@ -488,10 +499,10 @@ pub fn arm(
         ..BootState::default()
     };
     if volumes.exists(&state.snapshot)? {
-        return Err(io::Error::other(format!(
-            "snapshot {} exists already: remove it first",
-            state.snapshot
-        )));
+        return Err(Error::Volume {
+            lv: state.snapshot.clone(),
+            problem: "the snapshot exists already: remove it first".into(),
+        });
     }
     boot.save_known_good()?;
     boot.write_state(&state)?;
@@ -501,12 +512,12 @@ pub fn arm(
 }
 
 /// Accepts the running upgrade: `committing`, the snapshot and the copy removed, `idle`.
-pub fn commit(boot: &BootPartition, volumes: &dyn Volumes) -> io::Result<BootState> {
-    let Ok(Some(state)) = boot.read_state()? else {
-        return Err(io::Error::other("no upgrade to commit"));
+pub fn commit(boot: &BootPartition, volumes: &dyn Volumes) -> Result<BootState, Error> {
+    let Some(state) = boot.state()? else {
+        return Err(Error::refused("no upgrade to commit"));
     };
     if !matches!(state.phase, Phase::Pending | Phase::Committing) {
-        return Err(io::Error::other(format!(
+        return Err(Error::refused(format!(
             "the upgrade is {}, not pending",
             state.phase
         )));
@@ -534,12 +545,12 @@ pub fn commit(boot: &BootPartition, volumes: &dyn Volumes) -> io::Result<BootSta
 }
 
 /// Asks the next boot to roll back (a failed install or check-in).
-pub fn request_rollback(boot: &BootPartition, reason: &str) -> io::Result<BootState> {
-    let Ok(Some(state)) = boot.read_state()? else {
-        return Err(io::Error::other("no upgrade to roll back"));
+pub fn request_rollback(boot: &BootPartition, reason: &str) -> Result<BootState, Error> {
+    let Some(state) = boot.state()? else {
+        return Err(Error::refused("no upgrade to roll back"));
     };
     if state.phase != Phase::Pending {
-        return Err(io::Error::other(format!(
+        return Err(Error::refused(format!(
             "the upgrade is {}, not pending",
             state.phase
         )));
@@ -567,13 +578,13 @@ pub struct Watchdog {
 impl Watchdog {
     /// Opens (and so starts) `path` and pets it for at most `budget`; `None` when the device
     /// has no watchdog there.
-    pub fn arm(path: &Path, budget: Duration) -> io::Result<Option<Watchdog>> {
+    pub fn arm(path: &Path, budget: Duration) -> Result<Option<Watchdog>, Error> {
         let mut file = match OpenOptions::new().write(true).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e).at("open the watchdog", path),
         };
-        ping(&mut file)?;
+        ping(&mut file).at("pet the watchdog", path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let pinger = thread::spawn({
             let stop = stop.clone();
@@ -635,26 +646,29 @@ mod tests {
         }
     }
     impl Volumes for Fake {
-        fn exists(&self, lv: &str) -> io::Result<bool> {
+        fn exists(&self, lv: &str) -> Result<bool> {
             Ok(self.lvs.borrow().contains(lv))
         }
-        fn merge(&self, lv: &str) -> io::Result<()> {
+        fn merge(&self, lv: &str) -> Result<()> {
             match self.lvs.borrow_mut().remove(lv) {
                 true => Ok(()),
-                false => Err(io::Error::other("no such snapshot")),
+                false => Err(Error::Volume {
+                    lv: lv.to_owned(),
+                    problem: "no such snapshot".into(),
+                }),
             }
         }
-        fn snapshot(&self, _origin: &str, name: &str) -> io::Result<()> {
+        fn snapshot(&self, _origin: &str, name: &str) -> Result<()> {
             self.lvs.borrow_mut().insert(name.to_owned());
             Ok(())
         }
-        fn remove(&self, lv: &str) -> io::Result<()> {
+        fn remove(&self, lv: &str) -> Result<()> {
             self.merge(lv)
         }
-        fn pool_of(&self, lv: &str) -> io::Result<Option<String>> {
+        fn pool_of(&self, lv: &str) -> Result<Option<String>> {
             Ok((lv == "root").then(|| "pool".to_owned()))
         }
-        fn activate(&self, _lv: &str) -> io::Result<PoolSeen> {
+        fn activate(&self, _lv: &str) -> Result<PoolSeen> {
             Ok(if *self.bad_pool.borrow() {
                 PoolSeen::CheckFailed("Check of pool vg0/pool failed (status:64).".into())
             } else {
@@ -664,13 +678,19 @@ mod tests {
         fn check_pool(&self, _pool: &str) -> String {
             "thin_check (exit 1): bad checksum in metadata index block".into()
         }
-        fn repair_pool(&self, _pool: &str) -> io::Result<String> {
+        fn repair_pool(&self, _pool: &str) -> Result<String> {
             *self.repairs.borrow_mut() += 1;
             if self.repair_works {
                 *self.bad_pool.borrow_mut() = false;
                 Ok("WARNING: LV vg0/pool_meta0 holds a backup".into())
             } else {
-                Err(io::Error::other("thin_repair failed"))
+                Err(Error::Tool {
+                    command: "lvm lvconvert --repair -y vg0/pool".into(),
+                    failure: ToolFailure::Failed {
+                        status: Some(5),
+                        said: "thin_repair failed".into(),
+                    },
+                })
             }
         }
     }
@@ -763,31 +783,42 @@ mod tests {
         fs::remove_dir_all(dir).unwrap();
     }
 
+    /// What lvm says when the volume group is not there.
+    fn vg_missing() -> Error {
+        Error::Tool {
+            command: "lvm lvs vg0/root_preupgrade".into(),
+            failure: ToolFailure::Failed {
+                status: Some(5),
+                said: "Volume group \"vg0\" not found".into(),
+            },
+        }
+    }
+
     /// Volumes that cannot be asked (no volume group yet, a broken lvm).
     struct Unreachable;
     impl Volumes for Unreachable {
-        fn exists(&self, _: &str) -> io::Result<bool> {
-            Err(io::Error::other("Volume group \"vg0\" not found"))
+        fn exists(&self, _: &str) -> Result<bool> {
+            Err(vg_missing())
         }
-        fn merge(&self, _: &str) -> io::Result<()> {
+        fn merge(&self, _: &str) -> Result<()> {
             unreachable!()
         }
-        fn snapshot(&self, _: &str, _: &str) -> io::Result<()> {
+        fn snapshot(&self, _: &str, _: &str) -> Result<()> {
             unreachable!()
         }
-        fn remove(&self, _: &str) -> io::Result<()> {
+        fn remove(&self, _: &str) -> Result<()> {
             unreachable!()
         }
-        fn pool_of(&self, _: &str) -> io::Result<Option<String>> {
-            Err(io::Error::other("Volume group \"vg0\" not found"))
+        fn pool_of(&self, _: &str) -> Result<Option<String>> {
+            Err(vg_missing())
         }
-        fn activate(&self, _: &str) -> io::Result<PoolSeen> {
+        fn activate(&self, _: &str) -> Result<PoolSeen> {
             unreachable!()
         }
         fn check_pool(&self, _: &str) -> String {
             unreachable!()
         }
-        fn repair_pool(&self, _: &str) -> io::Result<String> {
+        fn repair_pool(&self, _: &str) -> Result<String> {
             unreachable!()
         }
     }
@@ -815,7 +846,10 @@ mod tests {
         })
         .unwrap();
         let err = boot(&part, &Unreachable, "root", None, &mut |_| {}).unwrap_err();
-        assert!(err.to_string().contains("not found"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "lvm lvs vg0/root_preupgrade: exit 5: Volume group \"vg0\" not found"
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -903,11 +937,15 @@ mod tests {
         let mut cmd = Command::new("sleep");
         cmd.arg("30");
         let err = run_bounded(cmd, Duration::from_millis(200), "sleep 30").unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(
-            err.to_string().contains("sleep 30: no result after"),
-            "{err}"
+            matches!(
+                &err,
+                Error::Tool { command, failure: ToolFailure::TimedOut { .. } }
+                    if command == "sleep 30"
+            ),
+            "{err:?}"
         );
+        assert_eq!(err.to_string(), "sleep 30: no result after 200ms; killed");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Dependency invariants, checked mechanically (docs/ARCHITECTURE.md):
 # fleet-contracts stays pure (serde only: no tokio, no NATS client, no HTTP);
-# fleet-bootguard stays small (no tokio, no NATS).
+# fleet-bootguard stays small (no tokio, no NATS); fleetctl reaches the fleet through the
+# operator's HTTP API only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fail=0
@@ -21,5 +22,7 @@ forbid fleet-contracts tokio async-nats axum ureq nkeys
 # fleet-bootguard runs in the initramfs before root is mounted: no async runtime, no NATS, no
 # serde (it takes only fleet_contracts::boot, with default features off).
 forbid fleet-bootguard tokio async-nats axum ureq nkeys serde serde_json
+# fleetctl talks to the operator's HTTP API only: no NATS client, no NATS keys, no server.
+forbid fleetctl async-nats nkeys axum tokio
 [ $fail -eq 0 ] && echo "check-deps: ok"
 exit $fail

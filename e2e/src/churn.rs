@@ -102,7 +102,7 @@ pub fn writer(
     stop: Arc<AtomicBool>,
     last: Arc<Mutex<BTreeMap<String, LastOp>>>,
 ) -> usize {
-    let client = fleet_operator::ctl::Client::new(&url, Some(&token));
+    let client = fleetctl::Client::new(&url, Some(&token));
     let mut rng = Rng(seed | 1);
     let mut acknowledged = 0;
     while !stop.load(Ordering::Relaxed) {

@@ -23,7 +23,6 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use fleet_contracts::resource::{Deployment, RolloutPhase};
-use fleet_operator::ctl;
 
 /// Set when a wait timed out, so processes print their logs as they stop (tests return
 /// errors instead of panicking, so `std::thread::panicking` alone would miss them).
@@ -711,8 +710,8 @@ impl Operator {
         })
     }
 
-    pub fn client(&self) -> ctl::Client {
-        ctl::Client::new(&self.url, Some(&self.token))
+    pub fn client(&self) -> fleetctl::Client {
+        fleetctl::Client::new(&self.url, Some(&self.token))
     }
 
     /// Waits until this operator reports `role` and converged.
@@ -766,7 +765,7 @@ impl Operator {
                     if d.metadata.generation == generation && status.phase == phase {
                         Ok(Some(d))
                     } else {
-                        bail!("last seen: {}", ctl::progress_line(&d))
+                        bail!("last seen: {}", fleetctl::render::progress_line(&d))
                     }
                 }
             },

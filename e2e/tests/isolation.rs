@@ -488,7 +488,7 @@ async fn the_api_refuses_calls_without_the_admin_token() -> Result<()> {
     let fleet = Fleet::start().await?;
     let url = &fleet.operator.url;
     for token in [None, Some("not-the-token")] {
-        let client = fleet_operator::ctl::Client::new(url, token);
+        let client = fleetctl::Client::new(url, token);
         for err in [
             client.deployments().unwrap_err(),
             client
@@ -499,7 +499,7 @@ async fn the_api_refuses_calls_without_the_admin_token() -> Result<()> {
                 .unwrap_err(),
         ] {
             assert!(
-                matches!(&err, fleet_operator::ctl::CtlError::Api { status: 401, message, .. } if message.starts_with("missing or wrong admin token")),
+                matches!(&err, fleetctl::CtlError::Api { status: 401, message, .. } if message.starts_with("missing or wrong admin token")),
                 "{err}"
             );
         }

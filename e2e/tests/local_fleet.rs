@@ -415,7 +415,7 @@ async fn invalid_resources_are_refused_with_the_field_and_nothing_is_stored() ->
         let err = client
             .apply(&doc)
             .expect_err("an invalid resource was accepted");
-        let fleet_operator::ctl::CtlError::Api { status, fields, .. } = err else {
+        let fleetctl::CtlError::Api { status, fields, .. } = err else {
             panic!("not an API error: {err}")
         };
         assert_eq!(status, 422);

@@ -10,7 +10,7 @@ use fleet_contracts::{
     state::ExecAudit,
 };
 use fleet_e2e::{Fleet, WAIT, eventually};
-use fleet_operator::ctl::CtlError;
+use fleetctl::CtlError;
 
 fn chatty() -> serde_json::Value {
     serde_json::json!({

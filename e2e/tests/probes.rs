@@ -174,7 +174,7 @@ async fn probes_must_name_a_published_port() -> Result<()> {
         .client()
         .apply(&doc)
         .expect_err("accepted a probe of an unpublished port");
-    let fleet_operator::ctl::CtlError::Api { fields, .. } = err else {
+    let fleetctl::CtlError::Api { fields, .. } = err else {
         bail!("not an API error: {err}")
     };
     assert_eq!(

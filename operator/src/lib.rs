@@ -1,10 +1,10 @@
-//! `fleet-operator`: the Fleet control plane, and the library behind `fleetctl`.
+//! `fleet-operator`: the Fleet control plane.
 //!
 //! The operator keeps no database: it rebuilds its whole view from NATS KV at start
 //! ([`controller`]) and, while it holds the leadership lease ([`lease`]; others stand by with
 //! a warm view), fans each Deployment out to the desired keys of the devices its selector
 //! matches, aggregates what devices report ([`fleet`]), and serves the HTTP API, a status page
-//! and Prometheus metrics ([`api`]). `fleetctl` ([`ctl`]) talks to that API only. It is also
+//! and Prometheus metrics ([`api`]); `fleetctl` (its own crate) talks to that API only. It is also
 //! the fleet's identity authority: it holds the NATS account keys ([`identity`]), enrolls
 //! devices ([`enroll`]) and blacklists them ([`blacklist`]). It is also the devices' only way
 //! to the fleet's state ([`gateway`]): devices use no JetStream, they ask the operator for
@@ -18,7 +18,6 @@
 pub mod api;
 pub mod blacklist;
 pub mod controller;
-pub mod ctl;
 pub mod enroll;
 pub mod fleet;
 pub mod gateway;

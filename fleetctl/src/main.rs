@@ -7,11 +7,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use fleet_contracts::{
-    resource::{Deployment, Device},
-    state::HealthFlag,
-};
-use fleet_operator::ctl::{self, Client, CtlError, age, table};
+use fleetctl::{Client, CtlError, render};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -252,7 +248,7 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
             if json {
                 print_json(&list);
             } else {
-                println!("{}", deployments_table(&list));
+                println!("{}", render::deployments_table(&list));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -268,7 +264,7 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
             if json {
                 print_json(&list);
             } else {
-                println!("{}", devices_table(&list));
+                println!("{}", render::devices_table(&list));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -276,14 +272,20 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
             kind: Kind::Deployments,
             name,
         } => {
-            println!("{}", describe_deployment(&client.deployment(&name)?));
+            println!(
+                "{}",
+                render::describe_deployment(&client.deployment(&name)?)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Describe {
             kind: Kind::Devices,
             name,
         } => {
-            println!("{}", describe_device(&client.device(&name)?));
+            println!(
+                "{}",
+                render::describe_device(&client.device(&name)?, now_ms())
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Delete { kind, name } => {
@@ -304,43 +306,14 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
             eprintln!(
                 "enrollment token {} created, usable once within {}; put it in the device's agent config (enrollment_token)",
                 created.info.id,
-                age(ttl * 1000)
+                render::age(ttl * 1000)
             );
             println!("{}", created.token);
             Ok(ExitCode::SUCCESS)
         }
         Command::EnrollToken(TokenCommand::List) => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let rows: Vec<Vec<String>> = client
-                .enrollment_tokens()?
-                .iter()
-                .map(|t| {
-                    let state = t.refusal(now).map_or("usable".to_owned(), |_| {
-                        if t.revoked {
-                            "revoked".into()
-                        } else if t.used_by.is_some() {
-                            "used".into()
-                        } else {
-                            "expired".into()
-                        }
-                    });
-                    let labels = t
-                        .labels
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    vec![
-                        t.id.clone(),
-                        state,
-                        t.used_by.clone().unwrap_or_else(|| "-".into()),
-                        labels,
-                    ]
-                })
-                .collect();
-            println!("{}", table(&["ID", "STATE", "USED BY", "LABELS"], &rows));
+            let tokens = client.enrollment_tokens()?;
+            println!("{}", render::tokens_table(&tokens, now_ms()));
             Ok(ExitCode::SUCCESS)
         }
         Command::EnrollToken(TokenCommand::Revoke { id }) => {
@@ -484,7 +457,7 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
         }
         Command::Rollout(RolloutCommand::Status { deployment }) => {
             let d = client.deployment(&deployment)?;
-            println!("{}", ctl::progress_line(&d));
+            println!("{}", render::progress_line(&d));
             let halted = d.status.and_then(|s| s.rollout).and_then(|r| r.halted);
             Ok(if halted.is_some() {
                 ExitCode::FAILURE
@@ -530,14 +503,14 @@ fn apply(
     wait: bool,
     timeout: Duration,
 ) -> Result<ExitCode, CtlError> {
-    let docs = match ctl::load_documents(path) {
+    let docs = match fleetctl::load_documents(path) {
         Ok(docs) => docs,
         Err(e) => {
             eprintln!("error: {e}\nnothing was applied");
             return Ok(ExitCode::FAILURE);
         }
     };
-    let problems = ctl::check_documents(&docs);
+    let problems = fleetctl::check_documents(&docs);
     if !problems.is_empty() {
         for (source, why) in &problems {
             eprintln!("error: {source}:");
@@ -601,133 +574,15 @@ fn apply(
     })
 }
 
+/// The time now, in milliseconds since the Unix epoch: the one clock read of `fleetctl`.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-fn deployments_table(list: &[Deployment]) -> String {
-    let rows: Vec<Vec<String>> = list
-        .iter()
-        .map(|d| {
-            let s = d.status.clone().unwrap_or_default();
-            let image = d
-                .spec
-                .template
-                .containers
-                .first()
-                .map_or("-".to_owned(), |c| c.image.clone());
-            vec![
-                d.metadata.name.clone(),
-                d.metadata.generation.to_string(),
-                format!("{:?}", s.phase),
-                format!("{}/{}", s.running_devices, s.desired_devices),
-                image,
-            ]
-        })
-        .collect();
-    table(&["NAME", "GEN", "PHASE", "RUNNING", "IMAGE"], &rows)
-}
-
-fn devices_table(list: &[Device]) -> String {
-    let rows: Vec<Vec<String>> = list
-        .iter()
-        .map(|d| {
-            let s = d.status.clone().unwrap_or_default();
-            let labels = d
-                .metadata
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
-            let health = s.shown_health();
-            vec![
-                d.metadata.name.clone(),
-                health,
-                s.heartbeat_age_ms.map_or("never".into(), age),
-                s.heartbeat
-                    .as_ref()
-                    .map_or("-".into(), |h| h.agent_version.clone()),
-                s.deployments.len().to_string(),
-                labels,
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "NAME",
-            "HEALTH",
-            "HEARTBEAT",
-            "AGENT",
-            "DEPLOYMENTS",
-            "LABELS",
-        ],
-        &rows,
-    )
-}
-
-fn describe_deployment(d: &Deployment) -> String {
-    let s = d.status.clone().unwrap_or_default();
-    let mut out = format!(
-        "Name:        {}\nGeneration:  {}\nPhase:       {:?} ({}/{} running, {} failed)\nSelector:    {}\n",
-        d.metadata.name,
-        d.metadata.generation,
-        s.phase,
-        s.running_devices,
-        s.desired_devices,
-        s.failed_devices,
-        d.spec
-            .selector
-            .match_labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    for c in &d.spec.template.containers {
-        out.push_str(&format!("Container:   {} ({})\n", c.name, c.image));
-        for p in &c.ports {
-            out.push_str(&format!(
-                "  port       {}:{}/{}\n",
-                p.effective_host_port(),
-                p.container_port,
-                p.protocol.as_str()
-            ));
-        }
-    }
-    out.push_str(&format!(
-        "Restart:     {:?}\n\nDevices:\n",
-        d.spec.template.restart_policy
-    ));
-    let rows: Vec<Vec<String>> = s
-        .devices
-        .iter()
-        .map(|dev| match &dev.reported {
-            Some(r) => vec![
-                dev.device.clone(),
-                dev.device_health.to_string(),
-                r.phase.to_string(),
-                r.observed_generation.to_string(),
-                r.container_id
-                    .as_deref()
-                    .map_or("-".into(), |id| id.chars().take(12).collect()),
-                r.message.clone(),
-            ],
-            None => vec![
-                dev.device.clone(),
-                dev.device_health.to_string(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "not reported yet".into(),
-            ],
-        })
-        .collect();
-    out.push_str(&table(
-        &["DEVICE", "HEALTH", "PHASE", "GEN", "CONTAINER", "MESSAGE"],
-        &rows,
-    ));
-    out
 }
 
 /// Writes `bytes` to `path` through a temporary file renamed over it, synced first: a crash
@@ -748,93 +603,4 @@ fn write_whole(path: &std::path::Path, bytes: &[u8]) -> Result<(), CtlError> {
         std::fs::rename(&tmp, path)
     };
     write().map_err(|e| CtlError::Io(format!("cannot write {}: {e}", path.display())))
-}
-
-fn describe_device(d: &Device) -> String {
-    let s = d.status.clone().unwrap_or_default();
-    let mut out = format!(
-        "Name:        {}\nHealth:      {}{}\nHeartbeat:   {}\nLabels:      {}\n",
-        d.metadata.name,
-        s.health,
-        if s.unregistered {
-            " (Unregistered: no Device record; `fleetctl device adopt`)"
-        } else {
-            ""
-        },
-        s.heartbeat_age_ms
-            .map_or("never".into(), |ms| format!("{} ago", age(ms))),
-        d.metadata
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    if let Some(hb) = &s.heartbeat {
-        out.push_str(&format!(
-            "Agent:       {}\nOS:          {}\nUptime:      {}\n",
-            hb.agent_version,
-            hb.os,
-            age(hb.uptime_secs * 1000)
-        ));
-        for f in &hb.health_flags {
-            let said = match f {
-                HealthFlag::StoreChanged { cached, found } => format!(
-                    "store changed: holding. Its workloads came from {cached}; this store is \
-                     {found}. It changes nothing until adopted (`fleetctl device adopt`)"
-                ),
-                HealthFlag::HeldDeployments { deployments } => format!(
-                    "holds {} from an earlier store, running as they were: apply them again, \
-                     or `fleetctl device release` removes them",
-                    deployments.join(", ")
-                ),
-                other => format!("{other:?}"),
-            };
-            out.push_str(&format!("Flag:        {said}\n"));
-        }
-        if hb.dropped_requests > 0 {
-            out.push_str(&format!(
-                "Dropped:     {} message(s) on its request subjects that were not the operator's\n",
-                hb.dropped_requests
-            ));
-        }
-        if let Some(st) = &hb.storage {
-            out.push_str(&format!(
-                "Storage:     thin pool repaired {} time(s), boot partition fixed after {} unclean shutdown(s)\n",
-                st.pool_repairs, st.fat_repairs
-            ));
-            if !st.last_pool.is_empty() {
-                out.push_str(&format!("  pool:      {}\n", st.last_pool));
-            }
-            if !st.last_fat.is_empty() {
-                out.push_str(&format!("  boot:      {}\n", st.last_fat));
-            }
-        }
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    if let Some(b) = &s.blacklist {
-        let ago = age(now.saturating_sub(b.at_ms));
-        out.push_str(&format!(
-            "Blacklisted: by {} {ago} ago: {}\n",
-            b.by, b.reason
-        ));
-    }
-    if let Some(u) = &s.last_unblacklist {
-        let ago = age(now.saturating_sub(u.at_ms));
-        out.push_str(&format!(
-            "Unblacklisted: by {} {ago} ago: {}\n",
-            u.by, u.reason
-        ));
-    }
-    out.push_str(&format!(
-        "Deployments: {}\n",
-        if s.deployments.is_empty() {
-            "-".into()
-        } else {
-            s.deployments.join(", ")
-        }
-    ));
-    out
 }

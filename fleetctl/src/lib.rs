@@ -13,9 +13,11 @@ use fleet_contracts::{
     api::{ApplyResult, CreateEnrollmentToken, CreatedEnrollmentToken, ErrorBody, OperatorStatus},
     document,
     resource::{Deployment, Device, Resource, RolloutPhase},
-    state::{EnrollmentToken, Phase},
+    state::EnrollmentToken,
 };
 use serde::de::DeserializeOwned;
+
+pub mod render;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -463,7 +465,7 @@ impl Client {
             // While the operator recovers it answers 503; keep waiting through that.
             match self.deployment(name) {
                 Ok(d) => {
-                    let line = progress_line(&d);
+                    let line = render::progress_line(&d);
                     if line != last {
                         progress(&line);
                         last = line;
@@ -472,7 +474,7 @@ impl Client {
                     match status.phase {
                         RolloutPhase::Running => return Ok(d),
                         RolloutPhase::Failed | RolloutPhase::Halted => {
-                            return Err(WaitError::Failed(failure_reasons(&d)));
+                            return Err(WaitError::Failed(render::failure_reasons(&d)));
                         }
                         _ => {}
                     }
@@ -499,103 +501,6 @@ pub enum WaitError {
     Failed(String),
     #[error("not running after {after:?}; last: {last}")]
     TimedOut { after: Duration, last: String },
-}
-
-/// `web gen 2: 1/3 running; pi-02 Creating; pi-03 Failed (reason)`.
-pub fn progress_line(d: &Deployment) -> String {
-    let s = d.status.clone().unwrap_or_default();
-    let mut line = format!(
-        "{} gen {}: {}/{} running",
-        d.metadata.name, d.metadata.generation, s.running_devices, s.desired_devices
-    );
-    if let Some(r) = &s.rollout {
-        line.push_str(&format!(
-            " (rollout: {}/{} updated, waves of {})",
-            r.updated_devices, s.desired_devices, r.wave_size
-        ));
-        if let Some(h) = &r.halted {
-            line.push_str(&format!(" HALTED: {h}"));
-        }
-        if let Some(w) = &r.waiting {
-            line.push_str(&format!(" waiting: {w}"));
-        }
-    }
-    if s.phase == RolloutPhase::NoDevices {
-        line.push_str(" (no device matches the selector)");
-    }
-    for dev in &s.devices {
-        match &dev.reported {
-            Some(r) if r.observed_generation == d.metadata.generation => {
-                if !matches!(r.phase, Phase::Ready | Phase::Completed) {
-                    line.push_str(&format!("; {} {}", dev.device, r.phase));
-                    if !r.message.is_empty() {
-                        line.push_str(&format!(" ({})", r.message));
-                    }
-                }
-            }
-            Some(r) => line.push_str(&format!(
-                "; {} still on gen {}",
-                dev.device, r.observed_generation
-            )),
-            None => line.push_str(&format!(
-                "; {} not reported ({})",
-                dev.device, dev.device_health
-            )),
-        }
-    }
-    line
-}
-
-fn failure_reasons(d: &Deployment) -> String {
-    let s = d.status.clone().unwrap_or_default();
-    let halted = s.rollout.as_ref().and_then(|r| r.halted.clone());
-    s.devices
-        .iter()
-        .filter_map(|dev| {
-            let r = dev.reported.as_ref()?;
-            (r.phase == Phase::Failed && r.observed_generation == d.metadata.generation)
-                .then(|| format!("  {}: {}", dev.device, r.message))
-        })
-        .chain(halted.map(|h| format!("  rollout halted: {h}")))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Formats rows as aligned columns.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (i, cell) in row.iter().enumerate() {
-            widths[i] = widths[i].max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
-        }
-        s.trim_end().to_owned()
-    };
-    let mut out = line(header.to_vec());
-    for row in rows {
-        out.push('\n');
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
-}
-
-/// `1.5s`, `3m20s`, `2h5m`.
-pub fn age(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..60 => format!("{:.1}s", ms as f64 / 1000.0),
-        60..3600 => format!("{}m{}s", s / 60, s % 60),
-        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-    }
 }
 
 #[cfg(test)]
@@ -799,23 +704,5 @@ mod tests {
                 .to_string()
                 .contains("holds no .yaml")
         );
-    }
-
-    #[test]
-    fn tables_and_ages() {
-        let t = table(
-            &["NAME", "PHASE"],
-            &[
-                vec!["web".into(), "Running".into()],
-                vec!["longer-name".into(), "-".into()],
-            ],
-        );
-        assert_eq!(
-            t,
-            "NAME         PHASE\nweb          Running\nlonger-name  -"
-        );
-        assert_eq!(age(1500), "1.5s");
-        assert_eq!(age(200_000), "3m20s");
-        assert_eq!(age(7_500_000), "2h5m");
     }
 }

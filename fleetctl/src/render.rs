@@ -34,7 +34,7 @@ pub fn progress_line(d: &Deployment) -> String {
                 if !matches!(r.phase, Phase::Ready | Phase::Completed) {
                     line.push_str(&format!("; {} {}", dev.device, r.phase));
                     if !r.message.is_empty() {
-                        line.push_str(&format!(" ({})", r.message));
+                        line.push_str(&format!(" ({})", shown(&r.message)));
                     }
                 }
             }
@@ -59,7 +59,7 @@ pub fn failure_reasons(d: &Deployment) -> String {
         .filter_map(|dev| {
             let r = dev.reported.as_ref()?;
             (r.phase == Phase::Failed && r.observed_generation == d.metadata.generation)
-                .then(|| format!("  {}: {}", dev.device, r.message))
+                .then(|| format!("  {}: {}", dev.device, shown(&r.message)))
         })
         .chain(halted.map(|h| format!("  rollout halted: {h}")))
         .collect::<Vec<_>>()
@@ -145,7 +145,7 @@ pub fn devices_table(list: &[Device]) -> String {
                 s.heartbeat_age_ms.map_or("never".into(), age),
                 s.heartbeat
                     .as_ref()
-                    .map_or("-".into(), |h| h.agent_version.clone()),
+                    .map_or("-".into(), |h| shown(&h.agent_version)),
                 s.deployments.len().to_string(),
                 labels,
             ]
@@ -206,10 +206,10 @@ pub fn describe_deployment(d: &Deployment) -> String {
                 dev.device_health.to_string(),
                 r.phase.to_string(),
                 r.observed_generation.to_string(),
-                r.container_id
-                    .as_deref()
-                    .map_or("-".into(), |id| id.chars().take(12).collect()),
-                r.message.clone(),
+                r.container_id.as_deref().map_or("-".into(), |id| {
+                    shown(&id.chars().take(12).collect::<String>())
+                }),
+                shown(&r.message),
             ],
             None => vec![
                 dev.device.clone(),
@@ -252,8 +252,8 @@ pub fn describe_device(d: &Device, now_ms: u64) -> String {
     if let Some(hb) = &s.heartbeat {
         out.push_str(&format!(
             "Agent:       {}\nOS:          {}\nUptime:      {}\n",
-            hb.agent_version,
-            hb.os,
+            shown(&hb.agent_version),
+            shown(&hb.os),
             age(hb.uptime_secs * 1000)
         ));
         for f in &hb.health_flags {
@@ -283,10 +283,10 @@ pub fn describe_device(d: &Device, now_ms: u64) -> String {
                 st.pool_repairs, st.fat_repairs
             ));
             if !st.last_pool.is_empty() {
-                out.push_str(&format!("  pool:      {}\n", st.last_pool));
+                out.push_str(&format!("  pool:      {}\n", shown(&st.last_pool)));
             }
             if !st.last_fat.is_empty() {
-                out.push_str(&format!("  boot:      {}\n", st.last_fat));
+                out.push_str(&format!("  boot:      {}\n", shown(&st.last_fat)));
             }
         }
     }
@@ -338,6 +338,21 @@ pub fn tokens_table(tokens: &[EnrollmentToken], now_ms: u64) -> String {
         })
         .collect();
     table(&["ID", "STATE", "USED BY", "LABELS"], &rows)
+}
+
+/// Text a device sent (a message, its OS name), as it may be printed on a terminal: control
+/// characters (an escape sequence that would move the cursor, recolour or retitle the
+/// terminal, a newline that would fake another line) are shown escaped, `\u{1b}`.
+pub fn shown(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `k=v,k2=v2`.
@@ -478,6 +493,34 @@ mod tests {
              shutdown(s)\n  pool:      pool repaired\n\
              Blacklisted: by ops 1m0s ago: stolen\nDeployments: web\n"
         );
+    }
+
+    #[test]
+    fn what_a_device_sent_cannot_drive_the_terminal() {
+        let mut d = device();
+        let hb = d.status.as_mut().unwrap().heartbeat.as_mut().unwrap();
+        hb.os = "\u{1b}]0;owned\u{7}Debian\nFlag:        fake".into();
+        hb.agent_version = "\u{1b}[2J0.1".into();
+        let described = describe_device(&d, 0);
+        assert!(!described.contains('\u{1b}'), "{described:?}");
+        assert!(
+            described.contains("OS:          \\u{1b}]0;owned\\u{7}Debian\\u{a}Flag:        fake\n"),
+            "{described}"
+        );
+        assert!(!devices_table(&[d]).contains('\u{1b}'), "the table too");
+        let mut dep = deployment();
+        let reported = dep.status.as_mut().unwrap().devices[1]
+            .reported
+            .as_mut()
+            .unwrap();
+        reported.message = "bad\u{1b}[31m".into();
+        for text in [
+            progress_line(&dep),
+            failure_reasons(&dep),
+            describe_deployment(&dep),
+        ] {
+            assert!(text.contains("bad\\u{1b}[31m"), "{text}");
+        }
     }
 
     #[test]

@@ -154,7 +154,7 @@ pub fn phase(
         (ContainerState::Running, _) => match readiness {
             None | Some(Readiness::Ready) => (Phase::Ready, String::new()),
             Some(Readiness::Starting(why)) => (Phase::Starting, why.clone()),
-            Some(Readiness::Failing(why)) => (Phase::Running, why.clone()),
+            Some(Readiness::Failing(why)) => (Phase::Degraded, why.clone()),
         },
         (ContainerState::Exited { code: 0 }, RestartPolicy::Never | RestartPolicy::OnFailure) => {
             (Phase::Completed, "exited with code 0".into())
@@ -323,7 +323,7 @@ mod tests {
         );
         assert_eq!(
             probed(Readiness::Failing("probe \"http\" failing".into())),
-            (Phase::Running, "probe \"http\" failing".into())
+            (Phase::Degraded, "probe \"http\" failing".into())
         );
         assert_eq!(
             p(w(Always), Some(obs("web", "h", Created)), None).0,

@@ -63,8 +63,10 @@ pub enum Phase {
     /// started; the message names the probe it waits for.
     Starting,
     /// The container runs and was Ready, but a probe now fails (past its failure threshold);
-    /// the message names the failing one.
-    Running,
+    /// the message names the failing one. Agents before this name wrote `Running`, which
+    /// still reads as `Degraded` (a Deployment's `Running` means every device is Ready).
+    #[serde(alias = "Running")]
+    Degraded,
     /// The container runs and every probe passes (a container without probes is ready as soon
     /// as it runs).
     Ready,

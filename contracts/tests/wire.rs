@@ -199,6 +199,16 @@ fn request_reply_messages() {
 }
 
 #[test]
+fn a_degraded_device_phase_reads_under_its_old_name_too() {
+    use fleet_contracts::state::Phase;
+    pinned(Phase::Degraded, r#""Degraded""#);
+    assert_eq!(
+        serde_json::from_str::<Phase>(r#""Running""#).unwrap(),
+        Phase::Degraded
+    );
+}
+
+#[test]
 fn pod_template() {
     let template = PodTemplate {
         init_containers: vec![InitContainer {

@@ -1,6 +1,6 @@
 //! Readiness probes against real containers: a Deployment is Ready on a device only when all
 //! its probes pass, and a failing probe is named, with why, in the device's status: `Starting`
-//! while a new container has not passed them yet, `Running` when a ready one fails one later.
+//! while a new container has not passed them yet, `Degraded` when a ready one fails one later.
 
 use anyhow::{Result, bail};
 use fleet_contracts::{api::ExecCommand, resource::RolloutPhase, rpc::ExecReply, state::Phase};
@@ -144,7 +144,7 @@ async fn a_ready_container_whose_probe_starts_failing_turns_running_with_the_pro
         .apply(&with_probes(free_port(), "x", probes))?;
     device_phase(&fleet, 1, Phase::Ready, "").await?;
     // The page goes away under the running container: after two failed rounds it is no
-    // longer ready, and the status says it was ready before (Running, not Starting).
+    // longer ready, and the status says it was ready before (Degraded, not Starting).
     let rm = ExecCommand {
         device: "pi-01".into(),
         command: vec!["rm".into(), "/www/index.html".into()],
@@ -156,7 +156,7 @@ async fn a_ready_container_whose_probe_starts_failing_turns_running_with_the_pro
         matches!(reply, ExecReply::Done { exit_code: 0, .. }),
         "{reply:?}"
     );
-    let message = device_phase(&fleet, 1, Phase::Running, "probe \"page\" (exec) failing").await?;
+    let message = device_phase(&fleet, 1, Phase::Degraded, "probe \"page\" (exec) failing").await?;
     assert!(message.contains("exited with code 1"), "{message}");
     Ok(())
 }

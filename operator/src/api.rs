@@ -746,7 +746,7 @@ async fn page(State(shared): State<Arc<Shared>>) -> Html<String> {
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=3>\
          <title>Fleet</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
          td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.banner{padding:.5em;margin-bottom:1em}\
-         .recovering{background:#fec}.converged{background:#dfd}.Failed,.Offline{color:#b00}.Stale{color:#a60}\
+         .recovering{background:#fec}.converged{background:#dfd}.Failed,.Offline{color:#b00}.Stale,.Degraded{color:#a60}\
          .Running,.Healthy{color:#070}.Unregistered{color:#a0a}</style></head><body><h1>Fleet</h1>",
     );
     match status.state {

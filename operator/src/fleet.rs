@@ -801,7 +801,7 @@ mod tests {
         assert_eq!(step(&mut f, 0), ["a.web"]);
         // Nothing more until a reports the new generation Ready.
         assert!(step(&mut f, 1_000).is_empty());
-        f.apply_reported("a.web", Some(&report(Phase::Running, 2)), 0)
+        f.apply_reported("a.web", Some(&report(Phase::Degraded, 2)), 0)
             .unwrap();
         assert!(
             step(&mut f, 2_000).is_empty(),
@@ -844,7 +844,7 @@ mod tests {
 
         let mut f = rolling();
         step(&mut f, 0);
-        f.apply_reported("a.web", Some(&report(Phase::Running, 2)), 0)
+        f.apply_reported("a.web", Some(&report(Phase::Degraded, 2)), 0)
             .unwrap();
         assert!(
             f.deployment_status(&d, 60_000)
@@ -859,7 +859,7 @@ mod tests {
             .unwrap()
             .halted
             .unwrap();
-        assert_eq!(halted, "a not Ready within 60s (Running: )");
+        assert_eq!(halted, "a not Ready within 60s (Degraded: )");
         // The other devices keep generation 1.
         assert_eq!(
             f.desired["b.web"].bytes,

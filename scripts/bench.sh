@@ -9,6 +9,6 @@ FLEET_CACHE=${FLEET_CACHE:-/var/cache/fleet}
 export PATH="$FLEET_CACHE/tools/bin:$HOME/.cargo/bin:$PATH"
 bash scripts/bootstrap.sh
 bash scripts/example-image.sh
-cargo build --locked --release --quiet --bins
+cargo build --locked --release --quiet --workspace --bins
 cargo build --locked --release --quiet --target aarch64-unknown-linux-musl -p fleet-agent
 exec target/release/fleet-bench "$@"

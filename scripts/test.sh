@@ -20,13 +20,13 @@ step "cargo fmt --check"
 cargo fmt --all --check
 
 step "cargo clippy --all-targets -D warnings"
-cargo clippy --locked --all-targets --quiet -- -D warnings
+cargo clippy --locked --workspace --all-targets --quiet -- -D warnings
 
 step "dependency invariants"
 bash scripts/check-deps.sh
 
 step "build the binaries the end-to-end tests start"
-cargo build --locked --bins --quiet
+cargo build --locked --workspace --bins --quiet
 # The agent under test is the static musl release binary, as shipped (e2e/src/lib.rs).
 cargo build --locked --release --quiet --target x86_64-unknown-linux-musl -p fleet-agent
 export FLEET_AGENT_BIN=$PWD/target/x86_64-unknown-linux-musl/release/fleet-agent

@@ -155,8 +155,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 while let Ok(snapshot) = desired_rx.try_recv() {
                     changed |= take(&mut reconciler, &mut stores, &snapshot);
                 }
-                if changed || stores.store != before.store || stores.held != before.held {
-                    if let Some(deployments) = reconciler.desired_for_cache() {
+                if (changed || stores.store != before.store || stores.held != before.held)
+                    && let Some(deployments) = reconciler.desired_for_cache() {
                         let cached = cache::Cached {
                             deployments,
                             store: stores.store.clone(),
@@ -166,7 +166,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                             .map_err(|e| { error!(error = %e, "cannot cache the desired state"); e.to_string() })
                             .err();
                     }
-                }
                 reconciler.pass(&mut outbox, now_ms()).await;
             }
             Some(work) = work_rx.recv() => {

@@ -97,19 +97,19 @@ fn check_registry(host: &str) -> Result<(), String> {
             return Err(bad());
         }
     }
-    if let Some(p) = port {
-        if !p.chars().all(|c| c.is_ascii_digit()) || !matches!(p.parse::<u16>(), Ok(1..)) {
-            return Err(bad());
-        }
+    if let Some(p) = port
+        && (!p.chars().all(|c| c.is_ascii_digit()) || !matches!(p.parse::<u16>(), Ok(1..)))
+    {
+        return Err(bad());
     }
     // `transport:...` is how podman names an image elsewhere than a registry (a local
     // archive, the docker daemon): never a registry host.
-    if let Some(h) = host_part {
-        if TRANSPORTS.contains(&h) {
-            return Err(format!(
-                "{h:?} is a podman transport, not a registry: images come from registries only"
-            ));
-        }
+    if let Some(h) = host_part
+        && TRANSPORTS.contains(&h)
+    {
+        return Err(format!(
+            "{h:?} is a podman transport, not a registry: images come from registries only"
+        ));
     }
     Ok(())
 }

@@ -163,10 +163,10 @@ fn apply(doc: &mut Value, m: Mutation) {
                     map.remove(&last.replace("~1", "/").replace("~0", "~"));
                 }
                 Some(Value::Array(items)) => {
-                    if let Ok(i) = last.parse::<usize>() {
-                        if i < items.len() {
-                            items.remove(i);
-                        }
+                    if let Ok(i) = last.parse::<usize>()
+                        && i < items.len()
+                    {
+                        items.remove(i);
                     }
                 }
                 _ => {}

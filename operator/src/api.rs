@@ -965,10 +965,9 @@ async fn list_tokens(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<Enrollm
             .get(key)
             .await
             .map_err(|e| unavailable(e.to_string()))?
+            && let Ok(t) = serde_json::from_slice::<EnrollmentToken>(&bytes)
         {
-            if let Ok(t) = serde_json::from_slice::<EnrollmentToken>(&bytes) {
-                tokens.push(t);
-            }
+            tokens.push(t);
         }
     }
     tokens.sort_by_key(|t| t.created_ms);

@@ -182,16 +182,16 @@ impl Fleet {
                     r.halted = Some(format!("{dev} failed: {message}"));
                 }
                 _ => {
-                    if let Some(at) = admitted_at {
-                        if now_ms.saturating_sub(at) > deadline_ms {
-                            let why = report.map_or("not reported".to_owned(), |x| {
-                                format!("{}: {}", x.phase, x.message)
-                            });
-                            r.halted = Some(format!(
-                                "{dev} not Ready within {}s ({why})",
-                                policy.progress_deadline_seconds
-                            ));
-                        }
+                    if let Some(at) = admitted_at
+                        && now_ms.saturating_sub(at) > deadline_ms
+                    {
+                        let why = report.map_or("not reported".to_owned(), |x| {
+                            format!("{}: {}", x.phase, x.message)
+                        });
+                        r.halted = Some(format!(
+                            "{dev} not Ready within {}s ({why})",
+                            policy.progress_deadline_seconds
+                        ));
                     }
                 }
             }

@@ -230,7 +230,7 @@ impl Vm {
         ensure!(self.qemu.is_none(), "the device is running");
         const BS: u64 = 4096;
         ensure!(
-            offset % BS == 0 && len % BS == 0,
+            offset.is_multiple_of(BS) && len.is_multiple_of(BS),
             "disk reads are in 4 KiB blocks"
         );
         let out = self.dir.join("disk-read.bin");

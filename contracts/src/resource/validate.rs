@@ -69,35 +69,34 @@ fn typed_error(path: String, message: &str) -> FieldError {
     {
         return FieldError::new(join(&path, name), "is required");
     }
-    if let Some(rest) = message.strip_prefix("invalid value: integer `") {
-        if let Some((n, ty)) = rest.split_once("`, expected ") {
-            let range = match (field, ty) {
-                ("containerPort" | "hostPort" | "port", _) => "1-65535".to_owned(),
-                ("graceSeconds", _) => format!("0-{MAX_GRACE_SECONDS}"),
-                ("timeoutSeconds", _) if path.contains("initContainers") => {
-                    format!("1-{MAX_INIT_TIMEOUT_SECONDS}")
-                }
-                ("wavePercent", _) => "1-100".to_owned(),
-                (_, "u16") => format!("0-{}", u16::MAX),
-                (_, "u32") => format!("0-{}", u32::MAX),
-                (_, "u64") => format!("0-{}", u64::MAX),
-                (_, other) => other.to_owned(),
-            };
-            return FieldError::new(path, format!("{n} is out of range ({range})"));
-        }
-    }
-    if let Some(rest) = message.strip_prefix("invalid type: floating point `") {
-        if let Some((n, ty)) = rest.split_once("`, expected ") {
-            if ty.starts_with('u') || ty.starts_with('i') {
-                return FieldError::new(path, format!("must be a whole number, got {n}"));
+    if let Some(rest) = message.strip_prefix("invalid value: integer `")
+        && let Some((n, ty)) = rest.split_once("`, expected ")
+    {
+        let range = match (field, ty) {
+            ("containerPort" | "hostPort" | "port", _) => "1-65535".to_owned(),
+            ("graceSeconds", _) => format!("0-{MAX_GRACE_SECONDS}"),
+            ("timeoutSeconds", _) if path.contains("initContainers") => {
+                format!("1-{MAX_INIT_TIMEOUT_SECONDS}")
             }
-        }
+            ("wavePercent", _) => "1-100".to_owned(),
+            (_, "u16") => format!("0-{}", u16::MAX),
+            (_, "u32") => format!("0-{}", u32::MAX),
+            (_, "u64") => format!("0-{}", u64::MAX),
+            (_, other) => other.to_owned(),
+        };
+        return FieldError::new(path, format!("{n} is out of range ({range})"));
     }
-    if let Some(rest) = message.strip_prefix("unknown variant `") {
-        if let Some((v, expected)) = rest.split_once("`, expected ") {
-            let expected = expected.replace('`', "");
-            return FieldError::new(path, format!("unknown value {v:?}; expected {expected}"));
-        }
+    if let Some(rest) = message.strip_prefix("invalid type: floating point `")
+        && let Some((n, ty)) = rest.split_once("`, expected ")
+        && (ty.starts_with('u') || ty.starts_with('i'))
+    {
+        return FieldError::new(path, format!("must be a whole number, got {n}"));
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `")
+        && let Some((v, expected)) = rest.split_once("`, expected ")
+    {
+        let expected = expected.replace('`', "");
+        return FieldError::new(path, format!("unknown value {v:?}; expected {expected}"));
     }
     FieldError::new(path, message)
 }
@@ -289,13 +288,13 @@ impl Validator {
                 .as_ref()
                 .map(|h| h.port)
                 .or(p.tcp.as_ref().map(|t| t.port));
-            if let Some(port) = port {
-                if !c.ports.iter().any(|x| x.container_port == port) {
-                    self.err(
+            if let Some(port) = port
+                && !c.ports.iter().any(|x| x.container_port == port)
+            {
+                self.err(
                         format!("{path}.{}.port", p.kind()),
                         format!("{port} is not a containerPort in ports; the agent probes the published port"),
                     );
-                }
             }
             if let Some(h) = &p.http_get {
                 if let Err(e) = crate::checks::check_url_path(&h.path) {
@@ -385,10 +384,10 @@ impl Validator {
                 }
                 Ok(()) => {}
             }
-            if let Some(h) = &m.host_path {
-                if let Err(e) = crate::checks::check_abs_path(h) {
-                    self.err(format!("{path}.volumes[{i}].hostPath"), e);
-                }
+            if let Some(h) = &m.host_path
+                && let Err(e) = crate::checks::check_abs_path(h)
+            {
+                self.err(format!("{path}.volumes[{i}].hostPath"), e);
             }
         }
     }

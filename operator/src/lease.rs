@@ -120,6 +120,63 @@ fn lease_bytes(instance: &str, ttl: Duration) -> bytes::Bytes {
         .into()
 }
 
+/// The lease key as a standby read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    pub revision: u64,
+    /// `None`: the key was deleted or purged (released). `Some(None)`: a value that does not
+    /// read as a lease. `Some(Some(name))`: held by `name`.
+    pub holder: Option<Option<String>>,
+}
+
+/// What a standby does about the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takeover {
+    /// Someone else holds it and renews it: stand by.
+    Wait,
+    /// There has never been a key: create it.
+    Create,
+    /// Free (released), silent for a whole lease time, or already ours: take it by
+    /// compare-and-set on the revision read.
+    Take,
+}
+
+/// The standby's decision, a pure function of what it saw before (`seen`: a revision and
+/// when it was first seen, by this process's monotonic clock), what it reads now (`read`;
+/// `None` when there is no key), the time now, the lease time and its own name. Returns the
+/// decision and what to remember as seen. No clock of another machine is ever compared: a
+/// lease is silent when *its revision* has not moved for a whole lease time here.
+pub fn decide(
+    seen: Option<(u64, Instant)>,
+    read: Option<&Read>,
+    now: Instant,
+    ttl: Duration,
+    me: &str,
+) -> (Takeover, Option<(u64, Instant)>) {
+    let revision = read.map_or(0, |r| r.revision);
+    let (stale, seen) = match seen {
+        Some((rev, since)) if rev == revision => {
+            (now.duration_since(since) >= ttl, Some((rev, since)))
+        }
+        _ => (false, Some((revision, now))),
+    };
+    let takeover = match read {
+        None => Takeover::Create,
+        Some(Read { holder: None, .. }) => Takeover::Take,
+        Some(Read {
+            holder: Some(holder),
+            ..
+        }) => {
+            if stale || holder.as_deref() == Some(me) {
+                Takeover::Take
+            } else {
+                Takeover::Wait
+            }
+        }
+    };
+    (takeover, seen)
+}
+
 /// Takes, renews and watches the lease until the process ends.
 pub async fn run(store: kv::Store, leadership: std::sync::Arc<Leadership>) {
     let every = leadership.ttl / 3;
@@ -143,39 +200,35 @@ pub async fn run(store: kv::Store, leadership: std::sync::Arc<Leadership>) {
             leadership.lose("the lease ran out before it could be renewed");
             match store.entry(LEASE_KEY).await {
                 Ok(entry) => {
-                    let free = entry.as_ref().is_none_or(|e| e.operation != Operation::Put);
-                    let holder = entry
-                        .as_ref()
-                        .filter(|e| e.operation == Operation::Put)
-                        .and_then(|e| serde_json::from_slice::<Lease>(&e.value).ok())
-                        .map(|l| l.holder);
-                    let revision = entry.as_ref().map_or(0, |e| e.revision);
-                    let now = Instant::now();
-                    let stale = match seen {
-                        Some((rev, since)) if rev == revision => {
-                            now.duration_since(since) >= leadership.ttl
-                        }
-                        _ => {
-                            seen = Some((revision, now));
-                            false
-                        }
-                    };
+                    let read = entry.map(|e| Read {
+                        revision: e.revision,
+                        holder: (e.operation == Operation::Put).then(|| {
+                            serde_json::from_slice::<Lease>(&e.value)
+                                .ok()
+                                .map(|l| l.holder)
+                        }),
+                    });
+                    let holder = read.as_ref().and_then(|r| r.holder.clone().flatten());
                     leadership.state.lock().unwrap().leader = holder.clone();
-                    if free || stale || holder.as_deref() == Some(me.as_str()) {
+                    let (takeover, next_seen) =
+                        decide(seen, read.as_ref(), Instant::now(), leadership.ttl, &me);
+                    seen = next_seen;
+                    if takeover != Takeover::Wait {
                         let bytes = lease_bytes(&me, leadership.ttl);
                         // Err((lost to another operator, why)) when not taken.
-                        let taken = match entry {
-                            None => store.create(LEASE_KEY, bytes).await.map_err(|e| {
+                        let taken = match takeover {
+                            Takeover::Create => store.create(LEASE_KEY, bytes).await.map_err(|e| {
                                 (e.kind() == CreateErrorKind::AlreadyExists, e.to_string())
                             }),
-                            Some(_) => {
-                                store.update(LEASE_KEY, bytes, revision).await.map_err(|e| {
+                            _ => store
+                                .update(LEASE_KEY, bytes, read.map_or(0, |r| r.revision))
+                                .await
+                                .map_err(|e| {
                                     (
                                         e.kind() == UpdateErrorKind::WrongLastRevision,
                                         e.to_string(),
                                     )
-                                })
-                            }
+                                }),
                         };
                         match taken {
                             Ok(next) => {
@@ -208,6 +261,83 @@ pub async fn release(store: &kv::Store, leadership: &Leadership) {
             Err(e) => {
                 warn!(error = %e, "cannot release the lease; a standby takes over when it runs out")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_takes_over_a_free_silent_or_own_lease_and_waits_otherwise() {
+        let ttl = Duration::from_secs(6);
+        let t0 = Instant::now();
+        let held = |rev: u64, by: &str| Read {
+            revision: rev,
+            holder: Some(Some(by.to_owned())),
+        };
+        let released = Read {
+            revision: 9,
+            holder: None,
+        };
+        let garbled = Read {
+            revision: 4,
+            holder: Some(None),
+        };
+        let (b3, b4, a3) = (held(3, "b"), held(4, "b"), held(3, "a"));
+        let later = |secs| t0 + Duration::from_secs(secs);
+        // (seen before, read now, now) -> (decision, seen after)
+        type Seen = Option<(u64, Instant)>;
+        let table: Vec<(Seen, Option<&Read>, Instant, Takeover, Seen)> = vec![
+            // No key at all: create it.
+            (None, None, t0, Takeover::Create, Some((0, t0))),
+            // Released (deleted or purged): take it at once, whoever held it.
+            (None, Some(&released), t0, Takeover::Take, Some((9, t0))),
+            // Another's lease, first seen: wait, and start counting from now.
+            (None, Some(&b3), t0, Takeover::Wait, Some((3, t0))),
+            // Still the same revision, not yet a lease time: wait, counting from the first sight.
+            (
+                Some((3, t0)),
+                Some(&b3),
+                later(5),
+                Takeover::Wait,
+                Some((3, t0)),
+            ),
+            // The same revision for a whole lease time: the holder is silent, take it.
+            (
+                Some((3, t0)),
+                Some(&b3),
+                later(6),
+                Takeover::Take,
+                Some((3, t0)),
+            ),
+            // The revision moved (renewed): wait, counting afresh.
+            (
+                Some((3, t0)),
+                Some(&b4),
+                later(7),
+                Takeover::Wait,
+                Some((4, later(7))),
+            ),
+            // Our own name (a restart within the lease time): take it back at once.
+            (None, Some(&a3), t0, Takeover::Take, Some((3, t0))),
+            // A value that is no lease: only silence makes it ours.
+            (None, Some(&garbled), t0, Takeover::Wait, Some((4, t0))),
+            (
+                Some((4, t0)),
+                Some(&garbled),
+                later(6),
+                Takeover::Take,
+                Some((4, t0)),
+            ),
+        ];
+        for (i, (seen, read, now, want, want_seen)) in table.into_iter().enumerate() {
+            assert_eq!(
+                decide(seen, read, now, ttl, "a"),
+                (want, want_seen),
+                "row {i}: seen {seen:?}, read {read:?}"
+            );
         }
     }
 }

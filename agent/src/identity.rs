@@ -163,9 +163,7 @@ pub async fn enroll(
     token: &str,
 ) -> Result<String, IdentityError> {
     let token = parse_token(token)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::clock::unix_secs();
     if let Some(expired_at) = token.expires_at.filter(|exp| *exp <= now) {
         // The server would refuse the token's connection without saying why: say it here.
         return Err(IdentityError::TokenExpired {
@@ -282,9 +280,7 @@ pub async fn renew_forever(client: async_nats::Client, state_dir: PathBuf, devic
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::unix_secs()
 }
 
 /// Connect options that authenticate as this device, reading the JWT at every (re)connect.

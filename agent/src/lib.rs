@@ -18,6 +18,7 @@
 //! `operator/src/identity`) reach only its own request subjects and inbox.
 
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod plan;
@@ -30,10 +31,7 @@ pub mod storage;
 pub mod store;
 pub mod sync;
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{sync::Arc, time::Duration};
 
 use fleet_contracts::{
     SCHEMA_VERSION, names,
@@ -72,7 +70,7 @@ pub enum RunError {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), RunError> {
-    let started = tokio::time::Instant::now();
+    let started = clock::now();
     std::fs::create_dir_all(&config.state_dir).map_err(|source| RunError::StateDir {
         path: config.state_dir.clone(),
         source,
@@ -351,9 +349,7 @@ async fn shutdown_signal() {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    clock::unix_ms()
 }
 
 /// `PRETTY_NAME` from os-release, or "unknown".

@@ -54,7 +54,7 @@ impl Probes {
         container_id: &str,
         container: &Container,
     ) -> Readiness {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut verdict = None;
         for probe in &container.probes {
             let key = (deployment.to_owned(), probe.name.clone());

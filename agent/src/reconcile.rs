@@ -244,7 +244,7 @@ impl<R: CommandRunner + 'static> Reconciler<R> {
                             _ => FIRST_RETRY,
                         };
                         warn!(%deployment, error = %message, retry_in = ?wait, "deployment failed");
-                        let retry_at = Instant::now() + wait;
+                        let retry_at = crate::clock::now() + wait;
                         self.failures.insert(
                             deployment,
                             Failure {
@@ -547,7 +547,7 @@ fn wanted(
     observed: &[Observed],
     failures: &HashMap<String, Failure>,
 ) -> BTreeMap<String, Wanted> {
-    let now = Instant::now();
+    let now = crate::clock::now();
     desired
         .iter()
         .map(|(name, value)| {

@@ -221,7 +221,7 @@ impl Follow<'_> {
                 .await;
         };
         info!(%deployment, session = %self.session, "following logs");
-        let started = tokio::time::Instant::now();
+        let started = crate::clock::now();
         let (mut seq, mut acked, mut sent_bytes) = (0u64, 0u64, 0u64);
         let mut last_ack = started;
         let (mut batch, mut batch_bytes) = (Vec::new(), 0usize);
@@ -233,7 +233,7 @@ impl Follow<'_> {
                     Some(Ok(a)) if a.stop => break "stopped by the follower".to_owned(),
                     Some(Ok(a)) => {
                         acked = acked.max(a.seq);
-                        last_ack = tokio::time::Instant::now();
+                        last_ack = crate::clock::now();
                     }
                     Some(Err(_)) => {}
                     None => break "the acknowledgement subscription closed".to_owned(),

@@ -245,9 +245,7 @@ async fn sync_once(client: &async_nats::Client, device: &str) -> Result<Synced, 
 /// `base` plus up to 50 % more, varied per process and per call. Not cryptographic: the clock's
 /// nanoseconds and the process id are random enough to spread devices apart.
 fn jittered(base: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
+    let nanos = crate::clock::since_epoch().subsec_nanos();
     let spread = (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) % 1000;
     base + base.mul_f64(f64::from(spread) / 2000.0)
 }

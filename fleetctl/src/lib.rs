@@ -6,7 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use fleet_contracts::{
@@ -17,6 +17,7 @@ use fleet_contracts::{
 };
 use serde::de::DeserializeOwned;
 
+pub mod clock;
 pub mod render;
 
 #[derive(Debug, thiserror::Error)]
@@ -459,7 +460,7 @@ impl Client {
         timeout: Duration,
         mut progress: impl FnMut(&str),
     ) -> Result<Deployment, WaitError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = clock::now() + timeout;
         let mut last = String::new();
         loop {
             // While the operator recovers it answers 503; keep waiting through that.
@@ -482,7 +483,7 @@ impl Client {
                 Err(CtlError::Api { status: 503, .. }) => {}
                 Err(e) => return Err(WaitError::Ctl(e)),
             }
-            if Instant::now() >= deadline {
+            if clock::now() >= deadline {
                 return Err(WaitError::TimedOut {
                     after: timeout,
                     last,

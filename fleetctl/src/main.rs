@@ -284,7 +284,7 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
         } => {
             println!(
                 "{}",
-                render::describe_device(&client.device(&name)?, now_ms())
+                render::describe_device(&client.device(&name)?, fleetctl::clock::unix_ms())
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -313,7 +313,10 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
         }
         Command::EnrollToken(TokenCommand::List) => {
             let tokens = client.enrollment_tokens()?;
-            println!("{}", render::tokens_table(&tokens, now_ms()));
+            println!(
+                "{}",
+                render::tokens_table(&tokens, fleetctl::clock::unix_ms())
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::EnrollToken(TokenCommand::Revoke { id }) => {
@@ -572,13 +575,6 @@ fn apply(
     } else {
         ExitCode::SUCCESS
     })
-}
-
-/// The time now, in milliseconds since the Unix epoch: the one clock read of `fleetctl`.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {

@@ -29,6 +29,7 @@
 
 pub mod boot;
 pub mod checks;
+pub mod clock;
 pub mod error;
 pub mod run;
 

@@ -17,7 +17,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{
@@ -139,7 +139,7 @@ fn run_bounded(mut cmd: Command, timeout: Duration, what: &str) -> Result<Output
         })
     };
     let (stdout, stderr) = (drain(&mut child, true), drain(&mut child, false));
-    let start = Instant::now();
+    let start = crate::clock::now();
     let status = loop {
         if let Some(status) = child.try_wait().map_err(|e| tool(ToolFailure::Io(e)))? {
             break status;
@@ -589,7 +589,7 @@ impl Watchdog {
         let pinger = thread::spawn({
             let stop = stop.clone();
             move || {
-                let start = Instant::now();
+                let start = crate::clock::now();
                 while !stop.load(Ordering::Relaxed) && start.elapsed() < budget {
                     let _ = ping(&mut file);
                     thread::sleep(Duration::from_millis(500));

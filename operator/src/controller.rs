@@ -12,7 +12,7 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use async_nats::jetstream::{
@@ -309,9 +309,7 @@ impl Shared {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    crate::clock::unix_ms()
 }
 
 /// Rings the doorbell of every device the view knows: those with desired keys, a record or a
@@ -362,7 +360,7 @@ async fn watch_forever(shared: Arc<Shared>, index: usize, bucket: &'static str, 
     const FIRST_BACKOFF: Duration = Duration::from_millis(200);
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let started = tokio::time::Instant::now();
+        let started = crate::clock::now();
         let watched = match js.get_key_value(bucket).await {
             Ok(store) => watch_once(&shared, index, store, apply).await,
             Err(e) => Err(e.into()),

@@ -17,15 +17,14 @@
 //! bytes: fan-out is canonical, byte-deterministic and skipped when the bytes are equal
 //! ([`crate::fleet::Fleet::fan_out`]), and rollout timing comes from KV, not from memory.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{sync::Mutex, time::Duration};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use fleet_contracts::{SCHEMA_VERSION, names::LEASE_KEY, state::Lease};
 use tokio::time::Instant;
 use tracing::{info, warn};
+
+use crate::clock;
 
 /// Who leads, as this operator sees it.
 #[derive(Debug)]
@@ -61,7 +60,7 @@ impl Leadership {
             .lock()
             .unwrap()
             .held
-            .is_some_and(|(_, until)| Instant::now() < until)
+            .is_some_and(|(_, until)| clock::now() < until)
     }
 
     /// The holder of the lease as last seen (this operator's name while it leads).
@@ -80,7 +79,7 @@ impl Leadership {
 
     fn hold(&self, revision: u64, sent: Instant) {
         let mut state = self.state.lock().unwrap();
-        let was = state.held.is_some_and(|(_, until)| Instant::now() < until);
+        let was = state.held.is_some_and(|(_, until)| clock::now() < until);
         state.held = Some((revision, sent + self.ttl - self.margin()));
         state.leader = Some(self.instance.clone());
         drop(state);
@@ -101,7 +100,7 @@ impl Leadership {
         let state = self.state.lock().unwrap();
         state
             .held
-            .filter(|(_, until)| Instant::now() < *until)
+            .filter(|(_, until)| clock::now() < *until)
             .map(|(rev, _)| rev)
     }
 }
@@ -111,9 +110,7 @@ fn lease_bytes(instance: &str, ttl: Duration) -> bytes::Bytes {
         schema: SCHEMA_VERSION,
         holder: instance.to_owned(),
         ttl_ms: ttl.as_millis() as u64,
-        renewed_at_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        renewed_at_ms: clock::unix_ms(),
     };
     serde_json::to_vec(&lease)
         .expect("a lease serializes")
@@ -184,7 +181,7 @@ pub async fn run(store: kv::Store, leadership: std::sync::Arc<Leadership>) {
     // The revision last read and when it was first seen, by this process's clock.
     let mut seen: Option<(u64, Instant)> = None;
     loop {
-        let sent = Instant::now();
+        let sent = clock::now();
         if let Some(revision) = leadership.held_revision() {
             let renewal = store.update(LEASE_KEY, lease_bytes(&me, leadership.ttl), revision);
             match tokio::time::timeout(every, renewal).await {
@@ -211,7 +208,7 @@ pub async fn run(store: kv::Store, leadership: std::sync::Arc<Leadership>) {
                     let holder = read.as_ref().and_then(|r| r.holder.clone().flatten());
                     leadership.state.lock().unwrap().leader = holder.clone();
                     let (takeover, next_seen) =
-                        decide(seen, read.as_ref(), Instant::now(), leadership.ttl, &me);
+                        decide(seen, read.as_ref(), clock::now(), leadership.ttl, &me);
                     seen = next_seen;
                     if takeover != Takeover::Wait {
                         let bytes = lease_bytes(&me, leadership.ttl);
@@ -272,7 +269,7 @@ mod tests {
     #[test]
     fn a_standby_takes_over_a_free_silent_or_own_lease_and_waits_otherwise() {
         let ttl = Duration::from_secs(6);
-        let t0 = Instant::now();
+        let t0 = clock::now();
         let held = |rev: u64, by: &str| Read {
             revision: rev,
             holder: Some(Some(by.to_owned())),

@@ -2,6 +2,7 @@
 //! agent across reboots and a cut network, the watchdog, the bootguard's rollback. One emulated
 //! Pi per test, each booted a few times. A boot to SSH takes about a minute here, so the
 //! timeouts are generous; every wait is for a state, never a fixed sleep.
+#![allow(clippy::disallowed_methods)] // A test times what it watches: it reads the clock.
 
 use anyhow::{Result, bail, ensure};
 use fleet_e2e::{Fleet, eventually, http_deployment};

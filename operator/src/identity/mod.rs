@@ -16,7 +16,6 @@ use std::{
     io::Write,
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use fleet_contracts::names::{self, OPERATOR_INBOX, check_name, device_inbox};
@@ -78,9 +77,7 @@ pub struct Identity {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::unix_secs()
 }
 
 impl Identity {

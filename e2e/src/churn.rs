@@ -18,7 +18,7 @@ use fleet_contracts::{
 };
 use futures::StreamExt;
 
-use crate::{Fleet, Hollow};
+use crate::{Hollow, TestFleet};
 
 /// `device -> deployment -> (generation, VERSION)`.
 pub type Placement = BTreeMap<String, BTreeMap<String, (u64, String)>>;
@@ -140,7 +140,7 @@ pub fn writer(
 }
 
 /// The declared state: every Deployment resource in KV.
-pub async fn declared(fleet: &Fleet) -> Result<BTreeMap<String, Deployment>> {
+pub async fn declared(fleet: &TestFleet) -> Result<BTreeMap<String, Deployment>> {
     let js = async_nats::jetstream::new(fleet.nats.client().await?);
     let kv = js.get_key_value(names::RESOURCES_BUCKET).await?;
     let mut keys = kv.keys().await?;
@@ -178,7 +178,7 @@ fn version_of(d: &DesiredDeployment) -> String {
 
 /// What the desired bucket, the devices and the reported bucket hold, in the shape of
 /// [`expected`].
-pub async fn actual(fleet: &Fleet, devices: &[Hollow]) -> Result<[Placement; 3]> {
+pub async fn actual(fleet: &TestFleet, devices: &[Hollow]) -> Result<[Placement; 3]> {
     let js = async_nats::jetstream::new(fleet.nats.client().await?);
     let mut bucket = Placement::new();
     let mut reported = bucket.clone();
@@ -275,7 +275,11 @@ pub fn check_acknowledged(
 }
 
 /// Whether the desired bucket, what the devices hold and what they report all equal `want`.
-pub async fn matches(fleet: &Fleet, devices: &[Hollow], want: &Placement) -> Result<Option<()>> {
+pub async fn matches(
+    fleet: &TestFleet,
+    devices: &[Hollow],
+    want: &Placement,
+) -> Result<Option<()>> {
     let [bucket, held, reported] = actual(fleet, devices).await?;
     for (what, got) in [("desired", bucket), ("held", held), ("reported", reported)] {
         if &got != want {

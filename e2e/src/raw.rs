@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use nkeys::KeyPair;
 use tokio::sync::mpsc;
 
-use crate::{Fleet, WAIT};
+use crate::{TestFleet, WAIT};
 
 /// A connection and the server errors it received.
 #[derive(Debug)]
@@ -54,7 +54,7 @@ impl Conn {
 
 /// Connects to `fleet` as user `key` with `jwt`, using inbox prefix `inbox` (a device's is
 /// `_INBOX.dev.<device>`). No reconnects: a connection the server closes stays closed.
-pub async fn connect(fleet: &Fleet, key: &KeyPair, jwt: &str, inbox: &str) -> Result<Conn> {
+pub async fn connect(fleet: &TestFleet, key: &KeyPair, jwt: &str, inbox: &str) -> Result<Conn> {
     let (tx, errors) = mpsc::unbounded_channel();
     let key = Arc::new(KeyPair::from_seed(&key.seed()?)?);
     let client = async_nats::ConnectOptions::with_jwt(jwt.to_owned(), move |nonce| {
@@ -86,12 +86,12 @@ pub async fn connect(fleet: &Fleet, key: &KeyPair, jwt: &str, inbox: &str) -> Re
 }
 
 /// Connects as a device: `name`'s key and JWT, its own inbox prefix.
-pub async fn device(fleet: &Fleet, name: &str, key: &KeyPair, jwt: &str) -> Result<Conn> {
+pub async fn device(fleet: &TestFleet, name: &str, key: &KeyPair, jwt: &str) -> Result<Conn> {
     connect(fleet, key, jwt, &fleet_contracts::names::device_inbox(name)).await
 }
 
 /// Connects as the holder of enrollment token `token` (`<seed>:<jwt>`).
-pub async fn token_holder(fleet: &Fleet, token: &str) -> Result<Conn> {
+pub async fn token_holder(fleet: &TestFleet, token: &str) -> Result<Conn> {
     let (seed, jwt) = token.split_once(':').context("a token is <seed>:<jwt>")?;
     let key = KeyPair::from_seed(seed)?;
     let claims: fleet_operator::identity::jwt::Claims<fleet_operator::identity::jwt::UserNats> =
@@ -108,7 +108,7 @@ pub async fn token_holder(fleet: &Fleet, token: &str) -> Result<Conn> {
 /// Enrolls device `name` with a fresh key and a token carrying `labels`; returns its key and
 /// JWT, as the device would hold them.
 pub async fn enroll(
-    fleet: &Fleet,
+    fleet: &TestFleet,
     name: &str,
     labels: &[(&str, &str)],
 ) -> Result<(KeyPair, String)> {
@@ -117,7 +117,7 @@ pub async fn enroll(
 }
 
 /// Enrolls device `name` with a fresh key and `token`.
-pub async fn enroll_with(fleet: &Fleet, name: &str, token: &str) -> Result<(KeyPair, String)> {
+pub async fn enroll_with(fleet: &TestFleet, name: &str, token: &str) -> Result<(KeyPair, String)> {
     let key = KeyPair::new_user();
     let jwt = fleet_agent::identity::enroll(&fleet.nats.url(), &fleet.nats.ca(), name, &key, token)
         .await?;

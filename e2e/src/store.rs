@@ -124,7 +124,7 @@ impl Snapshot {
 }
 
 /// Everything in `fleet`'s store but the operators' lease (renewed all the time).
-pub async fn snapshot(fleet: &crate::Fleet) -> Result<Snapshot> {
+pub async fn snapshot(fleet: &crate::TestFleet) -> Result<Snapshot> {
     let admin = fleet.nats.client().await?;
     Ok(Snapshot::take(&admin)
         .await?
@@ -132,7 +132,7 @@ pub async fn snapshot(fleet: &crate::Fleet) -> Result<Snapshot> {
 }
 
 /// A snapshot once the store has stopped changing: two in a row alike.
-pub async fn settled(fleet: &crate::Fleet) -> Result<Snapshot> {
+pub async fn settled(fleet: &crate::TestFleet) -> Result<Snapshot> {
     let last = std::sync::Mutex::new(snapshot(fleet).await?);
     crate::eventually("the store to stop changing", crate::WAIT, || async {
         let now = snapshot(fleet).await?;

@@ -16,7 +16,7 @@ use fleet_contracts::{
     state::Revocations,
 };
 use fleet_e2e::{
-    Fleet, WAIT,
+    TestFleet, WAIT,
     churn::Rng,
     eventually, raw,
     store::{settled, snapshot, unchanged},
@@ -27,12 +27,12 @@ use nkeys::KeyPair;
 /// Two enrolled devices (keys and JWTs as each holds them), a Deployment on both, a report of
 /// each, and the revocations of both spent tokens settled: a fleet at rest.
 struct Quiet {
-    fleet: Fleet,
+    fleet: TestFleet,
     a: (KeyPair, String),
 }
 
 async fn quiet_fleet() -> Result<Quiet> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let a = raw::enroll(&fleet, "dev-a", &[("role", "web")]).await?;
     let b = raw::enroll(&fleet, "dev-b", &[("role", "web")]).await?;
     let mut doc = fleet_e2e::http_deployment("web", "web", 1, "x");
@@ -111,7 +111,7 @@ fn hostile_replies() -> Vec<String> {
 }
 
 /// The operator's `fleet_operator_refused_requests_total`.
-fn refused_requests(fleet: &Fleet) -> Result<u64> {
+fn refused_requests(fleet: &TestFleet) -> Result<u64> {
     let (_, body) = fleet_e2e::http_get(&format!("{}/metrics", fleet.operator.url))?;
     body.lines()
         .find_map(|l| l.strip_prefix("fleet_operator_refused_requests_total "))
@@ -123,7 +123,7 @@ fn refused_requests(fleet: &Fleet) -> Result<u64> {
 
 /// Counts what the spy hears on `subject` until `until` completes.
 async fn heard_on(
-    fleet: &Fleet,
+    fleet: &TestFleet,
     subject: &str,
 ) -> Result<(async_nats::Client, async_nats::Subscriber)> {
     let spy = fleet.nats.spy().await?;
@@ -485,7 +485,7 @@ async fn a_device_can_create_no_consumer_and_delete_none() -> Result<()> {
 /// server that delivers where it should not), its answers still go nowhere but there.
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_to_a_device_that_are_not_the_operators_are_dropped_there() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (_sandbox, _agent) = fleet.device("dev-b", &[("role", "web")]).await?;
     let api = fleet.operator.client();
     eventually("dev-b to report in", WAIT, || async {
@@ -645,7 +645,7 @@ async fn enrollment_refusals_say_the_same_whatever_the_reason() -> Result<()> {
     Ok(())
 }
 
-async fn refusal(fleet: &Fleet, device: &str, token: &str) -> Result<String> {
+async fn refusal(fleet: &TestFleet, device: &str, token: &str) -> Result<String> {
     match fleet_agent::identity::enroll(
         &fleet.nats.url(),
         &fleet.nats.ca(),

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use fleet_agent::identity::{self, IdentityError};
 use fleet_contracts::resource::RolloutPhase;
-use fleet_e2e::{Fleet, WAIT, eventually};
+use fleet_e2e::{TestFleet, WAIT, eventually};
 use nkeys::KeyPair;
 use tokio::sync::mpsc;
 
@@ -37,7 +37,7 @@ enum Seen {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn blacklist_cuts_a_device_off_at_once_and_unblacklist_lets_it_back() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, agent) = fleet.device("pi-01", &[("role", "q")]).await?;
     let api = fleet.operator.client();
     fleet.operator.apply(&job("one"))?;
@@ -163,7 +163,7 @@ async fn blacklist_cuts_a_device_off_at_once_and_unblacklist_lets_it_back() -> R
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_blacklist_survives_a_nats_server_restart() -> Result<()> {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let key = KeyPair::new_user();
     let token = fleet.enrollment_token(&[])?;
     let jwt = identity::enroll(&fleet.nats.url(), &fleet.nats.ca(), "pi-09", &key, &token).await?;

@@ -20,7 +20,7 @@ use std::{
 use anyhow::Result;
 use fleet_contracts::api::Role;
 use fleet_e2e::{
-    Fleet, Hollow, Operator, WAIT,
+    Hollow, Operator, TestFleet, WAIT,
     churn::{self, ROLES, Rng},
     eventually,
 };
@@ -32,7 +32,7 @@ const CYCLES: usize = 6;
 async fn the_fleet_converges_to_exactly_the_declared_state_after_every_kill_of_the_operator()
 -> Result<()> {
     let mut rng = Rng::seeded("FLEET_CHAOS_SEED", "chaos");
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let mut devices = Vec::new();
     let mut roles = BTreeMap::new();
     for i in 0..DEVICES {

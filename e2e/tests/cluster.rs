@@ -15,14 +15,14 @@ use std::{
 use anyhow::Result;
 use fleet_contracts::resource::RolloutPhase;
 use fleet_e2e::{
-    Fleet, Hollow, WAIT,
+    Hollow, TestFleet, WAIT,
     churn::{self, ROLES, Rng},
     eventually, free_port, http_deployment, http_get,
 };
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_operator_and_an_agent_keep_working_while_any_one_node_is_down() -> Result<()> {
-    let mut fleet = Fleet::start_cluster(3).await?;
+    let mut fleet = TestFleet::start_cluster(3).await?;
     let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "demo")]).await?;
     let port = free_port();
     fleet
@@ -69,7 +69,7 @@ async fn the_operator_and_an_agent_keep_working_while_any_one_node_is_down() -> 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_killed_under_load_loses_no_acknowledged_write_and_the_fleet_converges() -> Result<()>
 {
-    let mut fleet = Fleet::start_cluster(3).await?;
+    let mut fleet = TestFleet::start_cluster(3).await?;
     let mut devices = Vec::new();
     let mut roles = BTreeMap::new();
     for i in 0..4 {

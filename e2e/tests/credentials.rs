@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use fleet_contracts::{names, state::Heartbeat};
-use fleet_e2e::{Fleet, WAIT, eventually};
+use fleet_e2e::{TestFleet, WAIT, eventually};
 
 fn jwt_exp(jwt: &str) -> Result<u64> {
     let claims: fleet_operator::identity::jwt::Claims<serde_json::Value> =
@@ -14,7 +14,7 @@ fn jwt_exp(jwt: &str) -> Result<u64> {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_renews_its_credentials_and_outlives_its_first_jwt() -> Result<()> {
     // Nine-second device JWTs, so the agent renews every six seconds.
-    let fleet = Fleet::start_with(&["--device-jwt-ttl-secs", "9"]).await?;
+    let fleet = TestFleet::start_with(&["--device-jwt-ttl-secs", "9"]).await?;
     let (_sandbox, agent) = fleet.device("pi-01", &[("role", "r")]).await?;
     let jwt_file = agent.state_dir.join("identity/device.jwt");
     let first = eventually("the agent to enroll", WAIT, || async {

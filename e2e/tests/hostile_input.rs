@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{Result, ensure};
 use fleet_contracts::document::{MAX_BODY_BYTES, MAX_RESOURCE_BYTES};
 use fleet_e2e::{
-    Fleet, http_deployment,
+    TestFleet, http_deployment,
     store::{settled, snapshot, unchanged},
 };
 use serde_json::{Value, json};
@@ -92,11 +92,11 @@ fn cases() -> Vec<Case> {
 }
 
 /// A raw POST of `body` to the apply endpoint: (status, body).
-fn post(fleet: &Fleet, body: &[u8]) -> Result<(u16, String)> {
+fn post(fleet: &TestFleet, body: &[u8]) -> Result<(u16, String)> {
     request(fleet, "POST", "/api/v1/apply", body)
 }
 
-fn request(fleet: &Fleet, method: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
+fn request(fleet: &TestFleet, method: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -123,7 +123,7 @@ fn request(fleet: &Fleet, method: &str, path: &str, body: &[u8]) -> Result<(u16,
 
 /// Announces an apply body of `length` bytes with `Expect: 100-continue` and returns the
 /// operator's answer: one too large must be refused before a byte of it is sent.
-fn announce(fleet: &Fleet, length: usize) -> Result<String> {
+fn announce(fleet: &TestFleet, length: usize) -> Result<String> {
     use std::io::{Read, Write};
     let address = fleet.operator.url.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(address)?;
@@ -142,7 +142,7 @@ fn announce(fleet: &Fleet, length: usize) -> Result<String> {
 }
 
 /// `fleetctl` with `args`: (exit code, stdout, stderr).
-fn fleetctl(fleet: &Fleet, args: &[&str]) -> Result<(i32, String, String)> {
+fn fleetctl(fleet: &TestFleet, args: &[&str]) -> Result<(i32, String, String)> {
     #[allow(clippy::disallowed_methods)] // The test runs the real CLI.
     let out = std::process::Command::new(fleet_e2e::binary("fleetctl"))
         .env("FLEET_SERVER", &fleet.operator.url)
@@ -156,14 +156,14 @@ fn fleetctl(fleet: &Fleet, args: &[&str]) -> Result<(i32, String, String)> {
     ))
 }
 
-fn apply_file(fleet: &Fleet, file: &Path) -> Result<(i32, String, String)> {
+fn apply_file(fleet: &TestFleet, file: &Path) -> Result<(i32, String, String)> {
     fleetctl(fleet, &["apply", "-f", &file.display().to_string()])
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_documents_are_refused_through_both_doors_naming_the_field_and_nothing_changes()
 -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     // Something to be wrecked: a Deployment whose name a hostile delete could reach.
     fleet
         .operator

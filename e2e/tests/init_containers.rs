@@ -4,7 +4,7 @@
 
 use anyhow::{Result, bail};
 use fleet_contracts::{resource::RolloutPhase, state::Phase};
-use fleet_e2e::{Fleet, PodmanSandbox, WAIT, eventually};
+use fleet_e2e::{PodmanSandbox, TestFleet, WAIT, eventually};
 
 /// A Deployment whose main container only stays up if `/data/init` exists, after `inits`.
 fn deployment(inits: serde_json::Value, marker: &str) -> serde_json::Value {
@@ -52,7 +52,7 @@ async fn file_in_main(sandbox: &PodmanSandbox, path: &str, expected: &str) -> Re
 
 #[tokio::test(flavor = "multi_thread")]
 async fn init_containers_run_in_order_before_every_fresh_main_container() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "init")]).await?;
     let inits = serde_json::json!([
         init(
@@ -88,7 +88,7 @@ async fn init_containers_run_in_order_before_every_fresh_main_container() -> Res
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_init_container_fails_the_deployment_with_its_name_code_and_output() -> Result<()>
 {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "init")]).await?;
     let inits = serde_json::json!([
         init("prepare", "mkdir -p /data && touch /data/init"),
@@ -116,7 +116,7 @@ async fn a_failing_init_container_fails_the_deployment_with_its_name_code_and_ou
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_init_container_that_overruns_its_timeout_fails_the_deployment() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "init")]).await?;
     let mut slow = init("wait-for-db", "echo waiting; sleep 600");
     slow["timeoutSeconds"] = 5.into();
@@ -141,7 +141,7 @@ async fn an_init_container_that_overruns_its_timeout_fails_the_deployment() -> R
 
 #[tokio::test(flavor = "multi_thread")]
 async fn apply_warns_about_init_containers_that_are_not_idempotent() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let inits = serde_json::json!([init("setup", "mkdir /data && echo 1 > /data/state")]);
     let result = fleet.operator.apply(&deployment(inits, "v1"))?;
     let warnings = result.warnings.join("\n");

@@ -10,20 +10,20 @@ use async_nats::{HeaderMap, jetstream::consumer::push::OrderedConfig};
 use fleet_agent::identity::{self, IdentityError};
 use fleet_contracts::names::{self, DESIRED_BUCKET, REPORTED_BUCKET, RESOURCES_BUCKET};
 use fleet_e2e::{
-    Fleet, WAIT, eventually,
+    TestFleet, WAIT, eventually,
     raw::{self, Conn},
 };
 use nkeys::KeyPair;
 
 /// Two enrolled devices and a Deployment on both, so each has a desired key.
 struct Setup {
-    fleet: Fleet,
+    fleet: TestFleet,
     a: (KeyPair, String),
     b: (KeyPair, String),
 }
 
 async fn setup() -> Result<Setup> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let a = raw::enroll(&fleet, "dev-a", &[("role", "iso")]).await?;
     let b = raw::enroll(&fleet, "dev-b", &[("role", "iso")]).await?;
     let mut doc = fleet_e2e::http_deployment("web", "iso", 1, "x");
@@ -40,7 +40,7 @@ async fn setup() -> Result<Setup> {
     Ok(Setup { fleet, a, b })
 }
 
-async fn connect(fleet: &Fleet, device: &str, creds: &(KeyPair, String)) -> Result<Conn> {
+async fn connect(fleet: &TestFleet, device: &str, creds: &(KeyPair, String)) -> Result<Conn> {
     raw::device(fleet, device, &creds.0, &creds.1).await
 }
 
@@ -314,7 +314,7 @@ async fn a_user_jwt_signed_by_a_foreign_key_is_refused() -> Result<()> {
     Ok(())
 }
 
-async fn enroll_err(fleet: &Fleet, device: &str, token: &str) -> IdentityError {
+async fn enroll_err(fleet: &TestFleet, device: &str, token: &str) -> IdentityError {
     identity::enroll(
         &fleet.nats.url(),
         &fleet.nats.ca(),
@@ -328,7 +328,7 @@ async fn enroll_err(fleet: &Fleet, device: &str, token: &str) -> IdentityError {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn used_expired_and_revoked_enrollment_tokens_are_refused() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let client = fleet.operator.client();
 
     // A used token's NATS user is revoked as soon as it has its answer: it cannot even ask.
@@ -373,7 +373,7 @@ async fn used_expired_and_revoked_enrollment_tokens_are_refused() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn re_enrolling_a_device_with_a_new_key_is_refused_until_an_admin_deletes_it() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let key = KeyPair::new_user();
     let first = fleet.enrollment_token(&[])?;
     identity::enroll(&fleet.nats.url(), &fleet.nats.ca(), "pi-07", &key, &first).await?;
@@ -466,7 +466,7 @@ async fn an_independent_client_with_a_devices_credentials_cannot_read_another_de
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_does_not_pin_the_fleet_ca_cannot_connect() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let creds = std::fs::read_to_string(fleet.nats.identity.join("operator.creds"))?;
     // Valid credentials, but no trust in the fleet's CA: the TLS handshake must fail.
     let err = async_nats::ConnectOptions::with_credentials(&creds)?
@@ -485,7 +485,7 @@ async fn a_client_that_does_not_pin_the_fleet_ca_cannot_connect() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_refuses_calls_without_the_admin_token() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let url = &fleet.operator.url;
     for token in [None, Some("not-the-token")] {
         let client = fleetctl::Client::new(url, token);

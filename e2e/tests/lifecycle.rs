@@ -4,7 +4,7 @@
 
 use anyhow::{Result, bail};
 use fleet_contracts::{resource::RolloutPhase, state::Phase};
-use fleet_e2e::{Fleet, PodmanSandbox, WAIT, eventually};
+use fleet_e2e::{PodmanSandbox, TestFleet, WAIT, eventually};
 
 /// `script` runs as the main container; `/data` survives upgrades.
 fn app(generation_marker: &str, script: &str, lifecycle: serde_json::Value) -> serde_json::Value {
@@ -39,7 +39,7 @@ fn graceful(signal: &str) -> String {
 const STUBBORN: &str = "trap '' TERM; sleep 3600 & wait; sleep 3600";
 
 /// Runs a v1 that ignores SIGTERM, then applies v2: the upgrade takes `grace` seconds.
-async fn start_slow_upgrade(fleet: &Fleet, grace: u32) -> Result<()> {
+async fn start_slow_upgrade(fleet: &TestFleet, grace: u32) -> Result<()> {
     let policy = serde_json::json!({"graceSeconds": grace});
     fleet.operator.apply(&app("v1", STUBBORN, policy.clone()))?;
     fleet
@@ -64,7 +64,7 @@ fn stops(sandbox: &PodmanSandbox) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upgrade_stops_the_old_container_with_its_signal_and_it_exits_cleanly() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "lc")]).await?;
     let policy = serde_json::json!({"stopSignal": "SIGINT", "graceSeconds": 20});
     fleet
@@ -86,7 +86,7 @@ async fn an_upgrade_stops_the_old_container_with_its_signal_and_it_exits_cleanly
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_that_ignores_its_stop_signal_is_killed_after_the_grace() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "lc")]).await?;
     let policy = serde_json::json!({"graceSeconds": 2});
     fleet.operator.apply(&app("v1", STUBBORN, policy.clone()))?;
@@ -111,7 +111,7 @@ async fn a_container_that_ignores_its_stop_signal_is_killed_after_the_grace() ->
 #[tokio::test(flavor = "multi_thread")]
 async fn without_sigkill_fallback_a_stubborn_container_keeps_running_and_the_upgrade_fails()
 -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "lc")]).await?;
     let policy = serde_json::json!({"graceSeconds": 2, "sigkillFallback": false});
     fleet.operator.apply(&app("v1", STUBBORN, policy.clone()))?;
@@ -149,7 +149,7 @@ async fn without_sigkill_fallback_a_stubborn_container_keeps_running_and_the_upg
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_stop_grace_does_not_make_the_device_look_stale() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "lc")]).await?;
     // Heartbeats every second: three missed ones would make the device Stale.
     start_slow_upgrade(&fleet, 8).await?;
@@ -169,7 +169,7 @@ async fn a_long_stop_grace_does_not_make_the_device_look_stale() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_upgrade_of_one_deployment_does_not_hold_up_another() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "lc")]).await?;
     // The old version ignores its stop signal and has a long grace: its upgrade takes 30 s.
     start_slow_upgrade(&fleet, 30).await?;

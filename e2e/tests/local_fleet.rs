@@ -9,7 +9,7 @@ use fleet_contracts::{
     state::{Health, Heartbeat, Phase, ReportedDeployment},
 };
 use fleet_e2e::{
-    ContainerRow, Fleet, PodmanSandbox, WAIT, eventually, free_port, http_deployment, http_get,
+    ContainerRow, PodmanSandbox, TestFleet, WAIT, eventually, free_port, http_deployment, http_get,
 };
 
 /// Waits until the sandbox holds exactly one container for `deployment`, running, and returns it.
@@ -54,13 +54,13 @@ async fn http_says(port: u16, expected: &str) -> Result<()> {
     .await
 }
 
-async fn kv_get(fleet: &Fleet, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+async fn kv_get(fleet: &TestFleet, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
     let js = async_nats::jetstream::new(fleet.nats.client().await?);
     let kv = js.get_key_value(bucket).await?;
     Ok(kv.get(key).await?.map(|b| b.to_vec()))
 }
 
-async fn heartbeat(fleet: &Fleet, device: &str) -> Result<Option<Heartbeat>> {
+async fn heartbeat(fleet: &TestFleet, device: &str) -> Result<Option<Heartbeat>> {
     Ok(
         match kv_get(fleet, names::REPORTED_BUCKET, &names::info_key(device)).await? {
             Some(bytes) => Some(serde_json::from_slice(&bytes)?),
@@ -78,7 +78,7 @@ fn now_ms() -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn apply_runs_the_container_and_its_port_answers() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "web")]).await?;
     let port = free_port();
     let applied = fleet
@@ -124,7 +124,7 @@ async fn apply_runs_the_container_and_its_port_answers() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn changing_env_or_image_replaces_the_container_and_delete_removes_everything() -> Result<()>
 {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "web")]).await?;
     let port = free_port();
     fleet
@@ -192,7 +192,7 @@ async fn changing_env_or_image_replaces_the_container_and_delete_removes_everyth
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_agent_adopts_its_containers_without_restarting_them() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, mut agent) = fleet.device("pi-01", &[("role", "web")]).await?;
     let port = free_port();
     fleet
@@ -228,7 +228,7 @@ async fn a_restarted_agent_adopts_its_containers_without_restarting_them() -> Re
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_a_power_cut_left_unstartable_is_made_again_and_keeps_its_volume() -> Result<()>
 {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, mut agent) = fleet.device("pi-01", &[("role", "web")]).await?;
     let port = free_port();
     let mut doc = http_deployment("hello", "web", port, "made again");
@@ -277,7 +277,7 @@ async fn a_container_a_power_cut_left_unstartable_is_made_again_and_keeps_its_vo
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_nats_down_a_restarted_agent_brings_workloads_back_from_its_cache() -> Result<()> {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let (sandbox, mut agent) = fleet.device("pi-01", &[("role", "web")]).await?;
     let port = free_port();
     fleet
@@ -314,7 +314,7 @@ async fn with_nats_down_a_restarted_agent_brings_workloads_back_from_its_cache()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_nats_restart_the_agent_reconnects_and_converges_changes() -> Result<()> {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "web")]).await?;
     let port = free_port();
     fleet
@@ -347,7 +347,7 @@ async fn after_a_nats_restart_the_agent_reconnects_and_converges_changes() -> Re
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_device_goes_stale_then_offline() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (_sandbox, mut agent) = fleet.device("pi-01", &[("role", "web")]).await?;
     let client = fleet.operator.client();
     let health = |wanted: Health| {
@@ -376,7 +376,7 @@ async fn a_silent_device_goes_stale_then_offline() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_image_fails_with_podmans_reason_and_disturbs_nothing_else() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "web")]).await?;
     let port = free_port();
     fleet
@@ -410,7 +410,7 @@ async fn a_missing_image_fails_with_podmans_reason_and_disturbs_nothing_else() -
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_resources_are_refused_with_the_field_and_nothing_is_stored() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let client = fleet.operator.client();
     let check = |doc: serde_json::Value, expected: &[&str]| {
         let err = client
@@ -453,7 +453,7 @@ async fn invalid_resources_are_refused_with_the_field_and_nothing_is_stored() ->
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fleetctl_reports_malformed_yaml_with_the_line_and_applies_nothing() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let file = fleet.path().join("bad.yaml");
     std::fs::write(
         &file,

@@ -9,7 +9,7 @@ use fleet_contracts::{
     rpc::{ExecReply, LogsReply},
     state::ExecAudit,
 };
-use fleet_e2e::{Fleet, WAIT, eventually};
+use fleet_e2e::{TestFleet, WAIT, eventually};
 use fleetctl::CtlError;
 
 fn chatty() -> serde_json::Value {
@@ -28,8 +28,8 @@ fn chatty() -> serde_json::Value {
     })
 }
 
-async fn setup() -> Result<(Fleet, fleet_e2e::PodmanSandbox, fleet_e2e::Agent)> {
-    let fleet = Fleet::start().await?;
+async fn setup() -> Result<(TestFleet, fleet_e2e::PodmanSandbox, fleet_e2e::Agent)> {
+    let fleet = TestFleet::start().await?;
     let (sandbox, agent) = fleet.device("pi-01", &[("role", "logs")]).await?;
     fleet.operator.apply(&chatty())?;
     fleet
@@ -192,7 +192,7 @@ fn followers(root: &std::path::Path, container: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn follow_delivers_new_lines_and_stops_when_the_client_goes_away() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "logs")]).await?;
     let script = "trap 'exit 0' TERM; i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done";
     fleet.operator.apply(&looping("ticker", script))?;
@@ -232,7 +232,7 @@ async fn follow_delivers_new_lines_and_stops_when_the_client_goes_away() -> Resu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn follow_carries_a_burst_of_10000_lines_in_order_with_bounded_memory() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (sandbox, agent) = fleet.device("pi-01", &[("role", "logs")]).await?;
     let script =
         "trap 'seq 1 10000' USR1; trap 'exit 0' TERM; echo ready; while :; do sleep 0.1; done";
@@ -280,7 +280,7 @@ async fn follow_carries_a_burst_of_10000_lines_in_order_with_bounded_memory() ->
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_log_flood_gets_a_clear_answer_and_the_agent_stays_small_and_healthy() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (_sandbox, agent) = fleet.device("pi-01", &[("role", "logs")]).await?;
     // A 10 MB line without a newline, then a normal one.
     let script = "head -c 10000000 /dev/zero | tr '\\0' x; echo; echo after; trap 'exit 0' TERM; sleep 3600 & wait";

@@ -4,7 +4,7 @@
 
 use anyhow::{Result, bail};
 use fleet_contracts::{api::ExecCommand, resource::RolloutPhase, rpc::ExecReply, state::Phase};
-use fleet_e2e::{Fleet, WAIT, eventually, free_port, http_deployment};
+use fleet_e2e::{TestFleet, WAIT, eventually, free_port, http_deployment};
 
 fn with_probes(port: u16, greeting: &str, probes: serde_json::Value) -> serde_json::Value {
     let mut doc = http_deployment("web", "probe", port, greeting);
@@ -15,7 +15,7 @@ fn with_probes(port: u16, greeting: &str, probes: serde_json::Value) -> serde_js
 /// Waits until the device reports `phase` for generation `generation` with a message
 /// containing `needle`, and returns the message.
 async fn device_phase(
-    fleet: &Fleet,
+    fleet: &TestFleet,
     generation: u64,
     phase: Phase,
     needle: &str,
@@ -43,7 +43,7 @@ async fn device_phase(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_http_probe_holds_ready_and_is_named_until_a_fix() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "probe")]).await?;
     let port = free_port();
     let probe = |path: &str| serde_json::json!([{"name": "http", "httpGet": {"port": 8080, "path": path}, "periodSeconds": 1}]);
@@ -82,7 +82,7 @@ async fn a_failing_http_probe_holds_ready_and_is_named_until_a_fix() -> Result<(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tcp_probe_on_a_port_nothing_listens_on_is_named_with_the_reason() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "probe")]).await?;
     let mut doc = with_probes(
         free_port(),
@@ -111,7 +111,7 @@ async fn a_tcp_probe_on_a_port_nothing_listens_on_is_named_with_the_reason() -> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_exec_probe_of_a_missing_binary_fails_clearly_and_a_working_one_passes() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "probe")]).await?;
     let port = free_port();
     let probes = serde_json::json!([{"name": "check", "exec": {"command": ["/no/such/binary"]}, "periodSeconds": 1}]);
@@ -135,7 +135,7 @@ async fn an_exec_probe_of_a_missing_binary_fails_clearly_and_a_working_one_passe
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ready_container_whose_probe_starts_failing_turns_running_with_the_probe_named()
 -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "probe")]).await?;
     let probes = serde_json::json!([{"name": "page", "exec": {"command": ["test", "-f", "/www/index.html"]},
                                      "periodSeconds": 1, "failureThreshold": 2}]);
@@ -163,7 +163,7 @@ async fn a_ready_container_whose_probe_starts_failing_turns_running_with_the_pro
 
 #[tokio::test(flavor = "multi_thread")]
 async fn probes_must_name_a_published_port() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let doc = with_probes(
         free_port(),
         "x",

@@ -12,7 +12,7 @@ use fleet_contracts::{
     resource::RolloutPhase,
     state::{DesiredDeployment, Health, Phase},
 };
-use fleet_e2e::{Fleet, Hollow, Operator, WAIT, eventually, free_port, http_deployment};
+use fleet_e2e::{Hollow, Operator, TestFleet, WAIT, eventually, free_port, http_deployment};
 use futures::StreamExt;
 
 fn device_doc(name: &str, role: &str) -> serde_json::Value {
@@ -28,7 +28,7 @@ fn job(name: &str, role: &str, version: &str) -> serde_json::Value {
 }
 
 /// Every value of the desired bucket, decoded.
-async fn desired_bucket(fleet: &Fleet) -> Result<BTreeMap<String, DesiredDeployment>> {
+async fn desired_bucket(fleet: &TestFleet) -> Result<BTreeMap<String, DesiredDeployment>> {
     let js = async_nats::jetstream::new(fleet.nats.client().await?);
     let kv = js.get_key_value(names::DESIRED_BUCKET).await?;
     let mut keys = kv.keys().await?;
@@ -47,7 +47,7 @@ async fn desired_bucket(fleet: &Fleet) -> Result<BTreeMap<String, DesiredDeploym
 
 /// Restarts the test operator (instance `e2e`) after it was killed, and waits until it
 /// has converged.
-async fn restart(fleet: &mut Fleet) -> Result<()> {
+async fn restart(fleet: &mut TestFleet) -> Result<()> {
     fleet.operator = Operator::start(fleet.path(), &fleet.nats, &[]).await?;
     fleet.operator.wait_role(Role::Leader).await
 }
@@ -55,7 +55,7 @@ async fn restart(fleet: &mut Fleet) -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operator_killed_mid_fan_out_writes_exactly_the_declared_state_after_restart()
 -> Result<()> {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     const DEVICES: usize = 2000;
     // Devices registered straight into KV (pipelined), as the API would store them.
     let js = async_nats::jetstream::new(fleet.nats.client().await?);
@@ -129,7 +129,7 @@ async fn an_operator_killed_mid_fan_out_writes_exactly_the_declared_state_after_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deployment_deleted_while_the_operator_was_down_is_removed_from_the_device() -> Result<()>
 {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let (sandbox, _agent) = fleet.device("pi-01", &[("role", "demo")]).await?;
     fleet
         .operator
@@ -174,7 +174,7 @@ async fn a_deployment_deleted_while_the_operator_was_down_is_removed_from_the_de
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_offline_during_the_restart_keeps_its_last_report_and_turns_offline() -> Result<()>
 {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let online = Hollow::start(&fleet, "pi-on", &[("role", "edge")], true).await?;
     let offline = Hollow::start(&fleet, "pi-off", &[("role", "edge")], true).await?;
     fleet.operator.apply(&job("web", "edge", "v1"))?;
@@ -216,7 +216,7 @@ async fn a_device_offline_during_the_restart_keeps_its_last_report_and_turns_off
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_takes_over_a_rolling_deploy_without_repeating_or_skipping_a_wave() -> Result<()>
 {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let standby = Operator::start_named(fleet.path(), &fleet.nats, "standby", &[]).await?;
     standby.wait_role(Role::Standby).await?;
     assert_eq!(standby.client().status()?.leader.as_deref(), Some("e2e"));
@@ -304,7 +304,7 @@ async fn a_standby_takes_over_a_rolling_deploy_without_repeating_or_skipping_a_w
 #[tokio::test(flavor = "multi_thread")]
 async fn when_the_leader_dies_the_standby_leads_within_the_lease_and_no_write_is_lost() -> Result<()>
 {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let _devices = [
         Hollow::start(&fleet, "pi-a", &[("role", "edge")], true).await?,
         Hollow::start(&fleet, "pi-b", &[("role", "edge")], true).await?,
@@ -337,7 +337,7 @@ async fn when_the_leader_dies_the_standby_leads_within_the_lease_and_no_write_is
 
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_nats_restart_the_operator_keeps_leading_and_converges_new_writes() -> Result<()> {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let _device = Hollow::start(&fleet, "pi-a", &[("role", "edge")], true).await?;
     fleet.operator.apply(&job("web", "edge", "v1"))?;
     fleet
@@ -366,7 +366,7 @@ async fn after_a_nats_restart_the_operator_keeps_leading_and_converges_new_write
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreadable_resource_is_reported_and_skipped_and_its_devices_keep_their_state()
 -> Result<()> {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let device = Hollow::start(&fleet, "pi-a", &[("role", "edge")], true).await?;
     fleet.operator.apply(&job("web", "edge", "v1"))?;
     fleet
@@ -416,7 +416,7 @@ async fn an_unreadable_resource_is_reported_and_skipped_and_its_devices_keep_the
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_leader_is_replaced_and_steps_down_when_it_wakes() -> Result<()> {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let _device = Hollow::start(&fleet, "pi-a", &[("role", "edge")], true).await?;
     let standby = Operator::start_named(fleet.path(), &fleet.nats, "standby", &[]).await?;
     standby.wait_role(Role::Standby).await?;

@@ -8,7 +8,7 @@ use fleet_contracts::{
     resource::RolloutPhase,
     state::{DesiredDeployment, Phase},
 };
-use fleet_e2e::{Fleet, WAIT, eventually};
+use fleet_e2e::{TestFleet, WAIT, eventually};
 
 /// Version `v` of a service whose exec probe passes only when `healthy`.
 fn service(v: &str, healthy: bool) -> serde_json::Value {
@@ -38,7 +38,7 @@ fn service(v: &str, healthy: bool) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollout_halts_on_a_failing_probe_after_the_first_wave_and_a_fix_rolls_out_everywhere()
 -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let mut devices = Vec::new();
     for name in ["pi-a", "pi-b", "pi-c"] {
         devices.push(fleet.device(name, &[("role", "fleet")]).await?);

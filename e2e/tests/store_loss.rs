@@ -18,7 +18,7 @@ use fleet_contracts::{
     state::HealthFlag,
 };
 use fleet_e2e::{
-    ContainerRow, Fleet, Operator, PodmanSandbox, WAIT, eventually, free_port, http_deployment,
+    ContainerRow, Operator, PodmanSandbox, TestFleet, WAIT, eventually, free_port, http_deployment,
     http_get,
     store::{self, Snapshot},
 };
@@ -66,7 +66,7 @@ fn holding(device: &Device) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wiped_store_leaves_the_workloads_running_and_the_device_is_adopted() -> Result<()> {
-    let mut fleet = Fleet::start().await?;
+    let mut fleet = TestFleet::start().await?;
     let (podman, agent) = fleet.device("pi-01", &[("role", "web")]).await?;
     let port = free_port();
     fleet
@@ -199,7 +199,7 @@ async fn a_wiped_store_leaves_the_workloads_running_and_the_device_is_adopted() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restore_from_an_older_backup_restarts_nothing_and_holds_what_came_after() -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (podman, _agent) = fleet.device("pi-01", &[("role", "web")]).await?;
     let client = fleet.operator.client();
     fleet

@@ -29,9 +29,9 @@ use fleet_contracts::{
 use futures::StreamExt;
 use tracing::info;
 
-use crate::controller::{Shared, now_ms};
+use crate::controller::{Operator, now_ms};
 
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn router(shared: Arc<Operator>) -> Router {
     let api = Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/apply", post(apply))
@@ -88,7 +88,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
 /// OIDC login with the `fleet-admin` role replaces it. The status page and `/metrics` are
 /// read-only and stay open.
 async fn require_token(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -170,7 +170,7 @@ fn valid_name(field: &str, name: &str) -> Result<(), ApiError> {
     })
 }
 
-fn status_body(shared: &Shared) -> OperatorStatus {
+fn status_body(shared: &Operator) -> OperatorStatus {
     let fleet = shared.fleet.read().unwrap();
     let converged = shared.converged();
     OperatorStatus {
@@ -198,12 +198,12 @@ fn status_body(shared: &Shared) -> OperatorStatus {
     }
 }
 
-async fn status(State(shared): State<Arc<Shared>>) -> Json<OperatorStatus> {
+async fn status(State(shared): State<Arc<Operator>>) -> Json<OperatorStatus> {
     Json(status_body(&shared))
 }
 
 /// Reads must not answer from a half-read view: "not found" could be a lie.
-fn require_converged(shared: &Shared) -> Result<(), ApiError> {
+fn require_converged(shared: &Operator) -> Result<(), ApiError> {
     if shared.caught_up() {
         Ok(())
     } else {
@@ -218,7 +218,7 @@ fn require_converged(shared: &Shared) -> Result<(), ApiError> {
 }
 
 async fn apply(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     request: axum::extract::Request,
 ) -> ApiResult<ApplyResult> {
     let too_large = || {
@@ -399,7 +399,7 @@ fn same_spec(a: &Resource, b: &Resource) -> bool {
 }
 
 /// Advice that does not block the apply.
-fn warnings(shared: &Shared, resource: &Resource) -> Vec<String> {
+fn warnings(shared: &Operator, resource: &Resource) -> Vec<String> {
     let fleet = shared.fleet.read().unwrap();
     let mut out = Vec::new();
     if let Resource::Deployment(d) = resource {
@@ -450,7 +450,7 @@ fn warnings(shared: &Shared, resource: &Resource) -> Vec<String> {
     out
 }
 
-async fn list_deployments(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<Deployment>> {
+async fn list_deployments(State(shared): State<Arc<Operator>>) -> ApiResult<Vec<Deployment>> {
     require_converged(&shared)?;
     let fleet = shared.fleet.read().unwrap();
     let now = now_ms();
@@ -467,7 +467,7 @@ async fn list_deployments(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<De
 }
 
 async fn get_deployment(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     Name(name): Name,
 ) -> ApiResult<Deployment> {
     require_converged(&shared)?;
@@ -482,7 +482,7 @@ async fn get_deployment(
     }))
 }
 
-async fn list_devices(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<Device>> {
+async fn list_devices(State(shared): State<Arc<Operator>>) -> ApiResult<Vec<Device>> {
     require_converged(&shared)?;
     let fleet = shared.fleet.read().unwrap();
     let now = now_ms();
@@ -503,7 +503,7 @@ async fn list_devices(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<Device
     ))
 }
 
-async fn get_device(State(shared): State<Arc<Shared>>, Name(name): Name) -> ApiResult<Device> {
+async fn get_device(State(shared): State<Arc<Operator>>, Name(name): Name) -> ApiResult<Device> {
     require_converged(&shared)?;
     let fleet = shared.fleet.read().unwrap();
     let Some(d) = fleet.devices.get(&name) else {
@@ -523,14 +523,14 @@ fn not_found(kind: &str, name: &str) -> ApiError {
 }
 
 async fn delete_deployment(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     Name(name): Name,
 ) -> Result<StatusCode, ApiError> {
     delete(&shared, "Deployment", &name).await
 }
 
 async fn delete_device(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     Name(name): Name,
 ) -> Result<StatusCode, ApiError> {
     delete(&shared, "Device", &name).await
@@ -538,7 +538,7 @@ async fn delete_device(
 
 /// A change to the resources while a restore writes them would be mixed into, or lost under,
 /// the backup's: refused until the restore is done (or run again, if it was interrupted).
-fn refuse_while_restoring(shared: &Shared) -> Result<(), ApiError> {
+fn refuse_while_restoring(shared: &Operator) -> Result<(), ApiError> {
     let fleet = shared.fleet.read().unwrap();
     match &fleet.store {
         Some(s) if s.restoring => Err(ApiError::new(
@@ -553,7 +553,7 @@ fn refuse_while_restoring(shared: &Shared) -> Result<(), ApiError> {
     }
 }
 
-async fn delete(shared: &Shared, kind: &str, name: &str) -> Result<StatusCode, ApiError> {
+async fn delete(shared: &Operator, kind: &str, name: &str) -> Result<StatusCode, ApiError> {
     refuse_while_restoring(shared)?;
     // KV decides, not the (possibly recovering) view.
     let key = names::resource_key(kind, name);
@@ -593,7 +593,7 @@ async fn delete(shared: &Shared, kind: &str, name: &str) -> Result<StatusCode, A
 /// fleet account (its connection ends at once, and no JWT of that key ever works again, so a
 /// new device under the same id is out of its reach), its reported keys are purged, and its
 /// identity record is removed (the id may enroll again, with a new key and a new token).
-async fn forget_device(shared: &Shared, name: &str) -> Result<(), ApiError> {
+async fn forget_device(shared: &Operator, name: &str) -> Result<(), ApiError> {
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -645,7 +645,7 @@ async fn forget_device(shared: &Shared, name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+async fn metrics(State(shared): State<Arc<Operator>>) -> impl IntoResponse {
     let mut out = String::new();
     let m = &shared.metrics;
     let counter = |out: &mut String, name: &str, help: &str, v: u64| {
@@ -738,7 +738,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 /// The status page: server-rendered, refreshes itself every few seconds, no JavaScript.
-async fn page(State(shared): State<Arc<Shared>>) -> Html<String> {
+async fn page(State(shared): State<Arc<Operator>>) -> Html<String> {
     let status = status_body(&shared);
     let fleet = shared.fleet.read().unwrap();
     let now = now_ms();
@@ -859,7 +859,7 @@ fn esc(s: &str) -> String {
 }
 
 async fn create_token(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     body: Bytes,
 ) -> ApiResult<CreatedEnrollmentToken> {
     let req: CreateEnrollmentToken = if body.is_empty() {
@@ -943,7 +943,7 @@ async fn create_token(
     Ok(Json(CreatedEnrollmentToken { token, info }))
 }
 
-async fn list_tokens(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<EnrollmentToken>> {
+async fn list_tokens(State(shared): State<Arc<Operator>>) -> ApiResult<Vec<EnrollmentToken>> {
     use futures::TryStreamExt;
     let store = &shared.buckets.enrollment;
     let unavailable = |e: String| {
@@ -975,7 +975,7 @@ async fn list_tokens(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<Enrollm
 }
 
 async fn revoke_token(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     Name(id): Name,
 ) -> ApiResult<EnrollmentToken> {
     let store = &shared.buckets.enrollment;
@@ -1047,7 +1047,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 }
 
 async fn adopt_device(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     Name(name): Name,
     body: Bytes,
 ) -> ApiResult<fleet_contracts::api::AdoptResult> {
@@ -1060,7 +1060,7 @@ async fn adopt_device(
 }
 
 async fn release_device(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     Name(name): Name,
     body: Bytes,
 ) -> ApiResult<fleet_contracts::api::AdoptResult> {
@@ -1072,7 +1072,7 @@ async fn release_device(
         .map_err(store_error)
 }
 
-async fn backup(State(shared): State<Arc<Shared>>) -> ApiResult<fleet_contracts::api::Backup> {
+async fn backup(State(shared): State<Arc<Operator>>) -> ApiResult<fleet_contracts::api::Backup> {
     crate::store::backup(&shared)
         .await
         .map(Json)
@@ -1080,7 +1080,7 @@ async fn backup(State(shared): State<Arc<Shared>>) -> ApiResult<fleet_contracts:
 }
 
 async fn restore(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     body: Bytes,
 ) -> ApiResult<fleet_contracts::api::RestoreResult> {
     let backup: fleet_contracts::api::Backup = json_body(&body)?;
@@ -1091,7 +1091,7 @@ async fn restore(
 }
 
 async fn blacklist_device(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     Name(name): Name,
     body: Bytes,
 ) -> ApiResult<BlacklistResult> {
@@ -1099,7 +1099,7 @@ async fn blacklist_device(
 }
 
 async fn unblacklist_device(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     Name(name): Name,
     body: Bytes,
 ) -> ApiResult<BlacklistResult> {
@@ -1107,7 +1107,7 @@ async fn unblacklist_device(
 }
 
 async fn set_blacklist(
-    shared: &Shared,
+    shared: &Operator,
     name: &str,
     on: bool,
     body: &[u8],
@@ -1147,7 +1147,7 @@ fn default_tail() -> u32 {
 }
 
 /// Checks that `deployment` exists and `device` is one of its devices.
-fn check_target(shared: &Shared, deployment: &str, device: &str) -> Result<(), ApiError> {
+fn check_target(shared: &Operator, deployment: &str, device: &str) -> Result<(), ApiError> {
     valid_name("device", device)?;
     let fleet = shared.fleet.read().unwrap();
     let d = fleet
@@ -1168,7 +1168,7 @@ fn check_target(shared: &Shared, deployment: &str, device: &str) -> Result<(), A
 
 /// Sends a request to a device and reads its answer; a device that is not connected is a 503.
 async fn ask_device<T: serde::de::DeserializeOwned>(
-    shared: &Shared,
+    shared: &Operator,
     subject: String,
     device: &str,
     body: Vec<u8>,
@@ -1202,7 +1202,7 @@ async fn ask_device<T: serde::de::DeserializeOwned>(
 }
 
 async fn deployment_logs(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     Name(name): Name,
     axum::extract::Query(q): axum::extract::Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
@@ -1237,7 +1237,7 @@ async fn deployment_logs(
 /// chunk and keeps the session alive while the HTTP client is connected; when the client
 /// goes, the stream is dropped and the device is told to stop.
 async fn follow_logs(
-    shared: Arc<Shared>,
+    shared: Arc<Operator>,
     deployment: String,
     q: LogsQuery,
 ) -> Result<Response, ApiError> {
@@ -1357,7 +1357,7 @@ async fn follow_logs(
 }
 
 async fn deployment_exec(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     Name(name): Name,
     body: Bytes,
 ) -> ApiResult<ExecReply> {
@@ -1436,7 +1436,7 @@ async fn deployment_exec(
 /// Continues a halted rollout of the Deployment's current generation past the devices that
 /// hold it back now (`fleetctl rollout resume`).
 async fn resume_rollout(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Operator>>,
     Name(name): Name,
     body: Bytes,
 ) -> ApiResult<fleet_contracts::state::RolloutResume> {

@@ -20,7 +20,7 @@ use fleet_contracts::{
 use tracing::info;
 
 use crate::{
-    controller::{Shared, now_ms},
+    controller::{Operator, now_ms},
     enroll::identity_key,
 };
 
@@ -38,7 +38,7 @@ pub enum BlacklistError {
 
 /// Blacklists (`on = true`) or un-blacklists a device.
 pub async fn set(
-    shared: &Shared,
+    shared: &Operator,
     device: &str,
     on: bool,
     audit: Audit,
@@ -92,7 +92,7 @@ pub async fn set(
 
 /// Revokes NATS user `key` in the fleet account at once: recorded, pushed to the servers (which
 /// close its connections and refuse it from then on), and confirmed.
-pub async fn revoke(shared: &Shared, key: &str, entry: Revoked) -> Result<(), BlacklistError> {
+pub async fn revoke(shared: &Operator, key: &str, entry: Revoked) -> Result<(), BlacklistError> {
     let (device, reason) = (entry.device.clone(), entry.reason);
     update_revocations(&shared.buckets.enrollment, key, Some(entry)).await?;
     push_account(shared).await?;
@@ -159,7 +159,7 @@ pub(crate) async fn update_revocations(
 /// Renders the fleet account's JWT from the revocation list and pushes it to nats-server,
 /// waiting for its confirmation. Idempotent: the operator also calls it at start, so a push
 /// that failed earlier takes effect.
-pub async fn push_account(shared: &Shared) -> Result<(), BlacklistError> {
+pub async fn push_account(shared: &Operator) -> Result<(), BlacklistError> {
     let list: Revocations = match shared.buckets.enrollment.get(REVOCATIONS_KEY).await {
         Ok(Some(bytes)) => {
             serde_json::from_slice(&bytes).map_err(|e| BlacklistError::Nats(e.to_string()))?

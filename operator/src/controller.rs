@@ -169,9 +169,10 @@ async fn open_device_written(
         .map_err(|e| failed(Box::new(e)))
 }
 
-/// What every part of the operator shares.
+/// The running operator, as every part of it sees it: its view of the fleet, its buckets and
+/// connections, its identity, its leadership and its metrics.
 #[derive(Debug)]
-pub struct Shared {
+pub struct Operator {
     pub fleet: RwLock<Fleet>,
     pub buckets: Buckets,
     pub identity: Arc<crate::identity::Identity>,
@@ -221,7 +222,7 @@ const WATCH_NAMES: [&str; 4] = [
     "device identities",
 ];
 
-impl Shared {
+impl Operator {
     pub fn new(
         buckets: Buckets,
         identity: Arc<crate::identity::Identity>,
@@ -230,8 +231,8 @@ impl Shared {
         device_jwt_ttl: std::time::Duration,
         leadership: Arc<crate::lease::Leadership>,
         connections: tokio::sync::watch::Receiver<u64>,
-    ) -> Arc<Shared> {
-        Arc::new(Shared {
+    ) -> Arc<Operator> {
+        Arc::new(Operator {
             fleet: RwLock::new(Fleet::default()),
             buckets,
             identity,
@@ -314,7 +315,7 @@ pub fn now_ms() -> u64 {
 
 /// Rings the doorbell of every device the view knows: those with desired keys, a record or a
 /// heartbeat (an unregistered device holding on another store is owed a ring too).
-async fn ring_all(shared: &Shared) {
+async fn ring_all(shared: &Operator) {
     let devices: std::collections::BTreeSet<String> = {
         let fleet = shared.fleet.read().unwrap();
         fleet
@@ -332,7 +333,7 @@ async fn ring_all(shared: &Shared) {
 }
 
 /// Starts the watches and the fan-out loop.
-pub fn spawn(shared: Arc<Shared>, resync: Duration) {
+pub fn spawn(shared: Arc<Operator>, resync: Duration) {
     let watches: [(&'static str, Apply); 4] = [
         (RESOURCES_BUCKET, apply_resource),
         (REPORTED_BUCKET, apply_reported),
@@ -349,11 +350,11 @@ pub fn spawn(shared: Arc<Shared>, resync: Duration) {
 /// that just died is retried soon (the next one lands on a live node).
 const WATCH_SETUP_TIMEOUT: Duration = Duration::from_secs(2);
 
-type Apply = fn(&Shared, &kv::Entry) -> Result<bool, String>;
+type Apply = fn(&Operator, &kv::Entry) -> Result<bool, String>;
 
 /// Follows one bucket from its start, forever; a failed watch is rebuilt from scratch (the
 /// bucket's current contents replace what was known).
-async fn watch_forever(shared: Arc<Shared>, index: usize, bucket: &'static str, apply: Apply) {
+async fn watch_forever(shared: Arc<Operator>, index: usize, bucket: &'static str, apply: Apply) {
     let js = jetstream::ContextBuilder::new()
         .timeout(WATCH_SETUP_TIMEOUT)
         .build(shared.nats.clone());
@@ -382,7 +383,7 @@ async fn watch_forever(shared: Arc<Shared>, index: usize, bucket: &'static str, 
 }
 
 async fn watch_once(
-    shared: &Shared,
+    shared: &Operator,
     index: usize,
     store: kv::Store,
     apply: Apply,
@@ -480,7 +481,7 @@ async fn watch_once(
     Ok(())
 }
 
-fn clear(shared: &Shared, index: usize) {
+fn clear(shared: &Operator, index: usize) {
     let mut fleet = shared.fleet.write().unwrap();
     match index {
         0 => {
@@ -506,7 +507,7 @@ fn value(entry: &kv::Entry) -> Option<&[u8]> {
     matches!(entry.operation, Operation::Put).then_some(entry.value.as_ref())
 }
 
-fn apply_resource(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
+fn apply_resource(shared: &Operator, entry: &kv::Entry) -> Result<bool, String> {
     let mut fleet = shared.fleet.write().unwrap();
     let Some((kind, name)) = entry.key.split_once('.') else {
         return Err("not a <kind>.<name> key".into());
@@ -552,7 +553,7 @@ fn apply_resource(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
     Ok(true)
 }
 
-fn apply_reported(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
+fn apply_reported(shared: &Operator, entry: &kv::Entry) -> Result<bool, String> {
     let mut fleet = shared.fleet.write().unwrap();
     fleet.apply_reported(&entry.key, value(entry), stored_at_ms(entry))?;
     // A deployment's report can move a staged rollout on; heartbeats cannot.
@@ -563,7 +564,7 @@ fn apply_reported(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
     Ok(is_deployment && fleet.deployments.values().any(|d| d.spec.rollout.is_some()))
 }
 
-fn apply_desired(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
+fn apply_desired(shared: &Operator, entry: &kv::Entry) -> Result<bool, String> {
     let mut fleet = shared.fleet.write().unwrap();
     fleet.desired_revision = fleet.desired_revision.max(entry.revision);
     match value(entry) {
@@ -586,7 +587,7 @@ fn stored_at_ms(entry: &kv::Entry) -> u64 {
     (entry.created.unix_timestamp_nanos() / 1_000_000) as u64
 }
 
-fn apply_identity(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
+fn apply_identity(shared: &Operator, entry: &kv::Entry) -> Result<bool, String> {
     // Tokens and the revocation list share the bucket; only device records matter here.
     let Some(device) = entry.key.strip_prefix("device.") else {
         return Ok(false);
@@ -605,7 +606,7 @@ fn apply_identity(shared: &Shared, entry: &kv::Entry) -> Result<bool, String> {
 }
 
 /// Writes the desired bucket whenever the resources or the bucket change, and on a timer.
-async fn fan_out_loop(shared: Arc<Shared>, resync: Duration) {
+async fn fan_out_loop(shared: Arc<Operator>, resync: Duration) {
     loop {
         tokio::select! {
             _ = shared.changed.notified() => {}

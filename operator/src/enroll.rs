@@ -22,7 +22,7 @@ use fleet_contracts::{
 use tracing::{info, warn};
 
 use crate::{
-    controller::{Shared, now_ms},
+    controller::{Operator, now_ms},
     identity::Identity,
     respond,
 };
@@ -95,7 +95,7 @@ pub const ENROLLMENT_REFUSED: &str = "enrollment refused: this token cannot enro
 /// token's own JWT would have expired anyway. Tokens recorded before their user key was kept
 /// have nothing to revoke; they expire on their own.
 pub async fn revoke_token_user(
-    shared: &Shared,
+    shared: &Operator,
     token: &EnrollmentToken,
 ) -> Result<(), crate::blacklist::BlacklistError> {
     let Some(key) = &token.user_key else {
@@ -116,7 +116,7 @@ pub async fn revoke_token_user(
 
 /// Answers enrollment requests (`fleet.enroll.<token id>`) on `client` (the responder's own
 /// connection: it may only publish to enrollment and device inboxes) until it closes.
-pub async fn serve(client: async_nats::Client, shared: Arc<Shared>, identity: Arc<Identity>) {
+pub async fn serve(client: async_nats::Client, shared: Arc<Operator>, identity: Arc<Identity>) {
     let state = shared.clone();
     respond::serve(
         client,
@@ -143,7 +143,7 @@ pub async fn serve(client: async_nats::Client, shared: Arc<Shared>, identity: Ar
 
 /// Answers renewal requests (`fleet.renew.<device>`) on the responder's connection until it
 /// closes.
-pub async fn serve_renewals(client: async_nats::Client, shared: Arc<Shared>) {
+pub async fn serve_renewals(client: async_nats::Client, shared: Arc<Operator>) {
     let state = shared.clone();
     respond::serve(
         client,
@@ -167,7 +167,7 @@ pub async fn serve_renewals(client: async_nats::Client, shared: Arc<Shared>) {
 
 impl Answered {
     /// The reply, logged; and a spent token's revocation to follow it.
-    fn into_answer(self, verb: &str, token: &str, shared: Arc<Shared>) -> respond::Answer {
+    fn into_answer(self, verb: &str, token: &str, shared: Arc<Operator>) -> respond::Answer {
         let reply = match &self.outcome {
             Ok((jwt, expires_at)) => {
                 info!(verb, %token, expires_at, "credentials issued");
@@ -196,7 +196,7 @@ impl Answered {
 }
 
 async fn try_enroll(
-    shared: &Shared,
+    shared: &Operator,
     identity: &Identity,
     token_id: &str,
     req: &EnrollRequest,
@@ -293,7 +293,7 @@ async fn try_enroll(
 /// Mints the device's JWT, records its key (and the JWT's expiry) and its Device resource.
 #[allow(clippy::too_many_arguments)]
 async fn issue(
-    shared: &Shared,
+    shared: &Operator,
     identity: &Identity,
     req: &EnrollRequest,
     token_id: &str,
@@ -354,7 +354,7 @@ async fn create_device(resources: &kv::Store, name: &str, labels: &Labels) -> Re
     }
 }
 
-async fn renew(shared: &Shared, device: &str) -> Result<(String, u64), String> {
+async fn renew(shared: &Operator, device: &str) -> Result<(String, u64), String> {
     check_name(device).map_err(|e| format!("invalid device id {device:?}: {e}"))?;
     let store = &shared.buckets.enrollment;
     let entry = store

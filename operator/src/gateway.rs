@@ -23,7 +23,7 @@ use fleet_contracts::{
 use tracing::{debug, warn};
 
 use crate::{
-    controller::Shared,
+    controller::Operator,
     respond::{self, Answer},
 };
 
@@ -32,7 +32,7 @@ use crate::{
 pub const MAX_REPORTED_KEYS: usize = 256;
 
 /// Answers sync requests on the responder's connection until it closes.
-pub async fn serve_sync(client: async_nats::Client, shared: Arc<Shared>) {
+pub async fn serve_sync(client: async_nats::Client, shared: Arc<Operator>) {
     let state = shared.clone();
     respond::serve(
         client,
@@ -55,7 +55,7 @@ pub async fn serve_sync(client: async_nats::Client, shared: Arc<Shared>) {
 /// The answer names the store its desired state was derived from; there is none to name
 /// while the store's identity is unread, a restore is under way, or the desired bucket was not
 /// yet derived whole from the current store: the device is then told to ask again.
-pub fn sync(shared: &Shared, device: &str) -> SyncReply {
+pub fn sync(shared: &Operator, device: &str) -> SyncReply {
     if !shared.desired_read() || !shared.resources_read() {
         return SyncReply::NotReady;
     }
@@ -88,7 +88,7 @@ pub fn sync(shared: &Shared, device: &str) -> SyncReply {
 }
 
 /// Stores reports on the responder's connection's requests until it closes.
-pub async fn serve_reports(client: async_nats::Client, shared: Arc<Shared>) {
+pub async fn serve_reports(client: async_nats::Client, shared: Arc<Operator>) {
     let state = shared.clone();
     respond::serve(
         client,
@@ -104,7 +104,7 @@ pub async fn serve_reports(client: async_nats::Client, shared: Arc<Shared>) {
     .await
 }
 
-async fn report(shared: &Shared, device: &str, payload: &[u8]) -> ReportReply {
+async fn report(shared: &Operator, device: &str, payload: &[u8]) -> ReportReply {
     let request: ReportRequest = match serde_json::from_slice(payload) {
         Ok(r) => r,
         Err(e) => {
@@ -263,7 +263,7 @@ fn check_value(device: &str, key: &str, value: &serde_json::Value) -> Result<Vec
 
 /// Rings `device`'s doorbell: its desired state changed. Best effort: a device that misses it
 /// asks on its own within its sync interval.
-pub async fn ring(shared: &Shared, device: &str) {
+pub async fn ring(shared: &Operator, device: &str) {
     let body = serde_json::to_vec(&DesiredChanged {
         schema: SCHEMA_VERSION,
     })

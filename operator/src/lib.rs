@@ -166,7 +166,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         config.instance.clone(),
         config.lease_ttl,
     ));
-    let shared = controller::Shared::new(
+    let shared = controller::Operator::new(
         buckets,
         identity.clone(),
         sys,

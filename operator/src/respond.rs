@@ -17,7 +17,7 @@ use fleet_contracts::names::{self, check_name};
 use futures::StreamExt;
 use tracing::warn;
 
-use crate::controller::Shared;
+use crate::controller::Operator;
 
 /// What to send back, and what to do once it is on its way.
 pub struct Answer {
@@ -57,7 +57,7 @@ pub async fn serve<F, Fut>(
     client: async_nats::Client,
     subject: fn(&str) -> String,
     inbox: fn(&str) -> String,
-    shared: Arc<Shared>,
+    shared: Arc<Operator>,
     concurrent: bool,
     answer: F,
 ) where

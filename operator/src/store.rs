@@ -32,7 +32,7 @@ use tracing::info;
 
 use crate::{
     blacklist::{REVOCATIONS_KEY, push_account, update_revocations},
-    controller::{Shared, now_ms},
+    controller::{Operator, now_ms},
     enroll::identity_key,
 };
 
@@ -63,7 +63,7 @@ pub const BACKED_UP: [&str; 5] = [
     REPORTED_BUCKET,
 ];
 
-fn bucket<'a>(shared: &'a Shared, name: &str) -> &'a kv::Store {
+fn bucket<'a>(shared: &'a Operator, name: &str) -> &'a kv::Store {
     let b = &shared.buckets;
     match name {
         RESOURCES_BUCKET => &b.resources,
@@ -91,7 +91,7 @@ async fn read_all(store: &kv::Store) -> Result<BTreeMap<String, (Vec<u8>, u64)>,
 }
 
 /// The store's identity and its revision.
-async fn identity(shared: &Shared) -> Result<(StoreIdentity, u64), StoreError> {
+async fn identity(shared: &Operator) -> Result<(StoreIdentity, u64), StoreError> {
     let entry = shared
         .buckets
         .resources
@@ -106,7 +106,7 @@ async fn identity(shared: &Shared) -> Result<(StoreIdentity, u64), StoreError> {
 }
 
 /// Reads every bucket but the lease. Values are JSON (every value Fleet writes is).
-pub async fn backup(shared: &Shared) -> Result<Backup, StoreError> {
+pub async fn backup(shared: &Operator) -> Result<Backup, StoreError> {
     let (identity, _) = identity(shared).await?;
     let mut buckets = BTreeMap::new();
     for name in BACKED_UP {
@@ -262,7 +262,7 @@ fn check_resource(key: &str, value: &serde_json::Value) -> Result<(), String> {
 
 /// Restores `backup` (see the module docs). Re-running it after an interruption finishes
 /// the job.
-pub async fn restore(shared: &Shared, backup: &Backup) -> Result<RestoreResult, StoreError> {
+pub async fn restore(shared: &Operator, backup: &Backup) -> Result<RestoreResult, StoreError> {
     check(backup)?;
     // 1. A new epoch of the backup's fleet, marked restoring: devices are answered again only
     // once the desired state is derived whole from what is written below.
@@ -407,7 +407,7 @@ pub async fn restore(shared: &Shared, backup: &Backup) -> Result<RestoreResult, 
 
 /// Replaces the store's identity if it is still at `revision`; returns the new revision.
 async fn write_identity(
-    shared: &Shared,
+    shared: &Operator,
     identity: &StoreIdentity,
     revision: u64,
 ) -> Result<u64, StoreError> {
@@ -426,7 +426,7 @@ async fn write_identity(
 
 /// Adopts `device` (see the module docs).
 pub async fn adopt(
-    shared: &Shared,
+    shared: &Operator,
     device: &str,
     request: &AdoptRequest,
 ) -> Result<AdoptResult, StoreError> {
@@ -546,7 +546,7 @@ pub async fn adopt(
 }
 
 /// Releases the deployments `device` holds from an earlier store: it removes them.
-pub async fn release(shared: &Shared, device: &str, by: &str) -> Result<AdoptResult, StoreError> {
+pub async fn release(shared: &Operator, device: &str, by: &str) -> Result<AdoptResult, StoreError> {
     let (held, store) = {
         let fleet = shared.fleet.read().unwrap();
         let held: BTreeSet<String> = fleet
@@ -580,7 +580,7 @@ pub async fn release(shared: &Shared, device: &str, by: &str) -> Result<AdoptRes
 }
 
 async fn update_adoption(
-    shared: &Shared,
+    shared: &Operator,
     device: &str,
     by: &str,
     change: impl Fn(&mut Adoption),

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleet_contracts::{resource::RolloutPhase, state::Health};
-use fleet_e2e::{Fleet, eventually};
+use fleet_e2e::{TestFleet, eventually};
 
 use crate::vm::{Exit, Network, Vm};
 
@@ -49,7 +49,7 @@ pub fn device(name: &str) -> Result<(Dir, Vm)> {
 /// NATS port (the guest reaches it as 10.0.2.2).
 pub fn join_fleet(
     vm: &Vm,
-    fleet: &Fleet,
+    fleet: &TestFleet,
     device_id: &str,
     labels: &[(&str, &str)],
 ) -> Result<String> {
@@ -139,7 +139,7 @@ pub fn agent_journal(vm: &Vm) -> String {
 }
 
 /// Waits until `device` has enrolled and reports healthy; returns how long that took.
-pub async fn enrolled(fleet: &Fleet, vm: &Vm, device: &str) -> Result<Duration> {
+pub async fn enrolled(fleet: &TestFleet, vm: &Vm, device: &str) -> Result<Duration> {
     let start = Instant::now();
     let client = fleet.operator.client();
     eventually(
@@ -159,7 +159,7 @@ pub async fn enrolled(fleet: &Fleet, vm: &Vm, device: &str) -> Result<Duration> 
 }
 
 /// Applies `doc` (a Deployment) and waits until the device runs its new generation.
-pub async fn deploy(fleet: &Fleet, vm: &Vm, doc: &serde_json::Value) -> Result<()> {
+pub async fn deploy(fleet: &TestFleet, vm: &Vm, doc: &serde_json::Value) -> Result<()> {
     let client = fleet.operator.client();
     let generation = fleet.operator.apply(doc)?.generation;
     let name = doc["metadata"]["name"].as_str().unwrap_or("?");
@@ -177,7 +177,7 @@ pub async fn deploy(fleet: &Fleet, vm: &Vm, doc: &serde_json::Value) -> Result<(
 }
 
 /// `fleetctl describe device NAME` against the test fleet, as a person would run it.
-pub fn fleetctl_describe_device(fleet: &Fleet, name: &str) -> Result<String> {
+pub fn fleetctl_describe_device(fleet: &TestFleet, name: &str) -> Result<String> {
     let out = std::process::Command::new(fleet_e2e::binary("fleetctl"))
         .args(["--server", &fleet.operator.url, "describe", "device", name])
         .env("FLEET_TOKEN", &fleet.operator.token)

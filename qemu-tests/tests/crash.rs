@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use fleet_e2e::{Fleet, churn::Rng, eventually};
+use fleet_e2e::{TestFleet, churn::Rng, eventually};
 use fleet_qemu_tests::{
     pool,
     scenario::{
@@ -146,7 +146,7 @@ fn pool_use(vm: &Vm) -> Result<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_crashed_at_random_moments_always_comes_back_and_repairs_its_damaged_pool()
 -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (dir, mut vm) = device("crash")?;
     join_fleet(&vm, &fleet, "pi-crash", &[("role", "crash")])?;
     let mut rng = Rng::seeded("FLEET_CRASH_SEED", "crash");

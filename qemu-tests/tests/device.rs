@@ -5,7 +5,7 @@
 #![allow(clippy::disallowed_methods)] // A test times what it watches: it reads the clock.
 
 use anyhow::{Result, bail, ensure};
-use fleet_e2e::{Fleet, eventually, http_deployment};
+use fleet_e2e::{TestFleet, eventually, http_deployment};
 use fleet_qemu_tests::{
     scenario::{
         BOOT, GUEST, boot_to_ssh, deploy, device, enrolled, import_example_image, join_fleet,
@@ -70,7 +70,7 @@ async fn guest_http_says(vm: &Vm, port: u16, greeting: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_image_boots_on_lvm_and_its_agent_runs_a_workload_across_reboots_and_without_network()
 -> Result<()> {
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let (dir, mut vm) = device("agent")?;
     // The first-boot settings on the card's FAT, as a user writes them after flashing.
     let port = join_fleet(&vm, &fleet, "pi-q1", &[("role", "pi")])?;

@@ -31,7 +31,7 @@ use fleet_contracts::{
     names,
     state::{Phase, ReportedDeployment},
 };
-use fleet_e2e::{Agent, Fleet, PodmanSandbox, WAIT, free_port, http_deployment};
+use fleet_e2e::{Agent, PodmanSandbox, TestFleet, WAIT, free_port, http_deployment};
 use futures::StreamExt;
 
 const DEVICE: &str = "bench-01";
@@ -47,7 +47,7 @@ async fn main() -> Result<()> {
         .transpose()?
         .unwrap_or(25);
     println!("fleet-bench: {n} deployments, real nats-server + podman (runc), one agent");
-    let fleet = Fleet::start().await?;
+    let fleet = TestFleet::start().await?;
     let sandbox = PodmanSandbox::new(&fleet.path().join(DEVICE))?;
 
     let baseline = podman_floor(&sandbox, n)?;
@@ -223,7 +223,7 @@ fn memory_kib(pid: u32) -> Result<(u64, u64)> {
 
 /// Blacklist -> disconnect, and un-blacklist -> reconnected and converged, 10 times.
 async fn blacklist_figures(
-    fleet: &Fleet,
+    fleet: &TestFleet,
     agent: &Agent,
     reported: &async_nats::jetstream::kv::Store,
 ) -> Result<()> {
@@ -307,7 +307,7 @@ async fn blacklist_figures(
 
 /// Upgrades an HTTP service 10 times while polling it, and prints the gap between the last
 /// answer of the old version and the first of the new one.
-async fn cutover_figures(fleet: &Fleet) -> Result<()> {
+async fn cutover_figures(fleet: &TestFleet) -> Result<()> {
     let port = free_port();
     fleet
         .operator
@@ -365,7 +365,10 @@ async fn cutover_figures(fleet: &Fleet) -> Result<()> {
 /// and for one that ignores it (SIGKILLed after its 3 s grace): from the device's `Upgrading`
 /// report to its `Creating` report (the old container stopped and removed), both stamped by the
 /// agent's clock. Five upgrades each.
-async fn stop_figures(fleet: &Fleet, reported: &async_nats::jetstream::kv::Store) -> Result<()> {
+async fn stop_figures(
+    fleet: &TestFleet,
+    reported: &async_nats::jetstream::kv::Store,
+) -> Result<()> {
     const GRACE: u32 = 3;
     let app = |script: &str, round: u64| {
         serde_json::json!({
@@ -449,7 +452,7 @@ async fn stop_figures(fleet: &Fleet, reported: &async_nats::jetstream::kv::Store
 
 /// Follows a container that prints the shared kernel uptime every 50 ms and measures how late
 /// each line arrives.
-async fn follow_figures(fleet: &Fleet) -> Result<()> {
+async fn follow_figures(fleet: &TestFleet) -> Result<()> {
     let mut doc = http_deployment("clock", "bench", free_port(), "x");
     doc["spec"]["template"]["containers"][0]["image"] = "localhost/fleet-busybox:1".into();
     doc["spec"]["template"]["containers"][0]["command"] = serde_json::json!([
@@ -491,7 +494,7 @@ async fn follow_figures(fleet: &Fleet) -> Result<()> {
 }
 
 /// A fleet user that may read and write every key: the benchmark's hollow devices.
-fn hollow_fleet_creds(fleet: &Fleet) -> Result<String> {
+fn hollow_fleet_creds(fleet: &TestFleet) -> Result<String> {
     use fleet_operator::identity::jwt::{Permission, UserPermissions};
     let identity = fleet_operator::identity::Identity::init_or_load(&fleet.nats.identity)?;
     Ok(identity.fleet_user_creds(
@@ -507,7 +510,7 @@ fn hollow_fleet_creds(fleet: &Fleet) -> Result<String> {
     )?)
 }
 
-async fn hollow_client(fleet: &Fleet) -> Result<async_nats::jetstream::Context> {
+async fn hollow_client(fleet: &TestFleet) -> Result<async_nats::jetstream::Context> {
     let creds = hollow_fleet_creds(fleet)?;
     let client = async_nats::ConnectOptions::with_credentials(&creds)?
         .add_root_certificates(fleet.nats.ca())
@@ -657,7 +660,7 @@ fn fan_doc(version: u64) -> serde_json::Value {
 async fn recovery_figures() -> Result<()> {
     println!("operator recovery (hollow devices; KV state written directly, pipelined)");
     for n in [1_000usize, 10_000] {
-        let mut fleet = Fleet::start().await?;
+        let mut fleet = TestFleet::start().await?;
         let js = hollow_client(&fleet).await?;
         eprintln!("  ({n} devices: writing their state)");
         // Devices (labelled for the fan-out and, alternately, for the writer below) and one
@@ -741,7 +744,7 @@ fn desired_value_bytes(version: u64) -> Result<Vec<u8>> {
 
 /// SIGKILL -> converged while a writer applies and deletes Deployments (each on half of the
 /// devices), 5 times.
-async fn kill_under_load(fleet: &mut Fleet) -> Result<()> {
+async fn kill_under_load(fleet: &mut TestFleet) -> Result<()> {
     use std::sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},

@@ -40,8 +40,8 @@ need_root
 # podman with runc (crun fails on these hosts: "cgroups in hybrid mode not supported"),
 # busybox-static for the locally built test images, the aarch64 C cross compiler for crates
 # with C code (ring) in the static aarch64 agent, musl-gcc for the x86_64 one, jq/curl/file
-# for the scripts.
-apt_install podman runc uidmap slirp4netns busybox-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross musl-tools curl jq file ca-certificates python3 python3-venv
+# for the scripts, shellcheck for the scripts' own test.
+apt_install podman runc uidmap slirp4netns busybox-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross musl-tools curl jq file ca-certificates python3 python3-venv shellcheck
 
 # podman's default ulimits fail here ("setrlimit RLIMIT_NOFILE: Operation not permitted").
 if [ ! -f /etc/containers/containers.conf ] || ! grep -q '^default_ulimits = \[\]' /etc/containers/containers.conf; then
@@ -113,9 +113,13 @@ unpack_trixie() {
   trixie_source
   if [ $apt_updated -eq 0 ]; then apt-get update -qq; apt_updated=1; fi
   mkdir -p "$FLEET_CACHE/debs"
-  ( cd "$FLEET_CACHE/debs" && ls "${pkg}"_*.deb >/dev/null 2>&1 || apt-get download -qq -o APT::Sandbox::User=root "$pkg/trixie" )
+  local debs=("$FLEET_CACHE/debs/${pkg}"_*.deb)
+  if [ ! -e "${debs[0]}" ]; then
+    ( cd "$FLEET_CACHE/debs" && apt-get download -qq -o APT::Sandbox::User=root "$pkg/trixie" )
+    debs=("$FLEET_CACHE/debs/${pkg}"_*.deb)
+  fi
   rm -rf "$TOOLS/$pkg-unpacked"
-  dpkg-deb -x "$(ls "$FLEET_CACHE/debs/${pkg}"_*.deb | head -n1)" "$TOOLS/$pkg-unpacked"
+  dpkg-deb -x "${debs[0]}" "$TOOLS/$pkg-unpacked"
 }
 
 # nats-server 2.10 (bookworm's 2.9 lacks 2.10 features).

@@ -100,6 +100,8 @@ cleanup() {
   ids=$(podman ps -aq --filter label=fleet.device=pi-01)
   if [ -n "$ids" ]; then
     say "removing pi-01's containers (the fleet recreates them on the next start)"
+    # One id per line: word splitting is what passes them as separate arguments.
+    # shellcheck disable=SC2086
     podman rm -f -t 5 $ids >/dev/null
   fi
   say "stopped; state kept in $STATE"

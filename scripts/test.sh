@@ -22,6 +22,10 @@ cargo fmt --all --check
 step "cargo clippy --all-targets -D warnings"
 cargo clippy --locked --workspace --all-targets --quiet -- -D warnings
 
+step "shellcheck (scripts, the initramfs hook and boot script)"
+shellcheck scripts/*.sh .ci/run initramfs-hook/initramfs/hooks/fleet-bootguard \
+  initramfs-hook/initramfs/scripts/local-top/fleet-bootguard
+
 step "dependency invariants"
 bash scripts/check-deps.sh
 

@@ -1,5 +1,5 @@
 //! The local fleet end to end: real nats-server, real fleet-operator and fleet-agent processes,
-//! real podman (each agent on its own storage). One test per behaviour of issue 2.
+//! real podman (each agent on its own storage). One test per behaviour of the local fleet.
 #![allow(clippy::disallowed_methods)] // A test times what it watches: it reads the clock.
 
 use anyhow::{Result, bail};

@@ -3,7 +3,7 @@
 //! On every boot, before root is mounted, it counts the boots of a pending upgrade and, past
 //! the limit (or when userspace asked for it), merges the pre-upgrade thin snapshot back into
 //! root, restores the boot partition's known-good files, records why, and reboots into the old
-//! system. The design is in `docs/adr` and the research notes' section 8.3.
+//! system. The design is in `docs/ARCHITECTURE.md` and `docs/adr/`.
 //!
 //! This crate holds the decision, as a pure function ([`decide`]) from what the bootguard
 //! observes ([`Observed`]: the state file, whether the snapshot exists, whether the known-good

@@ -88,8 +88,37 @@ pub enum RunError {
 /// How often the fleet account is pushed to the servers even without a change.
 const ACCOUNT_REPUSH: Duration = Duration::from_secs(60);
 
+/// A started operator: its connections made, its buckets open, its tasks (watches, fan-out,
+/// lease, responders) running on the current tokio runtime; what is left is to serve
+/// [`Started::router`], which [`run`] does on a TCP listener and the API's component tests do
+/// without one.
+#[derive(Debug)]
+pub struct Started {
+    pub operator: Arc<controller::Operator>,
+    pub router: axum::Router,
+}
+
 /// Runs the operator until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    let Started { operator, router } = start(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    info!(%addr, nats = %config.nats_url, instance = %config.instance, "operator listening: status page at http://{addr}/");
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(RunError::Serve);
+    lease::release(&operator.buckets.lease, &operator.leadership).await;
+    served
+}
+
+/// Connects, opens the buckets and starts every task of the operator; see [`Started`].
+pub async fn start(config: &Config) -> Result<Started, RunError> {
     if !config.identity_dir.join("nats-auth.conf").exists() {
         return Err(RunError::NoIdentity(config.identity_dir.clone()));
     }
@@ -98,7 +127,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // an upgrade's narrower permissions apply at once (the `*.creds` files init-identity
     // writes are for tools).
     let (connected, connections) = tokio::sync::watch::channel(0u64);
-    let client = connection(&config, &identity.service_creds()?, "fleet-operator")?
+    let client = connection(config, &identity.service_creds()?, "fleet-operator")?
         .max_reconnects(None)
         .event_callback(move |event| {
             if matches!(event, async_nats::Event::Connected) {
@@ -115,7 +144,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // The responder hears enrollment and renewal requests on a connection of its own, which
     // can publish to nothing but enrollment and device inboxes.
     let responder = connection(
-        &config,
+        config,
         &identity.responder_creds()?,
         "fleet-operator (responder)",
     )?
@@ -144,7 +173,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let reconnected = Arc::new(tokio::sync::Notify::new());
     let notify = reconnected.clone();
     let sys = connection(
-        &config,
+        config,
         &identity.sys_creds()?,
         "fleet-operator (system account)",
     )?
@@ -196,20 +225,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     tokio::spawn(enroll::serve_renewals(responder.clone(), shared.clone()));
     tokio::spawn(gateway::serve_sync(responder.clone(), shared.clone()));
     tokio::spawn(gateway::serve_reports(responder, shared.clone()));
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| RunError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().unwrap_or(config.listen);
-    info!(%addr, nats = %config.nats_url, instance = %config.instance, "operator listening: status page at http://{addr}/");
-    let served = axum::serve(listener, api::router(shared.clone()))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(RunError::Serve);
-    lease::release(&shared.buckets.lease, &shared.leadership).await;
-    served
+    Ok(Started {
+        router: api::router(shared.clone()),
+        operator: shared,
+    })
 }
 
 /// Options for a connection with `creds`: TLS to a server the fleet's own CA signed (pinned,

@@ -337,4 +337,35 @@ mod tests {
             );
         }
     }
+
+    /// A leader counts its lease from when it sent the renewal and stops a margin before the
+    /// lease time, so it has stopped before any standby can start (a standby waits a whole
+    /// lease time from when it first saw the revision, which is after the sending).
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_stops_a_margin_before_its_lease_runs_out() {
+        let ttl = Duration::from_secs(6);
+        let leadership = Leadership::new("a".into(), ttl);
+        assert!(!leadership.is_leader());
+        let sent = clock::now();
+        leadership.hold(7, sent);
+        assert!(leadership.is_leader());
+        assert_eq!(leadership.held_revision(), Some(7));
+        assert_eq!(leadership.leader().as_deref(), Some("a"));
+        tokio::time::advance(ttl - leadership.margin() - Duration::from_millis(1)).await;
+        assert!(
+            leadership.is_leader(),
+            "still within the lease, less the margin"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(
+            !leadership.is_leader(),
+            "stopped a margin before the lease time"
+        );
+        assert_eq!(leadership.held_revision(), None);
+        // A renewal sent now counts from now.
+        leadership.hold(8, clock::now());
+        assert!(leadership.is_leader());
+        leadership.lose("test");
+        assert!(!leadership.is_leader());
+    }
 }

@@ -151,6 +151,11 @@ else
   exit 1
 fi
 command -v cargo-nextest >/dev/null || { log "installing cargo-nextest"; cargo install --locked cargo-nextest; }
+# cargo-deny for the licenses and bans checks (offline; about 2.5 min to build once).
+command -v cargo-deny >/dev/null || {
+  log "installing cargo-deny"
+  cargo install --locked --no-default-features cargo-deny@0.20.2
+}
 
 # nats-py, an independent NATS client for the isolation tests (e2e/py/).
 VENV="$FLEET_CACHE/venv"

@@ -26,8 +26,10 @@ step "shellcheck (scripts, the initramfs hook and boot script)"
 shellcheck scripts/*.sh .ci/run initramfs-hook/initramfs/hooks/fleet-bootguard \
   initramfs-hook/initramfs/scripts/local-top/fleet-bootguard
 
-step "dependency invariants"
+step "dependency invariants and licenses"
 bash scripts/check-deps.sh
+# deny.toml: permissive licenses only, no OpenSSL; offline (no advisory database).
+cargo deny --offline check --hide-inclusion-graph licenses bans
 
 step "build the binaries the end-to-end tests start"
 cargo build --locked --workspace --bins --quiet

@@ -26,7 +26,29 @@ pub enum Phase {
 }
 
 impl Phase {
-    const ALL: [Phase; 5] = [
+    /// Whether the state file may go from this phase to `next`; the same phase again is a
+    /// step repeated after a power cut. The upgrade command arms (idle to pending), the
+    /// bootguard counts boots and rolls back (pending, rollback-requested or rolling-back to
+    /// rolling-back, then idle; a pending upgrade without its snapshot back to idle), the
+    /// check-in commits (pending to committing to idle) or asks for a rollback (pending to
+    /// rollback-requested). A missing or corrupt file has no phase: the bootguard decides
+    /// from what it finds.
+    pub fn may_become(self, next: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, next),
+            (Idle, Idle | Pending)
+                | (
+                    Pending,
+                    Pending | Committing | RollbackRequested | RollingBack | Idle
+                )
+                | (RollbackRequested, RollbackRequested | RollingBack)
+                | (RollingBack, RollingBack | Idle)
+                | (Committing, Committing | Idle)
+        )
+    }
+
+    pub const ALL: [Phase; 5] = [
         Phase::Idle,
         Phase::Pending,
         Phase::RollbackRequested,
@@ -211,5 +233,35 @@ mod tests {
         );
         let newer = BootState::parse("phase=idle\nchecksum=abc\n").unwrap();
         assert_eq!(newer.phase, Phase::Idle);
+    }
+
+    #[test]
+    fn the_allowed_transitions() {
+        use Phase::*;
+        // (from, to) pairs that may happen; every other pair of the 25 may not.
+        let allowed = [
+            (Idle, Idle),
+            (Idle, Pending),
+            (Pending, Pending),
+            (Pending, Committing),
+            (Pending, RollbackRequested),
+            (Pending, RollingBack),
+            (Pending, Idle),
+            (RollbackRequested, RollbackRequested),
+            (RollbackRequested, RollingBack),
+            (RollingBack, RollingBack),
+            (RollingBack, Idle),
+            (Committing, Committing),
+            (Committing, Idle),
+        ];
+        for from in Phase::ALL {
+            for to in Phase::ALL {
+                assert_eq!(
+                    from.may_become(to),
+                    allowed.contains(&(from, to)),
+                    "{from} -> {to}"
+                );
+            }
+        }
     }
 }

@@ -203,6 +203,14 @@ mod tests {
         }
     }
 
+    fn state_of(phase: Phase, count: u32) -> BootState {
+        BootState {
+            phase,
+            boot_count: count,
+            ..pending(count)
+        }
+    }
+
     /// The steps without the states' texts: what the bootguard does.
     fn shape(steps: &[Step]) -> Vec<String> {
         steps
@@ -272,6 +280,21 @@ mod tests {
                             got, want,
                             "{phase} count {count} snapshot {snapshot} {kg:?}"
                         );
+                        // Every state written follows the allowed transitions
+                        // (`fleet_contracts::boot::Phase::may_become`).
+                        let mut at = phase;
+                        for step in
+                            decide(&observed(Ok(Some(state_of(phase, count))), snapshot, kg))
+                        {
+                            if let Step::WriteState(next) = step {
+                                assert!(
+                                    at.may_become(next.phase),
+                                    "{phase} count {count}: {at} -> {}",
+                                    next.phase
+                                );
+                                at = next.phase;
+                            }
+                        }
                         cases += 1;
                     }
                 }

@@ -289,4 +289,18 @@ mod tests {
         );
         assert_eq!(resource_key("Deployment", "web"), "deployment.web");
     }
+
+    /// The operator's responder hears `subject("*")` and takes the requester's name from what
+    /// follows `subject("")`: that only works while the name is the subject's last token.
+    #[test]
+    fn request_subjects_end_with_the_requesters_name() {
+        let subjects: [fn(&str) -> String; 4] =
+            [enroll_subject, renew_subject, sync_subject, report_subject];
+        for subject in subjects {
+            let prefix = subject("");
+            assert!(prefix.ends_with('.'), "{prefix}");
+            assert_eq!(subject("pi-01"), format!("{prefix}pi-01"));
+            assert_eq!(subject("*"), format!("{prefix}*"));
+        }
+    }
 }

@@ -83,22 +83,71 @@ fn contracts_modules_depend_one_way() {
             continue;
         }
         let own = layer(&module);
-        let text = std::fs::read_to_string(&file).unwrap();
-        for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
-            for (i, _) in line.match_indices("crate::") {
-                let used: String = line[i + "crate::".len()..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                // Root items (FieldError, Labels, the versions) are below every module.
-                if used.chars().next().is_some_and(|c| c.is_ascii_lowercase())
-                    && used != module
-                    && layer(&used) >= own
-                {
-                    wrong.push(format!("{}: {module} names {used}", rel.display()));
-                }
+        let text: String = std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for used in crate_modules_named(&text) {
+            // Root items (FieldError, Labels, the versions) are below every module.
+            if used.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+                && used != module
+                && layer(&used) >= own
+            {
+                wrong.push(format!("{}: {module} names {used}", rel.display()));
             }
         }
     }
     assert!(wrong.is_empty(), "imports against the layers: {wrong:#?}");
+}
+
+/// The first segment of every path after `crate::` in `text`, also inside groups
+/// (`crate::{Labels, spec::PodTemplate}` names `Labels` and `spec`, over several lines too).
+fn crate_modules_named(text: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut out = Vec::new();
+    for (i, _) in text.match_indices("crate::") {
+        let rest = &text[i + "crate::".len()..];
+        let Some(group) = rest.strip_prefix('{') else {
+            out.push(ident(rest));
+            continue;
+        };
+        // The group's top-level items, up to its closing brace.
+        let (mut depth, mut item) = (0, String::new());
+        for c in group.chars() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => break,
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    out.push(ident(&item));
+                    item.clear();
+                    continue;
+                }
+                _ => {}
+            }
+            if depth == 0 || c == '{' {
+                item.push(c);
+            }
+        }
+        out.push(ident(&item));
+    }
+    out.retain(|m| !m.is_empty());
+    out
+}
+
+#[test]
+fn grouped_imports_are_read_too() {
+    assert_eq!(
+        crate_modules_named(
+            "use crate::{\n    Labels, SCHEMA_VERSION,\n    spec::{Container, Probe},\n};\nx = crate::state::Phase;"
+        ),
+        ["Labels", "SCHEMA_VERSION", "spec", "state"]
+    );
 }

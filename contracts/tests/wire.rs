@@ -199,6 +199,139 @@ fn request_reply_messages() {
 }
 
 #[test]
+fn values_and_messages_that_did_not_move() {
+    use fleet_contracts::rpc::{
+        DesiredChanged, ReportEntry, ReportReply, ReportRequest, SyncReply, SyncRequest,
+    };
+    use fleet_contracts::state::{
+        DesiredDeployment, HealthFlag, Heartbeat, Phase, ReportedDeployment, StorageChecks,
+        StoreIdentity, StoreRef,
+    };
+    let store = |epoch| StoreRef {
+        fleet_id: "ab12".into(),
+        epoch,
+    };
+    pinned(
+        ExecReply::Error {
+            message: "no such container".into(),
+        },
+        r#"{"error":{"message":"no such container"}}"#,
+    );
+    pinned(SyncRequest { schema: 1 }, r#"{"schema":1}"#);
+    pinned(
+        SyncReply::Desired {
+            revision: 7,
+            desired: [("web".to_owned(), serde_json::json!({"schema": 1}))].into(),
+            store: Some(store(2)),
+            accept: Some(store(1)),
+            release_held: true,
+        },
+        r#"{"result":"desired","revision":7,"desired":{"web":{"schema":1}},"store":{"fleetId":"ab12","epoch":2},"accept":{"fleetId":"ab12","epoch":1},"releaseHeld":true}"#,
+    );
+    pinned(SyncReply::NotReady, r#"{"result":"notReady"}"#);
+    pinned(
+        SyncReply::Refused {
+            reason: "blacklisted".into(),
+        },
+        r#"{"result":"refused","reason":"blacklisted"}"#,
+    );
+    pinned(
+        ReportRequest {
+            schema: 1,
+            entries: vec![
+                ReportEntry {
+                    key: "_info".into(),
+                    value: Some(serde_json::json!({"x": 1})),
+                },
+                ReportEntry {
+                    key: "web".into(),
+                    value: None,
+                },
+            ],
+        },
+        r#"{"schema":1,"entries":[{"key":"_info","value":{"x":1}},{"key":"web"}]}"#,
+    );
+    pinned(
+        ReportReply::Stored {
+            refused: [("a.b".to_owned(), "not a name".to_owned())].into(),
+        },
+        r#"{"result":"stored","refused":{"a.b":"not a name"}}"#,
+    );
+    pinned(
+        ReportReply::Failed {
+            reason: "nats".into(),
+        },
+        r#"{"result":"failed","reason":"nats"}"#,
+    );
+    pinned(DesiredChanged { schema: 1 }, r#"{"schema":1}"#);
+    pinned(
+        DesiredDeployment {
+            schema: 1,
+            deployment: "web".into(),
+            generation: 3,
+            spec: PodTemplate::single(Container::new("web", "localhost/http:1")),
+        },
+        r#"{"schema":1,"deployment":"web","generation":3,"spec":{"containers":[{"name":"web","image":"localhost/http:1"}],"restartPolicy":"Always","lifecycle":{"stopSignal":"SIGTERM","graceSeconds":30,"sigkillFallback":true}}}"#,
+    );
+    pinned(
+        ReportedDeployment {
+            schema: 1,
+            deployment: "web".into(),
+            observed_generation: 3,
+            phase: Phase::Failed,
+            message: "image not found".into(),
+            container_id: Some("c1".into()),
+            since_ms: 9,
+        },
+        r#"{"schema":1,"deployment":"web","observed_generation":3,"phase":"Failed","message":"image not found","container_id":"c1","since_ms":9}"#,
+    );
+    pinned(
+        Heartbeat {
+            schema: 1,
+            device: "pi-01".into(),
+            agent_version: "0.1.0".into(),
+            os: "Debian GNU/Linux 13 (trixie)".into(),
+            uptime_secs: 5,
+            sent_at_ms: 6,
+            interval_ms: 10_000,
+            health_flags: vec![
+                HealthFlag::StoreChanged {
+                    cached: store(1),
+                    found: store(2),
+                },
+                HealthFlag::HeldDeployments {
+                    deployments: vec!["old".into()],
+                },
+                HealthFlag::PodmanUnavailable {
+                    message: "down".into(),
+                },
+            ],
+            deployments: 2,
+            last_reconcile_ms: Some(7),
+            storage: Some(StorageChecks {
+                pool_repairs: 1,
+                pool_repair_boots: 0,
+                last_pool: "repaired".into(),
+                fat_repairs: 2,
+                last_fat: String::new(),
+            }),
+            dropped_requests: 3,
+            public_key: "UKEY".into(),
+        },
+        r#"{"schema":1,"device":"pi-01","agent_version":"0.1.0","os":"Debian GNU/Linux 13 (trixie)","uptime_secs":5,"sent_at_ms":6,"interval_ms":10000,"health_flags":[{"storeChanged":{"cached":{"fleetId":"ab12","epoch":1},"found":{"fleetId":"ab12","epoch":2}}},{"heldDeployments":{"deployments":["old"]}},{"podmanUnavailable":{"message":"down"}}],"deployments":2,"last_reconcile_ms":7,"storage":{"pool_repairs":1,"pool_repair_boots":0,"last_pool":"repaired","fat_repairs":2},"dropped_requests":3,"public_key":"UKEY"}"#,
+    );
+    pinned(
+        StoreIdentity {
+            schema: 1,
+            store: store(4),
+            restoring: true,
+            created_ms: 8,
+        },
+        r#"{"schema":1,"fleetId":"ab12","epoch":4,"restoring":true,"createdMs":8}"#,
+    );
+}
+
+#[test]
 fn a_degraded_device_phase_reads_under_its_old_name_too() {
     use fleet_contracts::state::Phase;
     pinned(Phase::Degraded, r#""Degraded""#);

@@ -2,7 +2,10 @@
 //! process (`fleet_operator::start`) against a real nats-server, called without a TCP
 //! listener (tower's `oneshot`). The middle rung between the handlers' unit tests and the
 //! full-process tests: auth refusals, the mapping of errors to status codes and bodies, and
-//! each route's happy path. Logs and exec need a device that runs podman: `logs_exec.rs`.
+//! each route's happy path, with a hollow device (the agent's own enrollment and sync code,
+//! no podman) where a route needs an enrolled one. Logs and exec need a device that runs
+//! podman (`logs_exec.rs`); adopting and releasing need a device the store lost
+//! (`store_loss.rs`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,7 +16,7 @@ use axum::{
     http::{Method, Request, StatusCode, header},
 };
 use fleet_contracts::api::{ErrorBody, RecoveryState, Role};
-use fleet_e2e::{Nats, WAIT, device_doc, eventually, http_deployment};
+use fleet_e2e::{Hollow, Nats, WAIT, device_doc, eventually, http_deployment};
 use fleet_operator::controller::Operator;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -75,16 +78,17 @@ impl Api {
         Ok(api)
     }
 
+    /// `authorization`: the whole `Authorization` header, if any.
     async fn call(
         &self,
         method: Method,
         uri: &str,
-        token: Option<&str>,
+        authorization: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> Result<Answer> {
         let mut request = Request::builder().method(method).uri(uri);
-        if let Some(token) = token {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        if let Some(value) = authorization {
+            request = request.header(header::AUTHORIZATION, value);
         }
         if body.is_some() {
             request = request.header(header::CONTENT_TYPE, "application/json");
@@ -98,22 +102,28 @@ impl Api {
         Ok(Answer { status, body })
     }
 
+    /// The right `Authorization` header.
+    fn bearer(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
     async fn get(&self, uri: &str) -> Result<Answer> {
-        self.call(Method::GET, uri, Some(&self.token), None).await
+        self.call(Method::GET, uri, Some(&self.bearer()), None)
+            .await
     }
 
     async fn post(&self, uri: &str, body: &Value) -> Result<Answer> {
         self.call(
             Method::POST,
             uri,
-            Some(&self.token),
+            Some(&self.bearer()),
             Some(serde_json::to_vec(body)?),
         )
         .await
     }
 
     async fn delete(&self, uri: &str) -> Result<Answer> {
-        self.call(Method::DELETE, uri, Some(&self.token), None)
+        self.call(Method::DELETE, uri, Some(&self.bearer()), None)
             .await
     }
 
@@ -195,8 +205,18 @@ async fn every_api_route_refuses_a_missing_or_wrong_token_and_changes_nothing() 
     api.post("/api/v1/apply", &device_doc("pi-01", &[("role", "edge")]))
         .await?;
     let before = api.get("/api/v1/backup").await?;
-    let wrong = format!("{}x", api.token);
-    for token in [None, Some(""), Some(wrong.as_str()), Some("Basic abc")] {
+    let t = &api.token;
+    let refused = [
+        None,
+        Some(String::new()),
+        Some("Bearer ".to_owned()),
+        Some(format!("Bearer {t}x")),
+        Some(format!("Bearer {}", &t[..t.len() - 1])),
+        Some(format!("Basic {t}")),
+        Some(t.clone()),
+        Some(format!("Bearer  {t}")),
+    ];
+    for token in refused.iter().map(Option::as_deref) {
         for (method, uri, body) in guarded_routes() {
             let body = body.map(|b| serde_json::to_vec(&b)).transpose()?;
             let answer = api.call(method.clone(), uri, token, body).await?;
@@ -229,6 +249,7 @@ async fn every_api_route_refuses_a_missing_or_wrong_token_and_changes_nothing() 
 #[tokio::test(flavor = "multi_thread")]
 async fn errors_map_to_status_codes_with_a_body_that_names_the_field() -> Result<()> {
     let api = Api::start().await?;
+    let before = api.get("/api/v1/backup").await?;
     // An invalid document: 422, every field at fault named.
     let mut bad = http_deployment("web", "edge", 18080, "v1");
     bad["spec"]["template"]["containers"][0]["image"] = json!("");
@@ -256,7 +277,7 @@ async fn errors_map_to_status_codes_with_a_body_that_names_the_field() -> Result
         .call(
             Method::POST,
             "/api/v1/apply",
-            Some(&api.token),
+            Some(&api.bearer()),
             Some(b"{\"kind\": ".to_vec()),
         )
         .await?;
@@ -264,7 +285,12 @@ async fn errors_map_to_status_codes_with_a_body_that_names_the_field() -> Result
     // A body over the limit: 413 before it is read whole.
     let huge = vec![b' '; fleet_contracts::document::MAX_BODY_BYTES + 1];
     let answer = api
-        .call(Method::POST, "/api/v1/apply", Some(&api.token), Some(huge))
+        .call(
+            Method::POST,
+            "/api/v1/apply",
+            Some(&api.bearer()),
+            Some(huge),
+        )
         .await?;
     assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE, "{answer:?}");
     // What is not there: 404 naming it.
@@ -285,8 +311,9 @@ async fn errors_map_to_status_codes_with_a_body_that_names_the_field() -> Result
         .await?;
     assert_eq!(answer.status, StatusCode::NOT_FOUND, "{answer:?}");
     assert!(answer.error().error.contains("nothing"), "{answer:?}");
-    // Nothing was stored by any of it.
-    assert!(api.deployments().await?.is_empty());
+    // Nothing was stored by any of it: the store is as before, value for value.
+    let after = api.get("/api/v1/backup").await?;
+    assert_eq!(before.body["buckets"], after.body["buckets"]);
     Ok(())
 }
 
@@ -389,5 +416,105 @@ async fn each_route_answers_its_happy_path() -> Result<()> {
     })
     .await?;
     assert!(api.operator.leadership.is_leader());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_and_store_routes_answer_their_happy_paths() -> Result<()> {
+    let api = Api::start().await?;
+    let created = api
+        .post(
+            "/api/v1/enrollment-tokens",
+            &json!({"labels": {"role": "edge"}}),
+        )
+        .await?;
+    let token = created.body["token"].as_str().context("a token")?;
+    let _device = Hollow::enroll(
+        &api._dir.path().join("pi-01"),
+        &api._nats,
+        "pi-01",
+        token,
+        true,
+    )
+    .await?;
+    eventually("pi-01 enrolled and heard from", WAIT, || async {
+        let pi = api.get("/api/v1/devices/pi-01").await?;
+        Ok((pi.body["status"]["health"] == json!("Healthy")).then_some(()))
+    })
+    .await?;
+    // Blacklist and back.
+    let who = json!({"by": "ops", "reason": "lost in transit"});
+    let answer = api.post("/api/v1/devices/pi-01/blacklist", &who).await?;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.body["blacklisted"], json!(true), "{answer:?}");
+    let pi = api.get("/api/v1/devices/pi-01").await?;
+    assert_eq!(pi.body["status"]["blacklist"]["by"], json!("ops"), "{pi:?}");
+    let answer = api.post("/api/v1/devices/pi-01/unblacklist", &who).await?;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.body["blacklisted"], json!(false), "{answer:?}");
+    // Release: it holds nothing, and the refusal says so (releasing what a device holds from
+    // an earlier store is `store_loss.rs`).
+    let answer = api
+        .post("/api/v1/devices/pi-01/release", &json!({"by": "ops"}))
+        .await?;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND, "{answer:?}");
+    assert!(
+        answer.error().error.contains("no held deployments"),
+        "{answer:?}"
+    );
+    // Resume a rollout: recorded for the Deployment's generation.
+    let mut staged = http_deployment("web", "edge", 18080, "v1");
+    staged["spec"]["rollout"] = json!({"waveSize": 1});
+    assert_eq!(
+        api.post("/api/v1/apply", &staged).await?.status,
+        StatusCode::OK
+    );
+    eventually("the view has web", WAIT, || async {
+        Ok((api.deployments().await? == ["web"]).then_some(()))
+    })
+    .await?;
+    let answer = api
+        .post(
+            "/api/v1/deployments/web/rollout/resume",
+            &json!({"by": "ops"}),
+        )
+        .await?;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.body["generation"], json!(1), "{answer:?}");
+    assert_eq!(answer.body["by"], json!("ops"), "{answer:?}");
+    // Restore the store's own backup: same fleet, a later epoch.
+    let backup = api.get("/api/v1/backup").await?;
+    let restored = api.post("/api/v1/restore", &backup.body).await?;
+    assert_eq!(restored.status, StatusCode::OK, "{restored:?}");
+    assert_eq!(
+        restored.body["store"]["fleetId"], backup.body["store"]["fleetId"],
+        "{restored:?}"
+    );
+    assert!(
+        restored.body["store"]["epoch"].as_u64() > backup.body["store"]["epoch"].as_u64(),
+        "{restored:?} after {}",
+        backup.body["store"]
+    );
+    // Delete the device: its record goes, and the view follows. Writes are refused (409,
+    // "try again") until the restore has derived the desired state again.
+    eventually(
+        "the device deleted once the restore is done",
+        WAIT,
+        || async {
+            let answer = api.delete("/api/v1/devices/pi-01").await?;
+            if answer.status == StatusCode::CONFLICT {
+                assert!(answer.error().error.contains("restore"), "{answer:?}");
+                return Ok(None);
+            }
+            assert!(answer.status.is_success(), "{answer:?}");
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    eventually("pi-01 is gone from the records", WAIT, || async {
+        let pi = api.get("/api/v1/devices/pi-01").await?;
+        Ok((pi.status == StatusCode::NOT_FOUND).then_some(()))
+    })
+    .await?;
     Ok(())
 }

@@ -133,7 +133,7 @@ async fn an_exec_probe_of_a_missing_binary_fails_clearly_and_a_working_one_passe
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_ready_container_whose_probe_starts_failing_turns_running_with_the_probe_named()
+async fn a_ready_container_whose_probe_starts_failing_turns_degraded_with_the_probe_named()
 -> Result<()> {
     let fleet = TestFleet::start().await?;
     let (_sandbox, _agent) = fleet.device("pi-01", &[("role", "probe")]).await?;

@@ -319,7 +319,7 @@ pub fn boot(
             Checks::default()
         }
         Err(e) => {
-            say(&format!("cannot read the storage check record: {e}"));
+            say(&format!("{e}; starting the storage check record afresh"));
             Checks::default()
         }
     };

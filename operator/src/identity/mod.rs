@@ -19,16 +19,16 @@ use std::{
 };
 
 use fleet_contracts::names::{self, OPERATOR_INBOX, check_name, device_inbox};
-
-/// The server's template for the connecting user's name in a signing key's permissions: the
-/// device id or the enrollment token id.
-const NAME: &str = "{{name()}}";
 use nkeys::KeyPair;
 
 use jwt::{
     AccountLimits, AccountNats, Claims, OperatorNats, Permission, ResponsePermission, SigningKey,
     UserNats, UserPermissions, UserScope,
 };
+
+/// The server's template for the connecting user's name in a signing key's permissions: the
+/// device id or the enrollment token id.
+const NAME: &str = "{{name()}}";
 
 /// The issue time of the account JWTs preloaded in the server config: older than anything the
 /// operator pushes later. The full resolver stores a preload only when it is not older than

@@ -1,6 +1,7 @@
 //! The OS upgrade state kept on the boot (FAT) partition, outside every snapshot:
-//! `rollback/state`, a few `key=value` lines. Written by the upgrade command and the check-in
-//! service in userspace (the agent, the provisioner), and by the bootguard in the initramfs;
+//! `rollback/state`, a few `key=value` lines. Written by the bootguard: in the initramfs, and
+//! by its userspace commands (`arm`, `commit`, `request-rollback`; the agent reads it through
+//! the bootguard's library, and its upgrade driver and the provisioner are to write it too);
 //! always replaced whole (write `state.tmp`, fsync, rename, fsync the folder), so a power cut
 //! leaves the old or the new file, never half of one.
 //!

@@ -9,8 +9,9 @@
 //! - [`resource`]: the documents people apply (Deployment, Device) and their validation;
 //! - [`rpc`]: every request/reply message over core NATS (sync, report, enroll, logs, exec);
 //! - [`api`]: the operator's HTTP bodies, and nothing else;
-//! - [`boot`]: the OS upgrade state on the boot partition, shared by the bootguard, the agent
-//!   and the provisioner; plain `std`, the one module left with the `wire` feature off.
+//! - [`boot`]: the OS upgrade state on the boot partition and its allowed transitions, written
+//!   by the bootguard (the agent's upgrade driver and the provisioner are to use it too); plain
+//!   `std`, the one module left with the `wire` feature off.
 //!
 //! Dependencies run one way, in that order (`tests/tidy.rs` checks it); the wire formats are
 //! pinned in `tests/wire.rs`.

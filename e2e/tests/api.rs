@@ -27,8 +27,8 @@ struct Api {
     router: Router,
     token: String,
     operator: Arc<Operator>,
-    _nats: Nats,
-    _dir: tempfile::TempDir,
+    nats: Nats,
+    dir: tempfile::TempDir,
 }
 
 /// One answer: its status and its body (JSON when it is JSON, else a string).
@@ -65,8 +65,8 @@ impl Api {
             token: started.operator.identity.admin_token().to_owned(),
             router: started.router,
             operator: started.operator,
-            _nats: nats,
-            _dir: dir,
+            nats,
+            dir,
         };
         eventually("the operator converged and leading", WAIT, || async {
             let status = api.get("/api/v1/status").await?;
@@ -430,8 +430,8 @@ async fn device_and_store_routes_answer_their_happy_paths() -> Result<()> {
         .await?;
     let token = created.body["token"].as_str().context("a token")?;
     let _device = Hollow::enroll(
-        &api._dir.path().join("pi-01"),
-        &api._nats,
+        &api.dir.path().join("pi-01"),
+        &api.nats,
         "pi-01",
         token,
         true,

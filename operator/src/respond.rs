@@ -49,10 +49,9 @@ impl Answer {
 const MAX_IN_FLIGHT: usize = 256;
 
 /// Serves `subject("*")` (a [`names`] function: `fleet.<verb>.*`) on `client` until it closes.
-/// `inbox(token)` is the inbox prefix the
-/// requester named by `token` owns; `answer(token, payload)` makes the answer. With
-/// `concurrent`, requests are handled side by side (at most [`MAX_IN_FLIGHT`]); otherwise one
-/// after another, in the order they came.
+/// `inbox(token)` is the inbox prefix the requester named by `token` owns; `answer(token,
+/// payload)` makes the answer. With `concurrent`, requests are handled side by side (at most
+/// [`MAX_IN_FLIGHT`]); otherwise one after another, in the order they came.
 pub async fn serve<F, Fut>(
     client: async_nats::Client,
     subject: fn(&str) -> String,

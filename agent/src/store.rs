@@ -190,6 +190,7 @@ mod tests {
             store: at,
             accept,
             release_held,
+            os: None,
         }
     }
 

@@ -22,7 +22,7 @@ use fleet_contracts::{
         MAX_REPORT_BYTES, MAX_REPORT_ENTRIES, ReportEntry, ReportReply, ReportRequest, SyncReply,
         SyncRequest,
     },
-    state::{DesiredDeployment, StoreRef},
+    state::{DesiredDeployment, DesiredOs, StoreRef},
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -41,6 +41,8 @@ pub struct DesiredSnapshot {
     pub accept: Option<StoreRef>,
     /// An admin released the device's held deployments.
     pub release_held: bool,
+    /// The OS upgrade to make, or why the value could not be read.
+    pub os: Option<Result<Box<DesiredOs>, String>>,
 }
 
 /// Counts the connections made (the first and every reconnect).
@@ -217,6 +219,7 @@ async fn sync_once(client: &async_nats::Client, device: &str) -> Result<Synced, 
             store,
             accept,
             release_held,
+            os,
         } => {
             let desired = desired
                 .into_iter()
@@ -229,11 +232,16 @@ async fn sync_once(client: &async_nats::Client, device: &str) -> Result<Synced, 
                     Some((deployment, parsed))
                 })
                 .collect();
+            let os = os.map(|value| {
+                serde_json::from_value::<Box<DesiredOs>>(value)
+                    .map_err(|e| format!("unreadable desired OS upgrade: {e}"))
+            });
             let snapshot = DesiredSnapshot {
                 desired,
                 store,
                 accept,
                 release_held,
+                os,
             };
             Ok(Synced::Desired(revision, snapshot))
         }

@@ -74,6 +74,11 @@ impl fmt::Display for Phase {
     }
 }
 
+/// How `last_result` starts once the bootguard rolled an upgrade back, and once the check-in
+/// committed one: what the agent's upgrade driver reads to tell how an upgrade ended.
+pub const ROLLED_BACK: &str = "rolled back: ";
+pub const COMMITTED: &str = "committed: ";
+
 /// The default number of boots an upgrade gets to check in.
 pub const DEFAULT_MAX_BOOTS: u32 = 3;
 

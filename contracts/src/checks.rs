@@ -261,8 +261,201 @@ pub fn check_url_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The most apt sources one OS release may name.
+pub const MAX_APT_SOURCES: usize = 8;
+/// The most packages one OS release may pin.
+pub const MAX_PACKAGES: usize = 4096;
+
+/// Checks an OS release's name: 1-63 bytes of letters, digits and `.+~_-`, starting with a
+/// letter or digit. It becomes a line of `/etc/fleet/os-release` and a word in apt's log.
+pub fn check_release_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!("must be 1-63 characters, got {}", name.len()));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err("must start with a letter or digit".into());
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || ".+~_-".contains(*c)))
+    {
+        Some(c) => Err(format!("found {c:?}; letters, digits and .+~_- only")),
+        None => Ok(()),
+    }
+}
+
+/// Checks a Debian package name as apt reads it in `name=version`: lower-case letters,
+/// digits and `+-.`, at least two characters, starting with a letter or digit (Debian
+/// policy 5.6.1). Nothing apt could take for an option or a second package.
+pub fn check_package_name(name: &str) -> Result<(), String> {
+    if name.len() < 2 || name.len() > 128 {
+        return Err(format!("must be 2-128 characters, got {}", name.len()));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+        return Err("must start with a lower-case letter or digit".into());
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(*c)))
+    {
+        Some(c) => Err(format!(
+            "found {c:?}; lower-case letters, digits and +-. only"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks a Debian version (`[epoch:]upstream[-revision]`, policy 5.6.12): starts with a
+/// digit, then letters, digits and `.+~:-`; at most 128 bytes.
+pub fn check_package_version(version: &str) -> Result<(), String> {
+    if version.is_empty() || version.len() > 128 {
+        return Err(format!("must be 1-128 characters, got {}", version.len()));
+    }
+    if !version.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err("must start with a digit".into());
+    }
+    match version
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || ".+~:-".contains(*c)))
+    {
+        Some(c) => Err(format!("found {c:?}; letters, digits and .+~:- only")),
+        None => Ok(()),
+    }
+}
+
+/// Checks an apt one-line source, which the device writes as one line of a sources file:
+/// `deb [key=value ...] http(s)://host[:port]/path suite [component ...]`. Every word is
+/// printable ASCII without quotes, `#` or `\`; no second line, no comment, no option apt
+/// reads from a local file (`signed-by`, which would let the source name any key on the
+/// device, is allowed only with a path under `/usr/share/keyrings/`).
+pub fn check_apt_source(line: &str) -> Result<(), String> {
+    if line.len() > 1024 {
+        return Err(format!(
+            "must be at most 1024 characters, got {}",
+            line.len()
+        ));
+    }
+    if let Some(c) = line
+        .chars()
+        .find(|c| !(c.is_ascii_graphic() || *c == ' ') || "\"'#\\`$".contains(*c))
+    {
+        return Err(format!("must not contain {c:?}"));
+    }
+    let mut words = line.split(' ').filter(|w| !w.is_empty());
+    if words.next() != Some("deb") {
+        return Err("must start with \"deb \" (binary packages)".into());
+    }
+    let mut word = words.next().ok_or("names no URI")?;
+    if let Some(first) = word.strip_prefix('[') {
+        // Options: `[a=b c=d]`, each word `key=value`.
+        let mut option = first;
+        loop {
+            let (text, last) = match option.strip_suffix(']') {
+                Some(t) => (t, true),
+                None => (option, false),
+            };
+            if !text.is_empty() {
+                let Some((key, value)) = text.split_once('=') else {
+                    return Err(format!("option {text:?} is not key=value"));
+                };
+                let plain = |s: &str| {
+                    !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.,/".contains(c))
+                };
+                if !plain(key) || !plain(value) || key.contains('/') {
+                    return Err(format!("option {text:?} is not a plain key=value"));
+                }
+                if key == "signed-by" && !value.starts_with("/usr/share/keyrings/") {
+                    return Err("signed-by must name a keyring under /usr/share/keyrings/".into());
+                }
+                if value.contains("..") {
+                    return Err(format!("option {text:?} must not contain '..'"));
+                }
+            }
+            if last {
+                break;
+            }
+            option = words.next().ok_or("options '[' are not closed with ']'")?;
+        }
+        word = words.next().ok_or("names no URI")?;
+    }
+    let rest = word
+        .strip_prefix("http://")
+        .or_else(|| word.strip_prefix("https://"))
+        .ok_or_else(|| format!("URI {word:?} must be http:// or https://"))?;
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() || host.starts_with('-') {
+        return Err(format!("URI {word:?} names no host"));
+    }
+    let suite = words.next().ok_or("names no suite")?;
+    for w in std::iter::once(suite).chain(words) {
+        if w.starts_with('-') || w.contains("..") {
+            return Err(format!("suite or component {w:?} is not a plain word"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn apt_sources_are_one_plain_line() {
+        for ok in [
+            "deb http://deb.debian.org/debian trixie main non-free-firmware",
+            "deb [trusted=yes] http://10.0.2.2:8000/ ./",
+            "deb [arch=arm64 signed-by=/usr/share/keyrings/fleet.gpg] https://apt.example.com/x trixie main",
+        ] {
+            assert_eq!(check_apt_source(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            (
+                "deb http://x/ ./\ndeb http://evil/ ./",
+                "must not contain '\\n'",
+            ),
+            ("deb-src http://x/ ./", "must start with \"deb \""),
+            ("deb file:///etc ./", "must be http:// or https://"),
+            ("deb http://x/ ./ # c", "must not contain '#'"),
+            (
+                "deb [signed-by=/etc/shadow] http://x/ ./",
+                "signed-by must name",
+            ),
+            (
+                "deb [signed-by=/usr/share/keyrings/../../etc/k] http://x/ ./",
+                "'..'",
+            ),
+            ("deb [trusted=yes http://x/ ./", "is not key=value"),
+            ("deb [trusted=yes", "not closed"),
+            ("deb http://x/", "names no suite"),
+            ("deb http://x/ -o", "not a plain word"),
+            ("deb http:///path ./", "names no host"),
+            ("deb http://x/ $(reboot)", "must not contain '$'"),
+        ] {
+            let err = check_apt_source(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn package_names_and_versions_are_what_debian_allows() {
+        for ok in ["libc6", "g++", "linux-image-6.12.57+deb13-arm64", "0ad"] {
+            assert_eq!(check_package_name(ok), Ok(()), "{ok}");
+        }
+        for bad in ["a", "-o", "Foo", "a b", "a=1", "a/b", "a:arm64"] {
+            assert!(check_package_name(bad).is_err(), "{bad}");
+        }
+        for ok in ["1", "2:1.2.3-4+deb13u1", "1.0~rc1", "6.12.57-1"] {
+            assert_eq!(check_package_version(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "a1", "1 2", "1/2", "1;reboot", "-1"] {
+            assert!(check_package_version(bad).is_err(), "{bad}");
+        }
+        for bad in ["", ".x", "a b", "a\n", &"x".repeat(64)] {
+            assert!(check_release_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(check_release_name("2026.12.1+pi~rc_1-x"), Ok(()));
+    }
     use super::*;
 
     #[test]

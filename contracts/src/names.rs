@@ -124,6 +124,16 @@ pub fn follow_ack_subject(device: &str, session: &str) -> String {
 /// It starts with `_`, which no deployment name can, so it never collides with one.
 pub const INFO_KEY: &str = "_info";
 
+/// The key suffix of a device's OS upgrade: in the desired bucket the upgrade to make
+/// ([`crate::state::DesiredOs`]), in the reported bucket where it stands
+/// ([`crate::state::OsReport`]). Like [`INFO_KEY`] it starts with `_`.
+pub const OS_KEY: &str = "_os";
+
+/// Key of a device's OS upgrade in the desired and reported buckets.
+pub fn os_key(device: &str) -> String {
+    format!("{device}.{OS_KEY}")
+}
+
 /// Longest allowed name, the DNS label limit.
 pub const MAX_NAME_LEN: usize = 63;
 
@@ -192,6 +202,9 @@ pub enum DeviceKey<'a> {
     Info {
         device: &'a str,
     },
+    Os {
+        device: &'a str,
+    },
 }
 
 /// Splits a desired or reported key; `None` for a key no Fleet component writes.
@@ -200,6 +213,9 @@ pub fn parse_device_key(key: &str) -> Option<DeviceKey<'_>> {
     check_name(device).ok()?;
     if rest == INFO_KEY {
         return Some(DeviceKey::Info { device });
+    }
+    if rest == OS_KEY {
+        return Some(DeviceKey::Os { device });
     }
     check_name(rest).ok()?;
     Some(DeviceKey::Deployment {
@@ -280,6 +296,12 @@ mod tests {
             parse_device_key("pi-01._info"),
             Some(DeviceKey::Info { device: "pi-01" })
         );
+        assert_eq!(
+            parse_device_key("pi-01._os"),
+            Some(DeviceKey::Os { device: "pi-01" })
+        );
+        assert_eq!(os_key("pi-01"), "pi-01._os");
+        assert_eq!(parse_device_key("pi-01._other"), None);
         assert_eq!(parse_device_key("pi-01"), None);
         assert_eq!(parse_device_key("pi-01.a.b"), None);
         assert_eq!(parse_device_key("*.web"), None);

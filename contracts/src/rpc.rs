@@ -56,6 +56,11 @@ pub enum SyncReply {
             skip_serializing_if = "std::ops::Not::not"
         )]
         release_held: bool,
+        /// The OS upgrade the device is to make (its desired `_os` value, a
+        /// [`crate::state::DesiredOs`], as stored), if any. Kept apart from `desired`, which
+        /// holds deployments only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        os: Option<serde_json::Value>,
     },
     /// The operator has not read the whole desired bucket yet: ask again shortly. Never an
     /// incomplete answer, since a device removes what a complete answer lacks.
@@ -217,6 +222,7 @@ mod tests {
             }),
             accept: None,
             release_held: true,
+            os: Some(serde_json::json!({"schema": 1, "upgrade": "up"})),
         };
         // An older operator's answer (no store) still reads.
         let old: SyncReply =

@@ -339,3 +339,23 @@ pub enum RestartPolicy {
     /// Run once.
     Never,
 }
+
+/// An OS release: what an OS upgrade installs on a device, and what `fleet-image` records
+/// beside the image it builds (`<image>.release.json`). The device writes `sources` to its
+/// apt sources, installs every pinned package at its version (and, with `fullUpgrade`,
+/// everything else the sources offer), and afterwards reports `name` as the release it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OsRelease {
+    /// Names the release (`2026.12.1`): letters, digits and `.+~_-`, at most 63 bytes.
+    pub name: String,
+    /// apt one-line sources (`deb [trusted=yes] http://10.0.2.2:8000/ ./`), replacing the
+    /// device's own for the upgrade.
+    pub sources: Vec<String>,
+    /// Package name -> exact version: the release's package set, or the pins that matter.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub packages: std::collections::BTreeMap<String, String>,
+    /// Also `apt-get full-upgrade` from `sources`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full_upgrade: bool,
+}

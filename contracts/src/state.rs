@@ -7,7 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Labels, SCHEMA_VERSION, spec::PodTemplate};
+use crate::{
+    Labels, SCHEMA_VERSION,
+    spec::{OsRelease, PodTemplate},
+};
 
 /// `fleet-desired` `<device>.<deployment>`: what one device must run for one Deployment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +85,119 @@ pub enum Phase {
 }
 
 impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// `fleet-desired` `<device>._os`: the OS upgrade this device is to make (from an
+/// `OsUpgrade` campaign whose wave reached it). A device makes each (upgrade, generation) once:
+/// after it committed or rolled back, the same value changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredOs {
+    pub schema: u32,
+    /// The OsUpgrade's name.
+    pub upgrade: String,
+    /// The OsUpgrade's `metadata.generation`.
+    pub generation: u64,
+    pub release: OsRelease,
+    /// How long the upgraded system has, from its boot, to check in.
+    pub check_in_deadline_seconds: u32,
+    /// Boots the upgraded system gets before the bootguard rolls it back.
+    pub boot_attempts: u32,
+}
+
+/// `fleet-reported` `<device>._os`: the OS release the device runs and where its last (or
+/// current) OS upgrade stands. Sent at every agent start and on every phase change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OsReport {
+    pub schema: u32,
+    /// The release the running system says it is (`/etc/fleet/os-release`), `unknown` when
+    /// it says nothing.
+    pub release: String,
+    /// The upgrade this report is about; absent on a device that never upgraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<OsUpgradeReport>,
+    /// How earlier upgrades ended, newest last (at most [`MAX_OS_HISTORY`]): a campaign still
+    /// counts a device that has moved on to the next one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<OsOutcome>,
+}
+
+/// The most earlier upgrades an [`OsReport`] lists.
+pub const MAX_OS_HISTORY: usize = 16;
+
+/// How one earlier OS upgrade ended on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OsOutcome {
+    pub upgrade: String,
+    pub generation: u64,
+    pub phase: OsPhase,
+}
+
+/// One OS upgrade on one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OsUpgradeReport {
+    pub upgrade: String,
+    pub generation: u64,
+    pub phase: OsPhase,
+    /// The release before the upgrade, and its target.
+    pub from_release: String,
+    pub to_release: String,
+    /// What is happening, or why it ended as it did (which check failed, the boot limit, the
+    /// precondition with its numbers), in words a person can act on.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When the upgrade entered this phase (the device's clock).
+    pub since_ms: u64,
+}
+
+/// Where one device's OS upgrade stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum OsPhase {
+    /// Checking the preconditions (pool fill, room on the boot partition, clock, layout).
+    Preparing,
+    /// Saving the known-good boot files and snapshotting root (`fleet-bootguard arm`).
+    Snapshotting,
+    /// apt is installing the release; the message says how far it got.
+    Upgrading,
+    /// The new boot set is verified; the device reboots into it.
+    Rebooting,
+    /// The upgraded system booted and must check in before its deadline.
+    Probation,
+    /// The upgrade checked in and is kept: the snapshot is removed.
+    Committed,
+    /// The upgrade is being undone (a failed install or check-in asked for it).
+    RollingBack,
+    /// The device runs the old release again; the message says why.
+    RolledBack,
+    /// A precondition failed: nothing was touched; the message names it with its numbers.
+    Refused,
+    /// A phase this reader does not know (written by a newer agent).
+    #[serde(other)]
+    Unknown,
+}
+
+impl OsPhase {
+    /// Whether the upgrade has ended on this device.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            OsPhase::Committed | OsPhase::RolledBack | OsPhase::Refused
+        )
+    }
+
+    /// Whether it ended without the new release.
+    pub fn is_failure(self) -> bool {
+        matches!(self, OsPhase::RolledBack | OsPhase::Refused)
+    }
+}
+
+impl std::fmt::Display for OsPhase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(self, f)
     }

@@ -225,8 +225,20 @@ fn values_and_messages_that_did_not_move() {
             store: Some(store(2)),
             accept: Some(store(1)),
             release_held: true,
+            os: None,
         },
         r#"{"result":"desired","revision":7,"desired":{"web":{"schema":1}},"store":{"fleetId":"ab12","epoch":2},"accept":{"fleetId":"ab12","epoch":1},"releaseHeld":true}"#,
+    );
+    pinned(
+        SyncReply::Desired {
+            revision: 8,
+            desired: Default::default(),
+            store: Some(store(2)),
+            accept: None,
+            release_held: false,
+            os: Some(serde_json::json!({"upgrade": "up"})),
+        },
+        r#"{"result":"desired","revision":8,"desired":{},"store":{"fleetId":"ab12","epoch":2},"os":{"upgrade":"up"}}"#,
     );
     pinned(SyncReply::NotReady, r#"{"result":"notReady"}"#);
     pinned(
@@ -411,5 +423,60 @@ fn pod_template() {
     pinned(
         template,
         r#"{"initContainers":[{"name":"migrate","image":"localhost/app:1","command":["migrate"],"timeoutSeconds":60}],"containers":[{"name":"web","image":"localhost/http:1","args":["--port","8080"],"env":[{"name":"GREETING","value":"hi"}],"ports":[{"containerPort":8080,"hostPort":18080,"protocol":"UDP"}],"volumes":[{"name":"data","mountPath":"/data","hostPath":"/srv/data","readOnly":true}],"probes":[{"name":"live","httpGet":{"port":8080,"path":"/healthz","statusMin":200,"statusMax":299},"periodSeconds":5,"timeoutSeconds":1,"failureThreshold":2},{"name":"ready","tcp":{"port":8080},"exec":{"command":["true"]},"running":{},"periodSeconds":10,"timeoutSeconds":2,"failureThreshold":3}]}],"restartPolicy":"OnFailure","lifecycle":{"stopSignal":"SIGINT","graceSeconds":9,"sigkillFallback":false}}"#,
+    );
+}
+
+#[test]
+fn os_upgrade_values_are_pinned() {
+    use fleet_contracts::{
+        spec::OsRelease,
+        state::{DesiredOs, OsOutcome, OsPhase, OsReport, OsUpgradeReport},
+    };
+    let release = OsRelease {
+        name: "r2".into(),
+        sources: vec!["deb http://x/ ./".into()],
+        packages: [("fleet-os-marker".to_owned(), "2".to_owned())].into(),
+        full_upgrade: false,
+    };
+    pinned(
+        DesiredOs {
+            schema: 1,
+            upgrade: "up".into(),
+            generation: 2,
+            release,
+            check_in_deadline_seconds: 600,
+            boot_attempts: 3,
+        },
+        r#"{"schema":1,"upgrade":"up","generation":2,"release":{"name":"r2","sources":["deb http://x/ ./"],"packages":{"fleet-os-marker":"2"}},"checkInDeadlineSeconds":600,"bootAttempts":3}"#,
+    );
+    pinned(
+        OsReport {
+            schema: 1,
+            release: "r1".into(),
+            upgrade: Some(OsUpgradeReport {
+                upgrade: "up".into(),
+                generation: 2,
+                phase: OsPhase::RolledBack,
+                from_release: "r1".into(),
+                to_release: "r2".into(),
+                message: "rolled back: x".into(),
+                since_ms: 5,
+            }),
+            history: vec![OsOutcome {
+                upgrade: "old".into(),
+                generation: 1,
+                phase: OsPhase::Committed,
+            }],
+        },
+        r#"{"schema":1,"release":"r1","upgrade":{"upgrade":"up","generation":2,"phase":"RolledBack","fromRelease":"r1","toRelease":"r2","message":"rolled back: x","sinceMs":5},"history":[{"upgrade":"old","generation":1,"phase":"Committed"}]}"#,
+    );
+    pinned(
+        OsReport {
+            schema: 1,
+            release: "unknown".into(),
+            upgrade: None,
+            history: vec![],
+        },
+        r#"{"schema":1,"release":"unknown"}"#,
     );
 }

@@ -12,7 +12,7 @@ use std::{
 use fleet_contracts::{
     api::{ApplyResult, CreateEnrollmentToken, CreatedEnrollmentToken, ErrorBody, OperatorStatus},
     document,
-    resource::{Deployment, Device, Resource, RolloutPhase},
+    resource::{Deployment, Device, OsUpgrade, Resource, RolloutPhase},
     state::EnrollmentToken,
 };
 use serde::de::DeserializeOwned;
@@ -281,6 +281,14 @@ impl Client {
 
     pub fn deployment(&self, name: &str) -> Result<Deployment, CtlError> {
         self.get(&format!("/api/v1/deployments/{}", segment(name)))
+    }
+
+    pub fn os_upgrades(&self) -> Result<Vec<OsUpgrade>, CtlError> {
+        self.get("/api/v1/osupgrades")
+    }
+
+    pub fn os_upgrade(&self, name: &str) -> Result<OsUpgrade, CtlError> {
+        self.get(&format!("/api/v1/osupgrades/{}", segment(name)))
     }
 
     pub fn devices(&self) -> Result<Vec<Device>, CtlError> {

@@ -199,6 +199,8 @@ enum Kind {
     Deployments,
     #[value(alias = "device", alias = "dev")]
     Devices,
+    #[value(alias = "osupgrade", alias = "os")]
+    Osupgrades,
 }
 
 fn main() -> ExitCode {
@@ -268,6 +270,32 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Get {
+            kind: Kind::Osupgrades,
+            name,
+            json,
+        } => {
+            let list = match name {
+                Some(n) => vec![client.os_upgrade(&n)?],
+                None => client.os_upgrades()?,
+            };
+            if json {
+                print_json(&list);
+            } else {
+                println!("{}", render::os_upgrades_table(&list));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Describe {
+            kind: Kind::Osupgrades,
+            name,
+        } => {
+            println!(
+                "{}",
+                render::describe_os_upgrade(&client.os_upgrade(&name)?)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Describe {
             kind: Kind::Deployments,
             name,
@@ -292,6 +320,7 @@ fn run(client: &Client, command: Command) -> Result<ExitCode, CtlError> {
             let (path, label) = match kind {
                 Kind::Deployments => ("deployments", "deployment"),
                 Kind::Devices => ("devices", "device"),
+                Kind::Osupgrades => ("osupgrades", "osupgrade"),
             };
             client.delete(path, &name)?;
             println!("{label}/{name} deleted");

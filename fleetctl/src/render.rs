@@ -2,8 +2,8 @@
 //! functions of what the API returned (and the time, passed in), unit-tested below.
 
 use fleet_contracts::{
-    resource::{Deployment, Device, RolloutPhase},
-    state::{EnrollmentToken, HealthFlag, Phase},
+    resource::{Deployment, Device, OsUpgrade, RolloutPhase},
+    state::{EnrollmentToken, HealthFlag, OsReport, Phase},
 };
 
 /// `web gen 2: 1/3 running; pi-02 Creating; pi-03 Failed (reason)`.
@@ -146,6 +146,7 @@ pub fn devices_table(list: &[Device]) -> String {
                 s.heartbeat
                     .as_ref()
                     .map_or("-".into(), |h| shown(&h.agent_version)),
+                s.os.as_ref().map_or("-".into(), os_release),
                 s.deployments.len().to_string(),
                 labels,
             ]
@@ -157,11 +158,136 @@ pub fn devices_table(list: &[Device]) -> String {
             "HEALTH",
             "HEARTBEAT",
             "AGENT",
+            "RELEASE",
             "DEPLOYMENTS",
             "LABELS",
         ],
         &rows,
     )
+}
+
+/// The release a device runs, with its upgrade's phase while one is under way.
+fn os_release(os: &OsReport) -> String {
+    match os.upgrade.as_ref().filter(|u| !u.phase.is_final()) {
+        Some(u) => format!(
+            "{} ({} to {})",
+            shown(&os.release),
+            u.phase,
+            shown(&u.to_release)
+        ),
+        None => shown(&os.release),
+    }
+}
+
+pub fn os_upgrades_table(list: &[OsUpgrade]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|u| {
+            let s = u.status.clone().unwrap_or_default();
+            vec![
+                u.metadata.name.clone(),
+                u.metadata.generation.to_string(),
+                format!("{:?}", s.phase),
+                u.spec.release.name.clone(),
+                format!(
+                    "{}/{}/{}",
+                    s.committed_devices, s.started_devices, s.desired_devices
+                ),
+                s.failed_devices.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "GEN",
+            "PHASE",
+            "RELEASE",
+            "COMMITTED/STARTED/ALL",
+            "FAILED",
+        ],
+        &rows,
+    )
+}
+
+pub fn describe_os_upgrade(u: &OsUpgrade) -> String {
+    let s = u.status.clone().unwrap_or_default();
+    let mut out = format!(
+        "Name:        {}\nGeneration:  {}\nPhase:       {:?} ({} committed, {} failed, {} started of {})\n\
+         Release:     {} ({} pinned package(s){})\nSelector:    {}\n\
+         Waves:       {} canary(ies), then {}; halt after {} failure(s)\n\
+         Check-in:    within {}s of boot, {} boot(s) at most\n",
+        u.metadata.name,
+        u.metadata.generation,
+        s.phase,
+        s.committed_devices,
+        s.failed_devices,
+        s.started_devices,
+        s.desired_devices,
+        u.spec.release.name,
+        u.spec.release.packages.len(),
+        if u.spec.release.full_upgrade {
+            ", full upgrade"
+        } else {
+            ""
+        },
+        u.spec
+            .selector
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        u.spec.canaries,
+        u.spec
+            .wave_size
+            .map_or("all the rest at once".into(), |n| format!("{n} at a time")),
+        u.spec.halt_after_failures,
+        u.spec.check_in_deadline_seconds,
+        u.spec.boot_attempts,
+    );
+    if let Some(h) = &s.halted {
+        out.push_str(&format!("Halted:      {}\n", shown(h)));
+    }
+    out.push_str("\nDevices:\n");
+    let rows: Vec<Vec<String>> = s
+        .devices
+        .iter()
+        .map(|d| {
+            let wave = d.wave.map_or("-".into(), |w| {
+                if w == 0 {
+                    "canary".into()
+                } else {
+                    w.to_string()
+                }
+            });
+            match d
+                .reported
+                .as_ref()
+                .and_then(|r| r.upgrade.as_ref().map(|u| (r, u)))
+            {
+                Some((r, up)) => vec![
+                    d.device.clone(),
+                    wave,
+                    up.phase.to_string(),
+                    shown(&r.release),
+                    shown(&up.message),
+                ],
+                None => vec![
+                    d.device.clone(),
+                    wave,
+                    "-".into(),
+                    "-".into(),
+                    "not started".into(),
+                ],
+            }
+        })
+        .collect();
+    out.push_str(&table(
+        &["DEVICE", "WAVE", "PHASE", "RELEASE", "MESSAGE"],
+        &rows,
+    ));
+    out
 }
 
 pub fn describe_deployment(d: &Deployment) -> String {
@@ -249,6 +375,20 @@ pub fn describe_device(d: &Device, now_ms: u64) -> String {
             .collect::<Vec<_>>()
             .join(",")
     );
+    if let Some(os) = &s.os {
+        out.push_str(&format!("Release:     {}\n", shown(&os.release)));
+        if let Some(u) = &os.upgrade {
+            out.push_str(&format!(
+                "OS upgrade:  {} (generation {}): {}, {} to {}: {}\n",
+                shown(&u.upgrade),
+                u.generation,
+                u.phase,
+                shown(&u.from_release),
+                shown(&u.to_release),
+                shown(&u.message)
+            ));
+        }
+    }
     if let Some(hb) = &s.heartbeat {
         out.push_str(&format!(
             "Agent:       {}\nOS:          {}\nUptime:      {}\n",
@@ -429,7 +569,11 @@ mod tests {
                         "last_pool": "pool repaired", "fat_repairs": 0},
                     "dropped_requests": 3
                 },
-                "blacklist": {"by": "ops", "at_ms": 1_000, "reason": "stolen"}
+                "blacklist": {"by": "ops", "at_ms": 1_000, "reason": "stolen"},
+                "os": {"schema": 1, "release": "fleet-pi-1", "upgrade": {
+                    "upgrade": "spring", "generation": 2, "phase": "Upgrading",
+                    "fromRelease": "fleet-pi-1", "toRelease": "fleet-pi-2",
+                    "message": "apt-get install: 3 pinned package(s)", "sinceMs": 1}}
             }
         }))
         .unwrap()
@@ -477,14 +621,16 @@ mod tests {
         let d = device();
         assert_eq!(
             devices_table(std::slice::from_ref(&d)),
-            "NAME   HEALTH   HEARTBEAT  AGENT  DEPLOYMENTS  LABELS\n\
-             pi-01  Healthy  1.5s       0.1.0  1            role=edge,site=a"
+            "NAME   HEALTH   HEARTBEAT  AGENT  RELEASE                               DEPLOYMENTS  LABELS\n\
+             pi-01  Healthy  1.5s       0.1.0  fleet-pi-1 (Upgrading to fleet-pi-2)  1            role=edge,site=a"
         );
         let described = describe_device(&d, 61_000);
         assert_eq!(
             described,
             "Name:        pi-01\nHealth:      Healthy\nHeartbeat:   1.5s ago\n\
-             Labels:      role=edge,site=a\nAgent:       0.1.0\n\
+             Labels:      role=edge,site=a\nRelease:     fleet-pi-1\n\
+             OS upgrade:  spring (generation 2): Upgrading, fleet-pi-1 to fleet-pi-2: \
+             apt-get install: 3 pinned package(s)\nAgent:       0.1.0\n\
              OS:          Debian GNU/Linux 13 (trixie)\nUptime:      3m20s\n\
              Flag:        holds old from an earlier store, running as they were: apply them \
              again, or `fleetctl device release` removes them\n\
@@ -492,6 +638,52 @@ mod tests {
              Storage:     thin pool repaired 1 time(s), boot partition fixed after 0 unclean \
              shutdown(s)\n  pool:      pool repaired\n\
              Blacklisted: by ops 1m0s ago: stolen\nDeployments: web\n"
+        );
+    }
+
+    #[test]
+    fn os_upgrade_table_and_description() {
+        let u: OsUpgrade = serde_json::from_value(json!({
+            "apiVersion": "fleet.dev/v1", "kind": "OsUpgrade",
+            "metadata": {"name": "spring", "generation": 2},
+            "spec": {
+                "selector": {"matchLabels": {"role": "pi"}},
+                "release": {"name": "fleet-pi-2", "sources": ["deb http://x/ ./"],
+                    "packages": {"a": "1", "b": "2"}},
+                "canaries": 1, "waveSize": 2, "haltAfterFailures": 1,
+                "checkInDeadlineSeconds": 600, "bootAttempts": 3
+            },
+            "status": {
+                "phase": "Halted", "desiredDevices": 3, "startedDevices": 1,
+                "committedDevices": 0, "failedDevices": 1,
+                "halted": "1 of haltAfterFailures 1 devices failed: pi-01 RolledBack: x",
+                "devices": [
+                    {"device": "pi-01", "wave": 0, "reported": {"schema": 1, "release": "fleet-pi-1",
+                        "upgrade": {"upgrade": "spring", "generation": 2, "phase": "RolledBack",
+                            "fromRelease": "fleet-pi-1", "toRelease": "fleet-pi-2",
+                            "message": "rolled back: \u{1b}[2Jx", "sinceMs": 1}}},
+                    {"device": "pi-02", "wave": null, "reported": null}
+                ]
+            }
+        }))
+        .unwrap();
+        assert_eq!(
+            os_upgrades_table(std::slice::from_ref(&u)),
+            "NAME    GEN  PHASE   RELEASE     COMMITTED/STARTED/ALL  FAILED\n\
+             spring  2    Halted  fleet-pi-2  0/1/3                  1"
+        );
+        assert_eq!(
+            describe_os_upgrade(&u),
+            "Name:        spring\nGeneration:  2\n\
+             Phase:       Halted (0 committed, 1 failed, 1 started of 3)\n\
+             Release:     fleet-pi-2 (2 pinned package(s))\nSelector:    role=pi\n\
+             Waves:       1 canary(ies), then 2 at a time; halt after 1 failure(s)\n\
+             Check-in:    within 600s of boot, 3 boot(s) at most\n\
+             Halted:      1 of haltAfterFailures 1 devices failed: pi-01 RolledBack: x\n\n\
+             Devices:\n\
+             DEVICE  WAVE    PHASE       RELEASE     MESSAGE\n\
+             pi-01   canary  RolledBack  fleet-pi-1  rolled back: \\u{1b}[2Jx\n\
+             pi-02   -       -           -           not started"
         );
     }
 

@@ -35,7 +35,7 @@ pub mod run;
 
 pub use error::Error;
 
-use fleet_contracts::boot::{BootState, Corrupt, Phase};
+use fleet_contracts::boot::{BootState, Corrupt, Phase, ROLLED_BACK};
 
 /// The known-good copy of the boot partition's files (`rollback/boot-prev/`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +157,7 @@ fn rollback(observed: &Observed, state: BootState, why: &str) -> Vec<Step> {
         last_result: why.to_owned(),
         ..state.clone()
     })];
-    let mut done = vec![format!("rolled back: {why}")];
+    let mut done = vec![format!("{ROLLED_BACK}{why}")];
     if observed.snapshot_present {
         steps.push(Step::MergeSnapshot(state.snapshot.clone()));
     }

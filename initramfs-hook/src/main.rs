@@ -29,6 +29,7 @@ options:
   --vg NAME          the volume group (default vg0)
   --origin NAME      the root LV to snapshot (arm; default root)
   --upgrade-id ID    names the upgrade (arm)
+  --max-boots N      boots the upgraded system gets to check in (arm; default 3)
   --reason TEXT      why (request-rollback)
   --watchdog PATH    the watchdog to arm (boot; default /dev/watchdog0)
   --root-lv NAME     root's LV, whose thin pool is checked and repaired (boot; default root)
@@ -42,6 +43,7 @@ struct Args {
     vg: String,
     origin: String,
     upgrade_id: Option<String>,
+    max_boots: u32,
     reason: Option<String>,
     watchdog: PathBuf,
     root_lv: String,
@@ -57,6 +59,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         vg: "vg0".into(),
         origin: "root".into(),
         upgrade_id: None,
+        max_boots: fleet_contracts::boot::DEFAULT_MAX_BOOTS,
         reason: None,
         watchdog: PathBuf::from("/dev/watchdog0"),
         root_lv: "root".into(),
@@ -70,6 +73,11 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--vg" => args.vg = value,
             "--origin" => args.origin = value,
             "--upgrade-id" => args.upgrade_id = Some(value),
+            "--max-boots" => {
+                args.max_boots = value
+                    .parse()
+                    .map_err(|_| format!("--max-boots {value:?} is not a count"))?
+            }
             "--reason" => args.reason = Some(value),
             "--watchdog" => args.watchdog = value.into(),
             "--root-lv" => args.root_lv = value,
@@ -156,7 +164,7 @@ fn execute(args: &Args) -> Result<ExitCode, Error> {
                 .upgrade_id
                 .as_deref()
                 .ok_or_else(|| Error::Usage("arm needs --upgrade-id".into()))?;
-            let state = run::arm(&part, &lvm, &args.origin, id)?;
+            let state = run::arm(&part, &lvm, &args.origin, id, args.max_boots)?;
             say(&format!(
                 "upgrade {id} pending: snapshot {}/{} taken, {} boots to check in",
                 args.vg, state.snapshot, state.max_boots

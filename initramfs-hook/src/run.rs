@@ -27,7 +27,7 @@ use crate::{
     decide,
     error::{At, Error, Result, ToolFailure},
 };
-use fleet_contracts::boot::{BootState, Phase};
+use fleet_contracts::boot::{BootState, COMMITTED, Phase};
 
 /// How long a query (`lvs`) may take before the bootguard gives up on it.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2 * 60);
@@ -484,7 +484,11 @@ pub fn arm(
     volumes: &dyn Volumes,
     origin: &str,
     upgrade_id: &str,
+    max_boots: u32,
 ) -> Result<BootState, Error> {
+    if max_boots == 0 {
+        return Err(Error::Usage("--max-boots must be at least 1".into()));
+    }
     if let Some(s) = boot.state()?.filter(|s| s.phase != Phase::Idle) {
         return Err(Error::refused(format!(
             "an upgrade is already {} ({}): commit it or roll it back first",
@@ -496,6 +500,7 @@ pub fn arm(
         boot_count: 0,
         upgrade_id: upgrade_id.to_owned(),
         last_result: String::new(),
+        max_boots,
         ..BootState::default()
     };
     if volumes.exists(&state.snapshot)? {
@@ -534,7 +539,7 @@ pub fn commit(boot: &BootPartition, volumes: &dyn Volumes) -> Result<BootState, 
         phase: Phase::Idle,
         boot_count: 0,
         last_result: format!(
-            "upgrade {} committed after {} boots",
+            "{COMMITTED}upgrade {} after {} boots",
             state.upgrade_id, state.boot_count
         ),
         ..state
@@ -708,7 +713,7 @@ mod tests {
     fn an_armed_upgrade_that_never_checks_in_is_rolled_back_after_the_limit() {
         let (dir, part) = device("limit");
         let lvm = Fake::default();
-        arm(&part, &lvm, "root", "u1").unwrap();
+        arm(&part, &lvm, "root", "u1", 3).unwrap();
         assert_eq!(part.known_good().unwrap(), KnownGood::Complete);
         // The upgrade replaces the kernel.
         fs::remove_file(dir.join("vmlinuz-1")).unwrap();
@@ -751,13 +756,13 @@ mod tests {
     fn a_commit_removes_the_snapshot_and_the_copy_and_a_second_arm_is_refused_meanwhile() {
         let (dir, part) = device("commit");
         let lvm = Fake::default();
-        arm(&part, &lvm, "root", "u1").unwrap();
-        let err = arm(&part, &lvm, "root", "u2").unwrap_err();
+        arm(&part, &lvm, "root", "u1", 3).unwrap();
+        let err = arm(&part, &lvm, "root", "u2", 3).unwrap_err();
         assert!(err.to_string().contains("already pending"), "{err}");
         boot(&part, &lvm, "root", None, &mut |_| {}).unwrap();
         let done = commit(&part, &lvm).unwrap();
         assert_eq!(done.phase, Phase::Idle);
-        assert!(done.last_result.contains("committed after 1 boots"));
+        assert_eq!(done.last_result, "committed: upgrade u1 after 1 boots");
         assert!(!lvm.exists("root_preupgrade").unwrap());
         assert_eq!(part.known_good().unwrap(), KnownGood::Missing);
         assert!(commit(&part, &lvm).is_err(), "nothing left to commit");
@@ -768,7 +773,7 @@ mod tests {
     fn a_requested_rollback_happens_on_the_next_boot() {
         let (dir, part) = device("requested");
         let lvm = Fake::default();
-        arm(&part, &lvm, "root", "u1").unwrap();
+        arm(&part, &lvm, "root", "u1", 3).unwrap();
         request_rollback(&part, "check-in failed: app probe").unwrap();
         assert_eq!(
             boot(&part, &lvm, "root", None, &mut |_| {}).unwrap(),

@@ -24,7 +24,7 @@ use fleet_contracts::{
         AUDIT_BUCKET, DESIRED_BUCKET, ENROLLMENT_BUCKET, LEASE_BUCKET, REPORTED_BUCKET,
         RESOURCES_BUCKET, STORE_KEY,
     },
-    resource::{Deployment, Device},
+    resource::{Deployment, Device, OsUpgrade},
     state::{StoreIdentity, StoreRef},
 };
 use futures::StreamExt;
@@ -472,8 +472,10 @@ async fn watch_once(
         if index == DESIRED_WATCH
             && shared.desired_read()
             && shared.leadership.is_leader()
-            && let Some(fleet_contracts::names::DeviceKey::Deployment { device, .. }) =
-                fleet_contracts::names::parse_device_key(&entry.key)
+            && let Some(
+                fleet_contracts::names::DeviceKey::Deployment { device, .. }
+                | fleet_contracts::names::DeviceKey::Os { device },
+            ) = fleet_contracts::names::parse_device_key(&entry.key)
         {
             crate::gateway::ring(shared, device).await;
         }
@@ -490,10 +492,12 @@ fn clear(shared: &Operator, index: usize) {
             fleet.resumes.clear();
             fleet.store = None;
             fleet.adoptions.clear();
+            fleet.os_upgrades.clear();
         }
         1 => {
             fleet.reported.clear();
             fleet.heartbeats.clear();
+            fleet.os_reports.clear();
         }
         2 => {
             fleet.desired.clear();
@@ -518,7 +522,14 @@ fn apply_resource(shared: &Operator, entry: &kv::Entry) -> Result<bool, String> 
             // Its reports were purged with it (a purge leaves nothing for a watch to see).
             fleet.reported.remove(name);
             fleet.heartbeats.remove(name);
+            fleet.os_reports.remove(name);
             fleet.devices.remove(name).is_some()
+        }
+        ("osupgrade", None) => fleet.os_upgrades.remove(name).is_some(),
+        ("osupgrade", Some(bytes)) => {
+            let u: OsUpgrade = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            fleet.os_upgrades.insert(name.to_owned(), u);
+            true
         }
         ("rollout", None) => fleet.resumes.remove(name).is_some(),
         ("fleet", None) if name == "store" => fleet.store.take().is_some(),
@@ -556,12 +567,15 @@ fn apply_resource(shared: &Operator, entry: &kv::Entry) -> Result<bool, String> 
 fn apply_reported(shared: &Operator, entry: &kv::Entry) -> Result<bool, String> {
     let mut fleet = shared.fleet.write().unwrap();
     fleet.apply_reported(&entry.key, value(entry), stored_at_ms(entry))?;
-    // A deployment's report can move a staged rollout on; heartbeats cannot.
-    let is_deployment = matches!(
-        fleet_contracts::names::parse_device_key(&entry.key),
-        Some(fleet_contracts::names::DeviceKey::Deployment { .. })
-    );
-    Ok(is_deployment && fleet.deployments.values().any(|d| d.spec.rollout.is_some()))
+    // A deployment's report can move a staged rollout on, an OS report a campaign;
+    // heartbeats cannot.
+    Ok(match fleet_contracts::names::parse_device_key(&entry.key) {
+        Some(fleet_contracts::names::DeviceKey::Deployment { .. }) => {
+            fleet.deployments.values().any(|d| d.spec.rollout.is_some())
+        }
+        Some(fleet_contracts::names::DeviceKey::Os { .. }) => !fleet.os_upgrades.is_empty(),
+        _ => false,
+    })
 }
 
 fn apply_desired(shared: &Operator, entry: &kv::Entry) -> Result<bool, String> {

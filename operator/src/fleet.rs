@@ -9,11 +9,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use fleet_contracts::{
     names::{self, DeviceKey},
     resource::{
-        Deployment, DeploymentStatus, Device, DeviceDeploymentStatus, DeviceStatus, RolloutPhase,
+        Deployment, DeploymentStatus, Device, DeviceDeploymentStatus, DeviceStatus, OsUpgrade,
+        RolloutPhase,
     },
     state::{
-        Adoption, DesiredDeployment, DeviceIdentity, Health, Heartbeat, Phase, ReportedDeployment,
-        StoreIdentity, StoreRef,
+        Adoption, DesiredDeployment, DeviceIdentity, Health, Heartbeat, OsReport, Phase,
+        ReportedDeployment, StoreIdentity, StoreRef,
     },
 };
 
@@ -51,6 +52,10 @@ pub struct Fleet {
     pub store: Option<StoreIdentity>,
     /// Admins' decisions for devices holding workloads of another store, per device.
     pub adoptions: BTreeMap<String, Adoption>,
+    /// OS upgrade campaigns, by name ([`crate::campaign`]).
+    pub os_upgrades: BTreeMap<String, OsUpgrade>,
+    /// Each device's OS report (`<device>._os`).
+    pub os_reports: BTreeMap<String, OsReport>,
 }
 
 /// A desired value and when NATS stored it (the server's clock): when a staged rollout gave
@@ -125,6 +130,7 @@ impl Fleet {
                 wanted.insert(key, value);
             }
         }
+        wanted.extend(self.wanted_os(now_ms));
         wanted
     }
 
@@ -319,6 +325,18 @@ impl Fleet {
                             .unreadable
                             .contains_key(&resource(format!("deployment.{deployment}")))
                 }
+                // An OS upgrade no campaign names any more: the device keeps its own record
+                // of what it made, and needs no key for it.
+                Some(DeviceKey::Os { device }) => {
+                    let resource = |key: String| format!("{}/{key}", names::RESOURCES_BUCKET);
+                    !self
+                        .unreadable
+                        .contains_key(&resource(format!("device.{device}")))
+                        && !self
+                            .unreadable
+                            .keys()
+                            .any(|k| k.starts_with(&resource("osupgrade.".into())))
+                }
                 _ => false,
             })
             .cloned()
@@ -366,6 +384,16 @@ impl Fleet {
                         .entry(device.to_owned())
                         .or_default()
                         .insert(deployment.to_owned(), report);
+                }
+            },
+            Some(DeviceKey::Os { device }) => match value {
+                None => {
+                    self.os_reports.remove(device);
+                }
+                Some(bytes) => {
+                    let report: OsReport = serde_json::from_slice(bytes)
+                        .map_err(|e| format!("unreadable OS report {key}: {e}"))?;
+                    self.os_reports.insert(device.to_owned(), report);
                 }
             },
             None => return Err(format!("ignoring reported key {key:?}: not a Fleet key")),
@@ -487,6 +515,7 @@ impl Fleet {
                 .get(&dev.metadata.name)
                 .and_then(|i| i.last_unblacklist.clone()),
             unregistered: false,
+            os: self.os_reports.get(&dev.metadata.name).cloned(),
         }
     }
 }

@@ -13,12 +13,12 @@ use std::{
 };
 
 use fleet_contracts::{
-    SCHEMA_VERSION,
-    names::{self, INFO_KEY, check_name},
+    SCHEMA_VERSION, checks,
+    names::{self, INFO_KEY, OS_KEY, check_name},
     rpc::{
         DesiredChanged, MAX_REPORT_BYTES, MAX_REPORT_ENTRIES, ReportReply, ReportRequest, SyncReply,
     },
-    state::{HealthFlag, Heartbeat, ReportedDeployment},
+    state::{HealthFlag, Heartbeat, OsReport, ReportedDeployment},
 };
 use tracing::{debug, warn};
 
@@ -65,7 +65,7 @@ pub fn sync(shared: &Operator, device: &str) -> SyncReply {
     };
     let adoption = fleet.adoptions.get(device);
     let prefix = format!("{device}.");
-    let desired = fleet
+    let mut desired: BTreeMap<String, serde_json::Value> = fleet
         .desired
         .range(prefix.clone()..)
         .take_while(|(key, _)| key.starts_with(&prefix))
@@ -78,7 +78,9 @@ pub fn sync(shared: &Operator, device: &str) -> SyncReply {
             (key[prefix.len()..].to_owned(), value)
         })
         .collect();
+    let os = desired.remove(OS_KEY);
     SyncReply::Desired {
+        os,
         revision: fleet.desired_revision,
         desired,
         accept: adoption.and_then(|a| a.accept.clone()),
@@ -126,6 +128,7 @@ async fn report(shared: &Operator, device: &str, payload: &[u8]) -> ReportReply 
         let fleet = shared.fleet.read().unwrap();
         fleet.reported.get(device).map_or(0, |m| m.len())
             + usize::from(fleet.heartbeats.contains_key(device))
+            + usize::from(fleet.os_reports.contains_key(device))
     };
     // Whether the view knows every reported key: while its watch is rebuilt (after a NATS
     // hiccup) a key the device holds may look unknown, and its removal must still happen.
@@ -137,6 +140,8 @@ async fn report(shared: &Operator, device: &str, payload: &[u8]) -> ReportReply 
             let fleet = shared.fleet.read().unwrap();
             if entry.key == INFO_KEY {
                 fleet.heartbeats.contains_key(device)
+            } else if entry.key == OS_KEY {
+                fleet.os_reports.contains_key(device)
             } else {
                 fleet
                     .reported
@@ -205,7 +210,7 @@ async fn report(shared: &Operator, device: &str, payload: &[u8]) -> ReportReply 
 }
 
 fn valid_key(key: &str) -> Result<(), String> {
-    if key == INFO_KEY {
+    if key == INFO_KEY || key == OS_KEY {
         return Ok(());
     }
     check_name(key).map_err(|e| format!("invalid key {key:?}: {e}"))
@@ -222,7 +227,11 @@ fn check_value(device: &str, key: &str, value: &serde_json::Value) -> Result<Vec
             bytes.len()
         ));
     }
-    if key == INFO_KEY {
+    if key == OS_KEY {
+        let report: OsReport =
+            serde_json::from_value(value.clone()).map_err(|e| format!("not an OS report: {e}"))?;
+        check_os_report(&report)?;
+    } else if key == INFO_KEY {
         let hb: Heartbeat =
             serde_json::from_value(value.clone()).map_err(|e| format!("not a heartbeat: {e}"))?;
         if hb.device != device {
@@ -275,6 +284,33 @@ pub async fn ring(shared: &Operator, device: &str) {
     {
         debug!(%device, error = %e, "cannot ring the device's doorbell");
     }
+}
+
+/// Longest message an OS report may carry: a reason in words, not a log.
+pub const MAX_OS_MESSAGE_BYTES: usize = 2048;
+
+/// What an OS report names is named as Fleet names it: a release as a release, the upgrade as
+/// a resource; its message is bounded.
+fn check_os_report(report: &OsReport) -> Result<(), String> {
+    let release = |what: &str, name: &str| {
+        if name == "unknown" {
+            return Ok(());
+        }
+        checks::check_release_name(name).map_err(|e| format!("{what} {name:?}: {e}"))
+    };
+    release("release", &report.release)?;
+    if let Some(u) = &report.upgrade {
+        check_name(&u.upgrade).map_err(|e| format!("upgrade {:?}: {e}", u.upgrade))?;
+        release("fromRelease", &u.from_release)?;
+        release("toRelease", &u.to_release)?;
+        if u.message.len() > MAX_OS_MESSAGE_BYTES {
+            return Err(format!(
+                "message of {} bytes; at most {MAX_OS_MESSAGE_BYTES}",
+                u.message.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -341,5 +377,39 @@ mod tests {
         );
         let big = serde_json::json!({"deployment": "web", "pad": "x".repeat(MAX_REPORT_BYTES)});
         assert!(check("web", big).unwrap_err().contains("holds at most"));
+    }
+
+    #[test]
+    fn an_os_report_names_releases_and_upgrades_as_fleet_names_them() {
+        let check = |value: serde_json::Value| check_value("pi-01", "_os", &value).map(drop);
+        let report = || {
+            serde_json::json!({"schema": 1, "release": "fleet-pi-1", "upgrade": {
+                "upgrade": "spring", "generation": 1, "phase": "Probation",
+                "fromRelease": "fleet-pi-1", "toRelease": "fleet-pi-2",
+                "message": "boot 1", "sinceMs": 1}})
+        };
+        assert_eq!(check(report()), Ok(()));
+        assert_eq!(check(serde_json::json!({"schema": 1, "release": "unknown"})), Ok(()));
+        for (field, bad, why) in [
+            ("/release", serde_json::json!("\u{1b}[2J"), "release"),
+            ("/upgrade/upgrade", serde_json::json!("a.b"), "upgrade"),
+            ("/upgrade/toRelease", serde_json::json!("x y"), "toRelease"),
+            ("/upgrade/fromRelease", serde_json::json!(""), "fromRelease"),
+            (
+                "/upgrade/message",
+                serde_json::json!("x".repeat(MAX_OS_MESSAGE_BYTES + 1)),
+                "message of",
+            ),
+        ] {
+            let mut r = report();
+            *r.pointer_mut(field).unwrap() = bad;
+            let err = check(r).unwrap_err();
+            assert!(err.starts_with(why), "{field}: {err}");
+        }
+        assert!(
+            check(serde_json::json!({"schema": 1}))
+                .unwrap_err()
+                .starts_with("not an OS report")
+        );
     }
 }

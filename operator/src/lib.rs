@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod blacklist;
+pub mod campaign;
 pub mod clock;
 pub mod controller;
 pub mod enroll;

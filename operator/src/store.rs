@@ -228,7 +228,7 @@ fn check_identity(key: &str, value: &serde_json::Value) -> Result<(), String> {
 fn check_resource(key: &str, value: &serde_json::Value) -> Result<(), String> {
     let (kind, name) = key.split_once('.').ok_or("not a <kind>.<name> key")?;
     match kind {
-        "deployment" | "device" => {
+        "deployment" | "device" | "osupgrade" => {
             let stored = serde_json::to_vec(value).expect("serializes");
             let doc = fleet_contracts::document::from_json(&stored).map_err(|e| e.to_string())?;
             let resource = Resource::from_user(doc).map_err(|errors| {

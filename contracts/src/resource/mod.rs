@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::PodTemplate;
-use crate::state::{Audit, Health, HealthFlag, Heartbeat, ReportedDeployment};
+use crate::spec::{OsRelease, PodTemplate};
+use crate::state::{Audit, Health, HealthFlag, Heartbeat, OsReport, ReportedDeployment};
 use crate::{FieldError, Labels};
 
 use validate::strict;
@@ -97,6 +97,99 @@ impl RolloutPolicy {
             (None, None) => total.max(1),
         }
     }
+}
+
+/// An OS upgrade campaign: every device the selector matches installs `release`, a wave at a
+/// time. The canaries go first; each next wave starts once every device before it committed.
+/// A device that rolls back or refuses counts as a failure; `haltAfterFailures` of them halt
+/// the campaign (devices not reached keep their release until a new spec). Each device undoes
+/// a bad upgrade on its own: a check-in that fails or misses `checkInDeadlineSeconds` rolls
+/// it back, and so does an upgraded system that does not get through `bootAttempts` boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OsUpgrade {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: OsUpgradeSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<OsUpgradeStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OsUpgradeSpec {
+    pub selector: LabelSelector,
+    pub release: OsRelease,
+    /// Devices upgraded first, alone, before any wave (at least 0).
+    #[serde(default = "default_canaries")]
+    pub canaries: u32,
+    /// Devices per wave after the canaries; unset: all the rest at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave_size: Option<u32>,
+    /// Failed devices (rolled back or refused) that halt the campaign (at least 1).
+    #[serde(default = "default_halt_after")]
+    pub halt_after_failures: u32,
+    #[serde(default = "default_check_in_deadline")]
+    pub check_in_deadline_seconds: u32,
+    #[serde(default = "default_boot_attempts")]
+    pub boot_attempts: u32,
+}
+
+/// The range of `checkInDeadlineSeconds`: long enough for a slow boot and a few probes, short
+/// enough that a device does not stay unprotected for a day.
+pub const MIN_CHECK_IN_SECONDS: u32 = 60;
+pub const MAX_CHECK_IN_SECONDS: u32 = 3600;
+/// The most `bootAttempts` (the bootguard's boot limit).
+pub const MAX_BOOT_ATTEMPTS: u32 = 10;
+
+fn default_canaries() -> u32 {
+    1
+}
+fn default_halt_after() -> u32 {
+    1
+}
+fn default_check_in_deadline() -> u32 {
+    600
+}
+fn default_boot_attempts() -> u32 {
+    3
+}
+
+/// Computed by the operator from the devices' reports; never stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OsUpgradeStatus {
+    pub phase: OsUpgradePhase,
+    pub desired_devices: usize,
+    /// Devices given the upgrade so far (canaries and admitted waves).
+    pub started_devices: usize,
+    pub committed_devices: usize,
+    pub failed_devices: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted: Option<String>,
+    pub devices: Vec<DeviceOsStatus>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OsUpgradePhase {
+    NoDevices,
+    #[default]
+    Progressing,
+    /// Every matching device committed the release.
+    Complete,
+    /// `haltAfterFailures` devices failed: no further device is started.
+    Halted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceOsStatus {
+    pub device: String,
+    /// 0 for a canary, then the wave's number; `None` until the device's wave is reached.
+    pub wave: Option<u32>,
+    /// The device's report, when it is about this upgrade's generation.
+    pub reported: Option<OsReport>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +294,9 @@ pub struct DeviceStatus {
     /// restored from before it enrolled. `fleetctl device adopt` gives it one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unregistered: bool,
+    /// The OS release the device runs and its last OS upgrade, once reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<OsReport>,
 }
 
 impl DeviceStatus {
@@ -225,18 +321,25 @@ impl DeviceStatus {
     }
 }
 
-/// Any resource a person can apply.
+/// Any resource a person can apply. (A Device carries its status when read back, which makes
+/// it the largest; values of this enum are few and short-lived.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resource {
     Deployment(Deployment),
     Device(Device),
+    OsUpgrade(OsUpgrade),
 }
+
+/// The kinds a person can apply, as `kind` spells them.
+pub const KINDS: [&str; 3] = ["Deployment", "Device", "OsUpgrade"];
 
 impl Resource {
     pub fn kind(&self) -> &'static str {
         match self {
             Resource::Deployment(_) => "Deployment",
             Resource::Device(_) => "Device",
+            Resource::OsUpgrade(_) => "OsUpgrade",
         }
     }
 
@@ -244,6 +347,7 @@ impl Resource {
         match self {
             Resource::Deployment(d) => &d.metadata,
             Resource::Device(d) => &d.metadata,
+            Resource::OsUpgrade(u) => &u.metadata,
         }
     }
 
@@ -251,6 +355,7 @@ impl Resource {
         match self {
             Resource::Deployment(d) => &mut d.metadata,
             Resource::Device(d) => &mut d.metadata,
+            Resource::OsUpgrade(u) => &mut u.metadata,
         }
     }
 
@@ -260,6 +365,7 @@ impl Resource {
         match self {
             Resource::Deployment(d) => serde_json::to_vec(d),
             Resource::Device(d) => serde_json::to_vec(d),
+            Resource::OsUpgrade(u) => serde_json::to_vec(u),
         }
         .expect("resources serialize")
     }
@@ -283,17 +389,18 @@ impl Resource {
             None => {
                 return Err(vec![FieldError::new(
                     "kind",
-                    "missing; one of Deployment, Device",
+                    format!("missing; one of {}", KINDS.join(", ")),
                 )]);
             }
         };
         let (resource, mut errors) = match kind.as_str() {
             "Deployment" => strict(doc).map(|(d, e)| (Resource::Deployment(d), e))?,
             "Device" => strict(doc).map(|(d, e)| (Resource::Device(d), e))?,
+            "OsUpgrade" => strict(doc).map(|(u, e)| (Resource::OsUpgrade(u), e))?,
             other => {
                 return Err(vec![FieldError::new(
                     "kind",
-                    format!("unknown kind {other:?}; one of Deployment, Device"),
+                    format!("unknown kind {other:?}; one of {}", KINDS.join(", ")),
                 )]);
             }
         };

@@ -142,7 +142,7 @@ fn validation_names_the_field() {
     );
     check(
         |d| d["kind"] = json!("Pod"),
-        &["kind: unknown kind \"Pod\"; one of Deployment, Device"],
+        &["kind: unknown kind \"Pod\"; one of Deployment, Device, OsUpgrade"],
     );
     check(
         |d| d["spec"]["template"]["containers"][0]["ports"][0]["containerPort"] = json!(70000),
@@ -387,4 +387,109 @@ fn selector() {
     assert!(sel.matches(&[("role".into(), "edge".into()), ("x".into(), "y".into())].into()));
     assert!(!sel.matches(&[("role".into(), "core".into())].into()));
     assert!(!sel.matches(&Labels::new()));
+}
+
+fn os_upgrade() -> serde_json::Value {
+    json!({
+        "apiVersion": "fleet.dev/v1",
+        "kind": "OsUpgrade",
+        "metadata": {"name": "trixie-2"},
+        "spec": {
+            "selector": {"matchLabels": {"role": "pi"}},
+            "release": {
+                "name": "2026.12.2",
+                "sources": ["deb [trusted=yes] http://10.0.2.2:8000/ ./"],
+                "packages": {"fleet-os-marker": "2", "linux-image-arm64": "6.12.57-1"}
+            }
+        }
+    })
+}
+
+fn check_os(edit: impl FnOnce(&mut serde_json::Value), expected: &[&str]) {
+    let mut doc = os_upgrade();
+    edit(&mut doc);
+    let got: Vec<String> = match Resource::from_user(doc) {
+        Ok(_) => vec![],
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    };
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn an_os_upgrade_parses_with_its_defaults() {
+    let Resource::OsUpgrade(u) = Resource::from_user(os_upgrade()).unwrap() else {
+        panic!("not an OsUpgrade")
+    };
+    assert_eq!(u.spec.canaries, 1);
+    assert_eq!(u.spec.halt_after_failures, 1);
+    assert_eq!(u.spec.check_in_deadline_seconds, 600);
+    assert_eq!(u.spec.boot_attempts, 3);
+    assert_eq!(u.spec.wave_size, None);
+    assert!(!u.spec.release.full_upgrade);
+}
+
+#[test]
+fn os_upgrade_validation_names_the_field() {
+    check_os(|_| {}, &[]);
+    check_os(
+        |d| d["spec"]["release"]["name"] = json!("a/b"),
+        &["spec.release.name: found '/'; letters, digits and .+~_- only"],
+    );
+    check_os(
+        |d| d["spec"]["release"]["sources"] = json!([]),
+        &["spec.release.sources: must name at least one apt source"],
+    );
+    check_os(
+        |d| d["spec"]["release"]["sources"][0] = json!("deb http://x/ ./\ndeb http://evil/ ./"),
+        &["spec.release.sources[0]: must not contain '\\n'"],
+    );
+    check_os(
+        |d| d["spec"]["release"]["packages"] = json!({"-oAPT::x": "1"}),
+        &["spec.release.packages.-oAPT::x: must start with a lower-case letter or digit"],
+    );
+    check_os(
+        |d| d["spec"]["release"]["packages"] = json!({"curl": "1 other=2"}),
+        &["spec.release.packages.curl: found ' '; letters, digits and .+~:- only"],
+    );
+    check_os(
+        |d| d["spec"]["release"]["packages"] = json!({}),
+        &["spec.release.packages: must pin at least one package, or set fullUpgrade: true"],
+    );
+    check_os(
+        |d| {
+            d["spec"]["release"]["packages"] = json!({});
+            d["spec"]["release"]["fullUpgrade"] = json!(true);
+        },
+        &[],
+    );
+    check_os(
+        |d| d["spec"]["checkInDeadlineSeconds"] = json!(5),
+        &["spec.checkInDeadlineSeconds: must be 60-3600"],
+    );
+    check_os(
+        |d| d["spec"]["bootAttempts"] = json!(0),
+        &["spec.bootAttempts: must be 1-10"],
+    );
+    check_os(
+        |d| d["spec"]["haltAfterFailures"] = json!(0),
+        &["spec.haltAfterFailures: must be at least 1"],
+    );
+    check_os(
+        |d| d["spec"]["waveSize"] = json!(0),
+        &["spec.waveSize: must be at least 1 (leave it out for all at once)"],
+    );
+    check_os(
+        |d| d["spec"]["canaries"] = json!(-1),
+        &["spec.canaries: -1 is out of range (0-4294967295)"],
+    );
+    check_os(
+        |d| d["spec"]["release"]["fullupgrade"] = json!(true),
+        &["spec.release.fullupgrade: unknown field"],
+    );
+    check_os(
+        |d| d["spec"]["selector"]["matchLabels"] = json!({}),
+        &[
+            "spec.selector.matchLabels: must name at least one label (to target every device, give them all a label)",
+        ],
+    );
 }

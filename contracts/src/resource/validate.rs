@@ -4,7 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{DeploymentSpec, Metadata, Resource};
+use super::{
+    DeploymentSpec, LabelSelector, MAX_BOOT_ATTEMPTS, MAX_CHECK_IN_SECONDS, MIN_CHECK_IN_SECONDS,
+    Metadata, OsUpgradeSpec, Resource,
+};
+use crate::checks;
 use crate::names::check_name;
 use crate::spec::{
     Container, EnvVar, InitContainer, MAX_GRACE_SECONDS, MAX_INIT_TIMEOUT_SECONDS, STOP_SIGNALS,
@@ -110,6 +114,10 @@ pub(super) fn resource(resource: &Resource) -> Vec<FieldError> {
             v.deployment_spec(&d.spec);
         }
         Resource::Device(d) => v.header(&d.api_version, &d.kind, "Device", &d.metadata),
+        Resource::OsUpgrade(u) => {
+            v.header(&u.api_version, &u.kind, "OsUpgrade", &u.metadata);
+            v.os_upgrade_spec(&u.spec);
+        }
     }
     v.errors
 }
@@ -164,14 +172,84 @@ impl Validator {
         }
     }
 
-    fn deployment_spec(&mut self, spec: &DeploymentSpec) {
-        if spec.selector.match_labels.is_empty() {
+    fn selector(&mut self, selector: &LabelSelector) {
+        if selector.match_labels.is_empty() {
             self.err(
                 "spec.selector.matchLabels",
                 "must name at least one label (to target every device, give them all a label)",
             );
         }
-        self.labels("spec.selector.matchLabels", &spec.selector.match_labels);
+        self.labels("spec.selector.matchLabels", &selector.match_labels);
+    }
+
+    fn os_upgrade_spec(&mut self, spec: &OsUpgradeSpec) {
+        self.selector(&spec.selector);
+        let r = &spec.release;
+        if let Err(e) = checks::check_release_name(&r.name) {
+            self.err("spec.release.name", e);
+        }
+        match r.sources.len() {
+            0 => self.err("spec.release.sources", "must name at least one apt source"),
+            n if n > checks::MAX_APT_SOURCES => self.err(
+                "spec.release.sources",
+                format!("at most {} sources, got {n}", checks::MAX_APT_SOURCES),
+            ),
+            _ => {}
+        }
+        for (i, line) in r.sources.iter().enumerate() {
+            if let Err(e) = checks::check_apt_source(line) {
+                self.err(format!("spec.release.sources[{i}]"), e);
+            }
+        }
+        if r.packages.is_empty() && !r.full_upgrade {
+            self.err(
+                "spec.release.packages",
+                "must pin at least one package, or set fullUpgrade: true",
+            );
+        }
+        if r.packages.len() > checks::MAX_PACKAGES {
+            self.err(
+                "spec.release.packages",
+                format!(
+                    "at most {} packages, got {}",
+                    checks::MAX_PACKAGES,
+                    r.packages.len()
+                ),
+            );
+        }
+        for (name, version) in &r.packages {
+            if let Err(e) = checks::check_package_name(name) {
+                self.err(format!("spec.release.packages.{name}"), e);
+            } else if let Err(e) = checks::check_package_version(version) {
+                self.err(format!("spec.release.packages.{name}"), e);
+            }
+        }
+        if spec.halt_after_failures == 0 {
+            self.err("spec.haltAfterFailures", "must be at least 1");
+        }
+        if spec.wave_size == Some(0) {
+            self.err(
+                "spec.waveSize",
+                "must be at least 1 (leave it out for all at once)",
+            );
+        }
+        if !(MIN_CHECK_IN_SECONDS..=MAX_CHECK_IN_SECONDS).contains(&spec.check_in_deadline_seconds)
+        {
+            self.err(
+                "spec.checkInDeadlineSeconds",
+                format!("must be {MIN_CHECK_IN_SECONDS}-{MAX_CHECK_IN_SECONDS}"),
+            );
+        }
+        if !(1..=MAX_BOOT_ATTEMPTS).contains(&spec.boot_attempts) {
+            self.err(
+                "spec.bootAttempts",
+                format!("must be 1-{MAX_BOOT_ATTEMPTS}"),
+            );
+        }
+    }
+
+    fn deployment_spec(&mut self, spec: &DeploymentSpec) {
+        self.selector(&spec.selector);
         match spec.template.containers.len() {
             1 => {}
             0 => self.err("spec.template.containers", "must hold one container"),

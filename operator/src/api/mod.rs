@@ -27,7 +27,7 @@ use fleet_contracts::{
     },
     document::{self, MAX_BODY_BYTES, MAX_RESOURCE_BYTES},
     names,
-    resource::{Deployment, Device, Resource},
+    resource::{Deployment, Device, OsUpgrade, Resource},
     rpc::{ExecReply, ExecRequest, LogsReply, LogsRequest},
     state::{EnrollmentToken, ExecAudit, Health},
 };
@@ -56,6 +56,11 @@ pub fn router(shared: Arc<Operator>) -> Router {
         .route(
             "/api/v1/deployments/{name}",
             get(get_deployment).delete(delete_deployment),
+        )
+        .route("/api/v1/osupgrades", get(list_os_upgrades))
+        .route(
+            "/api/v1/osupgrades/{name}",
+            get(get_os_upgrade).delete(delete_os_upgrade),
         )
         .route("/api/v1/devices", get(list_devices))
         .route(

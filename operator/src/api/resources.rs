@@ -172,6 +172,7 @@ pub(super) async fn apply(
 pub(super) fn stored_resource(kind: &str, bytes: &[u8]) -> Result<Resource, serde_json::Error> {
     Ok(match kind {
         "Deployment" => Resource::Deployment(serde_json::from_slice(bytes)?),
+        "OsUpgrade" => Resource::OsUpgrade(serde_json::from_slice(bytes)?),
         _ => Resource::Device(serde_json::from_slice(bytes)?),
     })
 }
@@ -180,6 +181,7 @@ pub(super) fn same_spec(a: &Resource, b: &Resource) -> bool {
     match (a, b) {
         (Resource::Deployment(a), Resource::Deployment(b)) => a.spec == b.spec,
         (Resource::Device(a), Resource::Device(b)) => a.spec == b.spec,
+        (Resource::OsUpgrade(a), Resource::OsUpgrade(b)) => a.spec == b.spec,
         _ => false,
     }
 }
@@ -314,6 +316,47 @@ pub(super) async fn delete_deployment(
     Name(name): Name,
 ) -> Result<StatusCode, ApiError> {
     delete(&shared, "Deployment", &name).await
+}
+
+pub(super) async fn list_os_upgrades(
+    State(shared): State<Arc<Operator>>,
+) -> ApiResult<Vec<OsUpgrade>> {
+    require_converged(&shared)?;
+    let fleet = shared.fleet.read().unwrap();
+    let now = now_ms();
+    Ok(Json(
+        fleet
+            .os_upgrades
+            .values()
+            .map(|u| OsUpgrade {
+                status: Some(fleet.os_upgrade_status(u, now)),
+                ..u.clone()
+            })
+            .collect(),
+    ))
+}
+
+pub(super) async fn get_os_upgrade(
+    State(shared): State<Arc<Operator>>,
+    Name(name): Name,
+) -> ApiResult<OsUpgrade> {
+    require_converged(&shared)?;
+    let fleet = shared.fleet.read().unwrap();
+    let u = fleet
+        .os_upgrades
+        .get(&name)
+        .ok_or_else(|| not_found("OsUpgrade", &name))?;
+    Ok(Json(OsUpgrade {
+        status: Some(fleet.os_upgrade_status(u, now_ms())),
+        ..u.clone()
+    }))
+}
+
+pub(super) async fn delete_os_upgrade(
+    State(shared): State<Arc<Operator>>,
+    Name(name): Name,
+) -> Result<StatusCode, ApiError> {
+    delete(&shared, "OsUpgrade", &name).await
 }
 
 pub(super) async fn delete_device(

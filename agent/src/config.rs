@@ -63,6 +63,13 @@ pub struct Config {
     /// when it does not exist (a development host).
     #[serde(default = "default_boot_dir")]
     pub boot_dir: PathBuf,
+    /// The volume group of root's thin LV, which an OS upgrade snapshots.
+    #[serde(default = "default_volume_group")]
+    pub volume_group: String,
+    /// Where the running system names its OS release (written by the image and by each OS
+    /// upgrade; `unknown` is reported without it).
+    #[serde(default = "default_release_file")]
+    pub release_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +101,12 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_boot_dir() -> PathBuf {
     "/boot/firmware".into()
+}
+fn default_volume_group() -> String {
+    "vg0".into()
+}
+fn default_release_file() -> PathBuf {
+    crate::osupgrade::RELEASE_FILE.into()
 }
 fn default_heartbeat() -> u64 {
     10

@@ -18,9 +18,11 @@
 //! `operator/src/identity`) reach only its own request subjects and inbox.
 
 pub mod cache;
+pub mod checkin;
 pub mod clock;
 pub mod config;
 pub mod identity;
+pub mod osupgrade;
 pub mod plan;
 pub mod podman;
 pub mod probe;
@@ -141,17 +143,64 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         public_key,
     ));
 
+    // The OS upgrade driver has its own task: apt and a reboot must not hold up the
+    // workloads' reconcile loop.
+    let (os_tx, os_rx) = tokio::sync::watch::channel(None);
+    let os_outbox = outbox.clone();
+    let os_key = names::os_key(&config.device_id);
+    tokio::spawn(osupgrade::drive(
+        osupgrade::Driver {
+            runner: TokioRunner,
+            state_dir: config.state_dir.clone(),
+            boot_dir: config.boot_dir.clone(),
+            vg: config.volume_group.clone(),
+            release_file: config.release_file.clone(),
+        },
+        os_rx,
+        move |report| {
+            let bytes = serde_json::to_vec(report).expect("an OS report serializes");
+            os_outbox.put(os_key.clone(), bytes);
+        },
+    ));
+    let mut evidence = checkin::Evidence::new(checkin::boot_id());
+
     info!(device = %config.device_id, version = VERSION, nats = %config.nats_url, "agent started");
+    // Under systemd (Type=notify, WatchdogSec=): ready now, and a ping from this loop at half
+    // the watchdog's period, so a loop that hangs gets the agent restarted.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let mut watchdog_usec = 0;
+    let watchdog_every = if sd_notify::watchdog_enabled(false, &mut watchdog_usec) {
+        Duration::from_micros(watchdog_usec / 2)
+    } else {
+        Duration::from_secs(3600)
+    };
+    let mut watchdog = tokio::time::interval(watchdog_every);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = watchdog.tick() => {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                continue;
+            }
             Some(e) = fatal_rx.recv() => return Err(e),
             Some(snapshot) = desired_rx.recv() => {
                 let before = stores.clone();
                 let mut changed = take(&mut reconciler, &mut stores, &snapshot);
+                let mut os = snapshot.os.clone();
                 // Take every queued change before acting, so a burst costs one pass.
                 while let Ok(snapshot) = desired_rx.try_recv() {
                     changed |= take(&mut reconciler, &mut stores, &snapshot);
+                    os = snapshot.os.clone();
+                }
+                evidence.synced = true;
+                // An upgrade only from the store the device's desired state comes from.
+                if stores.holding.is_none() {
+                    let os = os.and_then(|v| v.map_err(|e| warn!(error = %e, "ignoring the desired OS upgrade")).ok()).map(|b| *b);
+                    os_tx.send_if_modified(|current| {
+                        let changed = *current != os;
+                        *current = os;
+                        changed
+                    });
                 }
                 if (changed || stores.store != before.store || stores.held != before.held)
                     && let Some(deployments) = reconciler.desired_for_cache() {
@@ -177,6 +226,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             }
             _ = resync.tick() => reconciler.pass(&mut outbox, now_ms()).await,
         }
+        evidence.not_ready = reconciler.not_ready();
+        evidence.save(&config.state_dir);
         vitals_tx.send_replace(Vitals {
             podman_error: reconciler.podman_error.clone(),
             cache_error: cache_error.clone(),

@@ -1,5 +1,5 @@
 //! The `fleet-agent` binary: parses arguments, loads and validates the config, starts logging
-//! and hands over to [`fleet_agent::run`].
+//! and hands over to [`fleet_agent::run`] (or, for `check-in`, to [`fleet_agent::checkin::run`]).
 //!
 //! Exit codes: 0 after a clean shutdown, 2 for a bad config or arguments, 1 for anything else.
 
@@ -23,6 +23,16 @@ struct Args {
     /// Check the config file and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Check in an upgraded system (fleet-checkin.service, every boot): commit the pending OS
+    /// upgrade once the agent reached the operator and its workloads are Ready, or roll it
+    /// back and reboot at the deadline. Ends at once when no upgrade is pending.
+    CheckIn,
 }
 
 fn main() -> ExitCode {
@@ -49,6 +59,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::CheckIn) = args.command {
+        let runner = fleet_agent::runner::TokioRunner;
+        return match runtime.block_on(fleet_agent::checkin::run(&config, &runner)) {
+            Ok(outcome) => {
+                tracing::info!(?outcome, "check-in done");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("check-in: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(fleet_agent::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

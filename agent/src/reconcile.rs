@@ -149,6 +149,30 @@ impl<R: CommandRunner + 'static> Reconciler<R> {
         self.desired.as_ref().map_or(0, BTreeMap::len)
     }
 
+    /// The deployments not Ready (or Completed) at their desired generation, each with its
+    /// phase; `None` while the desired state is unknown.
+    pub fn not_ready(&self) -> Option<Vec<String>> {
+        let desired = self.desired.as_ref()?;
+        Some(
+            desired
+                .iter()
+                .filter_map(|(name, value)| {
+                    let generation = value.as_ref().ok().map(|d| d.generation);
+                    match self.reported.get(name) {
+                        Some(r)
+                            if Some(r.observed_generation) == generation
+                                && matches!(r.phase, Phase::Ready | Phase::Completed) =>
+                        {
+                            None
+                        }
+                        Some(r) => Some(format!("{name}: {}", r.phase)),
+                        None => Some(format!("{name}: not reported")),
+                    }
+                })
+                .collect(),
+        )
+    }
+
     /// Whether an action is still running.
     pub fn busy(&self) -> bool {
         !self.in_flight.is_empty()

@@ -83,6 +83,9 @@ impl CommandRunner for TokioRunner {
         #[allow(clippy::disallowed_methods)] // This is the seam.
         let mut child = tokio::process::Command::new(program)
             .args(args)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -105,8 +108,13 @@ impl CommandRunner for TokioRunner {
 
     async fn run(&self, program: &str, args: &[String]) -> io::Result<CmdOutput> {
         #[allow(clippy::disallowed_methods)] // This is the seam.
+        // systemd's notify socket is the agent's alone: podman (conmon) would otherwise speak
+        // for the service on it.
         let out = tokio::process::Command::new(program)
             .args(args)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .output()

@@ -104,6 +104,11 @@ impl Builder {
                     .arg(out),
                 "copying the image",
             )?;
+            // Its OS release beside it: `<image>.release.json` and `<image>.packages.tsv`.
+            for file in ["release.json", "packages.tsv"] {
+                fs::copy(rootfs.join(file), out.with_extension(file))
+                    .with_context(|| format!("copying the image's {file}"))?;
+            }
             Ok((out.to_owned(), false))
         })?;
         Ok(Built {
@@ -124,6 +129,8 @@ impl Builder {
                 &self.recipe.layout.boot_label,
             ))?,
             HELPER.as_bytes().to_vec(),
+            // What the layer holds besides the root (bumped when that changes).
+            b"layer: root, release.json, packages.tsv".to_vec(),
         ];
         for spec in self.recipe.files.iter().chain(&self.recipe.boot_files) {
             let src = self
@@ -183,6 +190,57 @@ impl Builder {
         Ok((tar, false))
     }
 
+    /// The image's OS release: its name in `/etc/fleet/release` (what the agent reports),
+    /// and beside the layer the exact package set (`packages.tsv`: name, version,
+    /// architecture) and `release.json`, the release as an OsUpgrade's `spec.release` names
+    /// one (the recipe's apt source, every package pinned at its version).
+    fn write_release(&self, work: &Path, layer: &Path, key: &str) -> Result<()> {
+        let name = format!("{}-{}", self.recipe.name, &key[..12]);
+        fs::create_dir_all(work.join("etc/fleet"))?;
+        fs::write(work.join("etc/fleet/release"), format!("{name}\n"))?;
+        let listing = capture(
+            Command::new("dpkg-query")
+                .arg(format!(
+                    "--admindir={}",
+                    work.join("var/lib/dpkg").display()
+                ))
+                .args([
+                    "-W",
+                    "-f",
+                    "${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n",
+                ]),
+            "listing the image's packages",
+        )?;
+        let mut tsv = String::new();
+        let mut packages = std::collections::BTreeMap::new();
+        for line in listing.lines() {
+            let fields: Vec<&str> = line.split('\t').collect();
+            if let [status, package, version, arch] = fields[..]
+                && status.starts_with("ii")
+            {
+                tsv.push_str(&format!("{package}\t{version}\t{arch}\n"));
+                packages.insert(package.to_owned(), version.to_owned());
+            }
+        }
+        ensure!(
+            !packages.is_empty(),
+            "dpkg-query listed no installed package"
+        );
+        let b = &self.recipe.base;
+        let release = serde_json::json!({
+            "name": name,
+            "sources": [format!("deb {} {} {}", b.mirror, b.suite, b.components.join(" "))],
+            "packages": packages,
+        });
+        fs::write(layer.join("packages.tsv"), tsv)?;
+        fs::write(
+            layer.join("release.json"),
+            serde_json::to_vec_pretty(&release)?,
+        )?;
+        detail(&format!("OS release {name}: {} packages", packages.len()));
+        Ok(())
+    }
+
     fn rootfs(&self, base: &Path, key: &str) -> Result<(PathBuf, bool)> {
         let layer = self.layer("rootfs", key);
         if layer.join("done").exists() {
@@ -237,6 +295,7 @@ impl Builder {
         for dir in ["var/lib/fleet", "var/lib/containers", "boot/firmware"] {
             fs::create_dir_all(work.join(dir))?;
         }
+        self.write_release(&work, &layer, key)?;
         if !self.recipe.services.is_empty() {
             run(
                 Command::new("systemctl")

@@ -1,0 +1,313 @@
+//! The check-in of an upgraded system (`fleet-agent check-in`, run by `fleet-checkin.service`
+//! on every boot, ordered before `boot-complete.target`).
+//!
+//! With no upgrade pending on the boot partition it ends at once. With one, it waits until the
+//! agent (a separate process, the service) shows, for this boot, that it reached the operator
+//! and that every workload is Ready, and that no unit failed; then it commits the upgrade
+//! (`fleet-bootguard commit`). When that has not happened within the upgrade's deadline,
+//! counted from the boot (`/proc/uptime`, CLOCK_BOOTTIME), it asks the bootguard for a rollback
+//! and reboots. It decides on its own clock and checks: a device that cannot reach NATS during
+//! probation fails its check-in at the deadline, it never waits forever.
+//!
+//! The agent's side is [`Evidence`], `<state_dir>/checkin.json`, rewritten when it changes;
+//! the verdict is the pure [`judge`].
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{config::Config, osupgrade, runner::CommandRunner};
+
+const FILE: &str = "checkin.json";
+/// The deadline when the upgrade's own is not known (no driver record: armed by hand).
+pub const DEFAULT_DEADLINE_SECS: u64 = 600;
+
+/// What the agent shows the check-in: for which boot, whether it reached the operator, and
+/// which workloads are not Ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Evidence {
+    pub boot_id: String,
+    /// An answer with the device's desired state came from the operator in this process.
+    pub synced: bool,
+    /// Workloads not Ready (`name: phase`); `None` while the desired state is unknown.
+    pub not_ready: Option<Vec<String>>,
+    #[serde(skip)]
+    written: Option<Box<Evidence>>,
+}
+
+impl Evidence {
+    pub fn new(boot_id: String) -> Evidence {
+        Evidence {
+            boot_id,
+            synced: false,
+            not_ready: None,
+            written: None,
+        }
+    }
+
+    /// Writes the evidence when it changed (a failure is logged: the check-in then waits).
+    pub fn save(&mut self, state_dir: &Path) {
+        let now = Evidence {
+            written: None,
+            ..self.clone()
+        };
+        if self.written.as_deref() == Some(&now) {
+            return;
+        }
+        let bytes = serde_json::to_vec(&now).expect("evidence serializes");
+        match fleet_bootguard::boot::write_atomic(&state_dir.join(FILE), &bytes) {
+            Ok(()) => self.written = Some(Box::new(now)),
+            Err(e) => warn!(error = %e, "cannot write the check-in evidence"),
+        }
+    }
+
+    pub fn load(state_dir: &Path) -> Option<Evidence> {
+        serde_json::from_slice(&std::fs::read(state_dir.join(FILE)).ok()?).ok()
+    }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The check-in's verdict at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// Not yet, and why.
+    Wait(String),
+    /// The deadline passed; why it was not met.
+    Fail(String),
+}
+
+/// Judges the upgraded system `uptime_secs` after its boot.
+pub fn judge(
+    evidence: Option<&Evidence>,
+    boot_id: &str,
+    failed_units: &[String],
+    uptime_secs: u64,
+    deadline_secs: u64,
+) -> Verdict {
+    let waiting = match evidence.filter(|e| e.boot_id == boot_id) {
+        None => "the agent has shown nothing in this boot".to_owned(),
+        Some(e) if !e.synced => "the agent has not reached the operator".to_owned(),
+        Some(Evidence {
+            not_ready: None, ..
+        }) => "the agent does not know its desired state yet".to_owned(),
+        Some(Evidence {
+            not_ready: Some(n), ..
+        }) if !n.is_empty() => format!("workloads not Ready: {}", n.join(", ")),
+        Some(_) if !failed_units.is_empty() => {
+            format!("failed units: {}", failed_units.join(", "))
+        }
+        Some(_) => return Verdict::Pass,
+    };
+    if uptime_secs >= deadline_secs {
+        Verdict::Fail(format!(
+            "no check-in within {deadline_secs}s of the boot: {waiting}"
+        ))
+    } else {
+        Verdict::Wait(waiting)
+    }
+}
+
+/// How the check-in ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// No upgrade was pending.
+    NothingPending,
+    Committed,
+    /// A rollback was requested and the device reboots; why.
+    RollingBack(String),
+}
+
+/// Runs the check-in to its end.
+pub async fn run<R: CommandRunner>(config: &Config, runner: &R) -> Result<Outcome, String> {
+    let part = fleet_bootguard::boot::BootPartition::new(&config.boot_dir);
+    let state = part
+        .read_state()
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let Some(state) = state.filter(|s| s.phase == fleet_contracts::boot::Phase::Pending) else {
+        return Ok(Outcome::NothingPending);
+    };
+    let driver = osupgrade::Driver {
+        runner: crate::runner::TokioRunner,
+        state_dir: config.state_dir.clone(),
+        boot_dir: config.boot_dir.clone(),
+        vg: config.volume_group.clone(),
+        release_file: config.release_file.clone(),
+    };
+    let deadline = driver
+        .load()
+        .filter(|r| r.upgrade_id() == state.upgrade_id)
+        .map_or(DEFAULT_DEADLINE_SECS, |r| {
+            u64::from(r.desired.check_in_deadline_seconds)
+        });
+    info!(upgrade = %state.upgrade_id, boot = state.boot_count, deadline_secs = deadline, "checking in");
+    let boot = boot_id();
+    let boot_dir = config.boot_dir.display().to_string();
+    let mut said = String::new();
+    loop {
+        let uptime = uptime_secs().map_err(|e| format!("cannot read /proc/uptime: {e}"))?;
+        let failed = failed_units(runner).await;
+        let evidence = Evidence::load(&config.state_dir);
+        match judge(evidence.as_ref(), &boot, &failed, uptime, deadline) {
+            Verdict::Pass => {
+                run_ok(
+                    runner,
+                    "fleet-bootguard",
+                    &["commit", "--boot-dir", &boot_dir],
+                )
+                .await?;
+                info!(upgrade = %state.upgrade_id, "checked in: the upgrade is committed");
+                return Ok(Outcome::Committed);
+            }
+            Verdict::Fail(why) => {
+                warn!(upgrade = %state.upgrade_id, reason = %why, "check-in failed: rolling back");
+                run_ok(
+                    runner,
+                    "fleet-bootguard",
+                    &[
+                        "request-rollback",
+                        "--boot-dir",
+                        &boot_dir,
+                        "--reason",
+                        &why,
+                    ],
+                )
+                .await?;
+                run_ok(runner, "systemctl", &["reboot"]).await?;
+                return Ok(Outcome::RollingBack(why));
+            }
+            Verdict::Wait(why) => {
+                if why != said {
+                    info!(
+                        uptime_secs = uptime,
+                        deadline_secs = deadline,
+                        "waiting: {why}"
+                    );
+                    said = why;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+async fn run_ok<R: CommandRunner>(runner: &R, program: &str, args: &[&str]) -> Result<(), String> {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = runner
+        .run(program, &args)
+        .await
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            out.error_line()
+        ))
+    }
+}
+
+/// Units systemd lists as failed (none when it cannot be asked: the other checks still hold).
+async fn failed_units<R: CommandRunner>(runner: &R) -> Vec<String> {
+    let args: Vec<String> = ["list-units", "--state=failed", "--no-legend", "--plain"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    match runner.run("systemctl", &args).await {
+        Ok(out) if out.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Seconds since the boot, suspend included (`/proc/uptime` is CLOCK_BOOTTIME).
+fn uptime_secs() -> std::io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/uptime")?;
+    text.split('.')
+        .next()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("unexpected /proc/uptime {text:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn evidence(boot: &str, synced: bool, not_ready: Option<Vec<&str>>) -> Evidence {
+        Evidence {
+            boot_id: boot.into(),
+            synced,
+            not_ready: not_ready.map(|v| v.into_iter().map(String::from).collect()),
+            written: None,
+        }
+    }
+
+    #[test]
+    fn the_verdict_needs_the_operator_ready_workloads_and_no_failed_unit_before_the_deadline() {
+        let good = evidence("b2", true, Some(vec![]));
+        assert_eq!(judge(Some(&good), "b2", &[], 30, 600), Verdict::Pass);
+        // Evidence of the boot before does not count.
+        assert_eq!(
+            judge(Some(&good), "b3", &[], 30, 600),
+            Verdict::Wait("the agent has shown nothing in this boot".into())
+        );
+        let offline = evidence("b2", false, Some(vec![]));
+        assert_eq!(
+            judge(Some(&offline), "b2", &[], 30, 600),
+            Verdict::Wait("the agent has not reached the operator".into())
+        );
+        // Without NATS the device decides alone, at its deadline.
+        assert_eq!(
+            judge(Some(&offline), "b2", &[], 600, 600),
+            Verdict::Fail(
+                "no check-in within 600s of the boot: the agent has not reached the operator"
+                    .into()
+            )
+        );
+        let starting = evidence("b2", true, Some(vec!["web: Starting"]));
+        assert_eq!(
+            judge(Some(&starting), "b2", &[], 700, 600),
+            Verdict::Fail(
+                "no check-in within 600s of the boot: workloads not Ready: web: Starting".into()
+            )
+        );
+        let failed = ["broken.service".to_owned()];
+        assert_eq!(
+            judge(Some(&good), "b2", &failed, 10, 600),
+            Verdict::Wait("failed units: broken.service".into())
+        );
+        assert_eq!(
+            judge(None, "b2", &[], 10, 600),
+            Verdict::Wait("the agent has shown nothing in this boot".into())
+        );
+    }
+
+    #[test]
+    fn evidence_is_written_only_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Evidence::new("b1".into());
+        e.save(dir.path());
+        let path = dir.path().join(FILE);
+        let first = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        e.save(dir.path());
+        assert!(!path.exists(), "unchanged evidence is not written again");
+        e.synced = true;
+        e.save(dir.path());
+        let read = Evidence::load(dir.path()).unwrap();
+        assert!(read.synced && read.boot_id == "b1");
+        let _ = first;
+    }
+}

@@ -152,9 +152,9 @@ impl Fleet {
         c
     }
 
-    /// Every `<device>._os` desired key that must exist, and its bytes: the campaign's value
-    /// for the devices it reached or admits now; a device it has not reached keeps what it has
-    /// (an earlier generation it may be making).
+    /// Every `<device>._os` desired key that must exist, and its bytes: the value of the
+    /// campaign that owns the device, once it reached or admits it; otherwise the device keeps
+    /// what it has (an upgrade it has made, or an earlier generation it may be making).
     pub fn wanted_os(&self, now_ms: u64) -> BTreeMap<String, Vec<u8>> {
         let mut wanted = BTreeMap::new();
         for u in self.os_upgrades.values() {
@@ -162,10 +162,13 @@ impl Fleet {
             let c = self.campaign(u, now_ms);
             for dev in &c.devices {
                 let key = names::os_key(dev);
-                if c.started.contains(dev) || c.admit.contains(dev) {
+                let owner = self.os_owner(dev).map(|o| &o.metadata.name);
+                let reached = c.admit.contains(dev)
+                    || (c.started.contains(dev) && owner == Some(&u.metadata.name));
+                if reached {
                     wanted.insert(key, bytes.clone());
                 } else if let Some(current) = self.desired.get(&key) {
-                    wanted.insert(key, current.bytes.clone());
+                    wanted.entry(key).or_insert_with(|| current.bytes.clone());
                 }
             }
         }
@@ -427,6 +430,33 @@ mod tests {
         // The first still counts its device as committed.
         assert_eq!(
             f.os_upgrade_status(&first, 3).phase,
+            OsUpgradePhase::Complete
+        );
+    }
+
+    /// Whatever the names' order, the campaign a device ended does not take its key back
+    /// from the one it moved on to.
+    #[test]
+    fn a_later_campaign_named_first_still_gets_the_device() {
+        let done = upgrade("zz-done", 0, None, 1);
+        let mut f = fleet(&["x"], std::slice::from_ref(&done));
+        assert_eq!(step(&mut f, 1), ["x"]);
+        report(&mut f, "x", "zz-done", OsPhase::Committed);
+        let next = upgrade("aa-next", 0, None, 1);
+        f.os_upgrades.insert("aa-next".into(), next.clone());
+        assert_eq!(step(&mut f, 2), ["x"]);
+        assert_eq!(f.desired["x._os"].bytes, desired_bytes(&next));
+        report(&mut f, "x", "aa-next", OsPhase::Preparing);
+        assert_eq!(step(&mut f, 3), Vec::<String>::new());
+        assert_eq!(f.desired["x._os"].bytes, desired_bytes(&next));
+        report(&mut f, "x", "aa-next", OsPhase::Committed);
+        assert_eq!(step(&mut f, 4), Vec::<String>::new(), "nothing new to make");
+        assert_eq!(
+            f.os_upgrade_status(&done, 4).phase,
+            OsUpgradePhase::Complete
+        );
+        assert_eq!(
+            f.os_upgrade_status(&next, 4).phase,
             OsUpgradePhase::Complete
         );
     }

@@ -389,7 +389,10 @@ mod tests {
                 "message": "boot 1", "sinceMs": 1}})
         };
         assert_eq!(check(report()), Ok(()));
-        assert_eq!(check(serde_json::json!({"schema": 1, "release": "unknown"})), Ok(()));
+        assert_eq!(
+            check(serde_json::json!({"schema": 1, "release": "unknown"})),
+            Ok(())
+        );
         for (field, bad, why) in [
             ("/release", serde_json::json!("\u{1b}[2J"), "release"),
             ("/upgrade/upgrade", serde_json::json!("a.b"), "upgrade"),

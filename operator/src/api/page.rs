@@ -104,7 +104,7 @@ pub(super) async fn page(State(shared): State<Arc<Operator>>) -> Html<String> {
          <title>Fleet</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
          td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.banner{padding:.5em;margin-bottom:1em}\
          .recovering{background:#fec}.converged{background:#dfd}.Failed,.Offline{color:#b00}.Stale,.Degraded{color:#a60}\
-         .Running,.Healthy{color:#070}.Unregistered{color:#a0a}</style></head><body><h1>Fleet</h1>",
+         .Running,.Healthy,.Complete{color:#070}.Halted{color:#b00}.Unregistered{color:#a0a}</style></head><body><h1>Fleet</h1>",
     );
     match status.state {
         RecoveryState::Converged => {
@@ -164,7 +164,39 @@ pub(super) async fn page(State(shared): State<Arc<Operator>>) -> Html<String> {
             s.desired_devices
         );
     }
-    h.push_str("</table><h2>Devices</h2><table><tr><th>name</th><th>health</th><th>last heartbeat</th><th>agent</th><th>os</th><th>labels</th></tr>");
+    h.push_str("</table><h2>OS upgrades</h2><table id=osupgrades><tr><th>name</th><th>release</th><th>phase</th><th>committed/started/all</th><th>devices</th></tr>");
+    for u in fleet.os_upgrades.values() {
+        let s = fleet.os_upgrade_status(u, now);
+        let phase = format!("{:?}", s.phase);
+        let mut devices = s
+            .devices
+            .iter()
+            .map(|x| {
+                let said = x
+                    .reported
+                    .as_ref()
+                    .and_then(|r| r.upgrade.as_ref())
+                    .map_or("not started".to_owned(), |r| {
+                        format!("{}: {}", r.phase, r.message)
+                    });
+                format!("{}: {}", esc(&x.device), esc(&said))
+            })
+            .collect::<Vec<_>>()
+            .join("<br>");
+        if let Some(halted) = &s.halted {
+            devices = format!("halted: {}<br>{devices}", esc(halted));
+        }
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td class={phase}>{phase}</td><td>{}/{}/{}</td><td>{devices}</td></tr>",
+            esc(&u.metadata.name),
+            esc(&u.spec.release.name),
+            s.committed_devices,
+            s.started_devices,
+            s.desired_devices
+        );
+    }
+    h.push_str("</table><h2>Devices</h2><table><tr><th>name</th><th>health</th><th>last heartbeat</th><th>agent</th><th>os</th><th>release</th><th>labels</th></tr>");
     let unregistered: Vec<Device> = fleet
         .unregistered()
         .filter_map(|name| fleet.unregistered_device(name, now))
@@ -181,6 +213,7 @@ pub(super) async fn page(State(shared): State<Arc<Operator>>) -> Html<String> {
             (hb.agent_version.clone(), hb.os.clone())
         });
         let health = s.shown_health();
+        let release = s.os.as_ref().map_or("-".to_owned(), |o| o.release.clone());
         let labels = dev
             .metadata
             .labels
@@ -190,7 +223,7 @@ pub(super) async fn page(State(shared): State<Arc<Operator>>) -> Html<String> {
             .join(", ");
         let _ = write!(
             h,
-            "<tr><td>{}</td><td class={}>{}</td><td>{age}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td class={}>{}</td><td>{age}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&dev.metadata.name),
             if s.unregistered {
                 "Unregistered".to_owned()
@@ -200,6 +233,7 @@ pub(super) async fn page(State(shared): State<Arc<Operator>>) -> Html<String> {
             esc(&health),
             esc(&agent),
             esc(&os),
+            esc(&release),
             esc(&labels)
         );
     }

@@ -10,6 +10,7 @@
 //! The kernel, initramfs, LVM, systemd, podman and the agent are the image's own.
 #![allow(clippy::disallowed_methods)] // A harness starts QEMU, ssh and mtools.
 
+pub mod apt;
 pub mod firmware;
 pub mod pool;
 pub mod scenario;

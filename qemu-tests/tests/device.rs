@@ -56,7 +56,8 @@ async fn guest_http_says(vm: &Vm, port: u16, greeting: &str) -> Result<()> {
         &format!("the guest's port {port} to say {greeting:?}"),
         GUEST,
         || async {
-            let (code, body) = vm.ssh_status(&format!("curl -sf http://127.0.0.1:{port}/"))?;
+            let (code, body) =
+                vm.ssh_status(&format!("curl -sf --max-time 5 http://127.0.0.1:{port}/"))?;
             if code == 0 && body.trim() == greeting {
                 Ok(Some(()))
             } else {

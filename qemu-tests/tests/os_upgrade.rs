@@ -1,0 +1,302 @@
+//! OS upgrades driven by the fleet, on the built image under QEMU aarch64 (TCG), with real apt
+//! from a local repository of real packages (`fleet_qemu_tests::apt`), real LVM snapshots and
+//! merges, and the real bootguard, check-in and agent.
+//!
+//! One device and one disk across the scenario: a clean upgrade is applied as an `OsUpgrade`
+//! and commits; then a bad one (it boots, but its container runtime is broken, so the
+//! workloads never become Ready) rolls back on its own at the check-in deadline, keeps what
+//! the workloads wrote to the data LV meanwhile, and halts its campaign. Each step prints its
+//! figures (boots, wall time) for the notes; none is asserted.
+#![allow(clippy::disallowed_methods)] // A test times what it watches: it reads the clock.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use fleet_contracts::{
+    resource::OsUpgradePhase,
+    spec::OsRelease,
+    state::{OsPhase, OsUpgradeReport},
+};
+use fleet_e2e::{TestFleet, eventually, http_deployment};
+use fleet_qemu_tests::{
+    apt::{AptRepo, Package},
+    scenario::{
+        GUEST, agent_journal, boot_to_ssh, deploy, device, enrolled, import_example_image,
+        join_fleet,
+    },
+    vm::{Exit, Network, Vm},
+};
+
+const DEVICE: &str = "pi-u1";
+const MARKER: &str = "fleet-test-marker";
+/// A containers.conf drop-in naming a runtime that does not exist: every container start
+/// fails, so the workloads never become Ready after the upgrade's reboot.
+const BROKEN_RUNTIME: &str = "/etc/containers/containers.conf.d/zz-fleet-test-broken.conf";
+
+fn marker(version: &str) -> Package {
+    Package::new(MARKER, version).file("/usr/share/fleet-test/marker", &format!("{version}\n"))
+}
+
+fn upgrade(name: &str, release: &OsRelease, deadline_secs: u32) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "fleet.dev/v1",
+        "kind": "OsUpgrade",
+        "metadata": {"name": name},
+        "spec": {
+            "selector": {"matchLabels": {"role": "pi"}},
+            "release": release,
+            "checkInDeadlineSeconds": deadline_secs,
+            "bootAttempts": 3,
+        }
+    })
+}
+
+/// Keeps the device powered through the upgrade, booting it again whenever it reboots itself,
+/// until its report on `upgrade` reaches `want`. Returns the report and the boots it took.
+async fn follow(
+    fleet: &TestFleet,
+    vm: &mut Vm,
+    upgrade: &str,
+    want: OsPhase,
+    timeout: Duration,
+) -> Result<(OsUpgradeReport, usize)> {
+    let client = fleet.operator.client();
+    let start = Instant::now();
+    let mut boots = 0;
+    let mut said: Option<OsPhase> = None;
+    loop {
+        if !vm.running() {
+            let exit = vm.wait_exit(Duration::from_secs(5))?;
+            ensure!(
+                exit == Exit::Reboot,
+                "a boot ended with {exit:?} during the upgrade"
+            );
+            boots += 1;
+            vm.boot(Network::Connected)?;
+        }
+        let report = client
+            .device(DEVICE)
+            .ok()
+            .and_then(|d| d.status?.os?.upgrade)
+            .filter(|u| u.upgrade == upgrade);
+        if let Some(u) = report {
+            if said != Some(u.phase) {
+                eprintln!(
+                    "{:>6.1?}: {upgrade} {} ({})",
+                    start.elapsed(),
+                    u.phase,
+                    u.message
+                );
+                said = Some(u.phase);
+            }
+            if u.phase == want {
+                return Ok((u, boots));
+            }
+            if u.phase.is_final() {
+                bail!("{upgrade} ended {} ({}), not {want}", u.phase, u.message);
+            }
+        }
+        if start.elapsed() > timeout {
+            let journal = if vm.running() {
+                agent_journal(vm)
+            } else {
+                String::new()
+            };
+            bail!("{upgrade} did not reach {want} within {timeout:?}; last {said:?}\n{journal}");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Waits until `http://127.0.0.1:8080/` inside the guest says `greeting`.
+async fn serves(vm: &Vm, greeting: &str) -> Result<()> {
+    eventually(
+        &format!("the guest's workload to say {greeting:?}"),
+        GUEST,
+        || async {
+            let (code, body) = vm.ssh_status("curl -sf --max-time 5 http://127.0.0.1:8080/")?;
+            if code == 0 && body.trim() == greeting {
+                Ok(Some(()))
+            } else {
+                bail!("curl exit {code}: {}", body.trim())
+            }
+        },
+    )
+    .await
+}
+
+fn guest(vm: &Vm, command: &str) -> Result<String> {
+    Ok(vm.ssh(command)?.trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clean_os_upgrade_commits_and_a_bad_one_rolls_back_on_its_own() -> Result<()> {
+    let fleet = TestFleet::start().await?;
+    let (dir, mut vm) = device("os-upgrade")?;
+    join_fleet(&vm, &fleet, DEVICE, &[("role", "pi")])?;
+    let repo = AptRepo::start(
+        &dir.0.join("apt"),
+        &[
+            marker("2"),
+            marker("3").file(
+                BROKEN_RUNTIME,
+                "[engine]\nruntime = \"fleet-test-missing\"\n",
+            ),
+        ],
+    )?;
+    boot_to_ssh(&mut vm, Network::Connected)?;
+    enrolled(&fleet, &vm, DEVICE).await?;
+
+    // The device reports the release the image was built as (written beside the image).
+    let image_release: OsRelease = serde_json::from_slice(
+        &std::fs::read(fleet_qemu_tests::image().with_extension("release.json"))
+            .context("the image's release.json")?,
+    )?;
+    ensure!(
+        image_release.packages.contains_key("lvm2"),
+        "the image's release lists no lvm2"
+    );
+    // As written, it is an OsUpgrade's release that the operator accepts.
+    if let Err(errors) =
+        fleet_contracts::resource::Resource::from_user(upgrade("image", &image_release, 600))
+    {
+        bail!("the image's release.json is refused: {errors:?}");
+    }
+    let client = fleet.operator.client();
+    eventually("the device to report its release", GUEST, || async {
+        let os = client.device(DEVICE)?.status.and_then(|s| s.os);
+        match os {
+            Some(os) if os.release == image_release.name => Ok(Some(())),
+            other => bail!("{other:?}"),
+        }
+    })
+    .await?;
+    import_example_image(&vm)?;
+    deploy(
+        &fleet,
+        &vm,
+        &http_deployment("hello", "pi", 8080, "hello from a pi"),
+    )
+    .await?;
+    serves(&vm, "hello from a pi").await?;
+
+    // A clean upgrade: apt from the local repository, a reboot, the check-in, the commit.
+    let good = OsRelease {
+        name: "fleet-test-2".into(),
+        sources: vec![repo.source()],
+        packages: [(MARKER.to_owned(), "2".to_owned())].into(),
+        full_upgrade: false,
+    };
+    let t = Instant::now();
+    fleet.operator.apply(&upgrade("spring", &good, 300))?;
+    let (done, boots) = follow(
+        &fleet,
+        &mut vm,
+        "spring",
+        OsPhase::Committed,
+        Duration::from_secs(20 * 60),
+    )
+    .await?;
+    eprintln!(
+        "clean upgrade: committed after {boots} boot(s), {:?} from apply ({})",
+        t.elapsed(),
+        done.message
+    );
+    vm.wait_ssh(GUEST)?;
+    ensure!(guest(&vm, "cat /etc/fleet/release")? == "fleet-test-2");
+    ensure!(guest(&vm, "cat /usr/share/fleet-test/marker")? == "2");
+    let lvs = guest(&vm, "lvs --noheadings -o lv_name vg0")?;
+    ensure!(
+        !lvs.contains("root_preupgrade"),
+        "the snapshot is left: {lvs}"
+    );
+    ensure!(
+        guest(&vm, "fleet-bootguard status")?.contains("phase=idle"),
+        "the boot partition is not idle"
+    );
+    serves(&vm, "hello from a pi").await?;
+    let campaign = client.os_upgrade("spring")?.status.unwrap_or_default();
+    ensure!(
+        campaign.phase == OsUpgradePhase::Complete && campaign.committed_devices == 1,
+        "{campaign:?}"
+    );
+    let release = client
+        .device(DEVICE)?
+        .status
+        .and_then(|s| s.os)
+        .map(|o| o.release);
+    ensure!(release.as_deref() == Some("fleet-test-2"), "{release:?}");
+
+    // A bad upgrade: it boots, but its container runtime is broken, so the workload never
+    // becomes Ready and the check-in fails at its deadline. What the workloads' data LV gets
+    // meanwhile stays; what root gets goes with the rollback.
+    let bad = OsRelease {
+        name: "fleet-test-3".into(),
+        packages: [(MARKER.to_owned(), "3".to_owned())].into(),
+        ..good.clone()
+    };
+    let t = Instant::now();
+    fleet.operator.apply(&upgrade("summer", &bad, 150))?;
+    follow(
+        &fleet,
+        &mut vm,
+        "summer",
+        OsPhase::Probation,
+        Duration::from_secs(20 * 60),
+    )
+    .await?;
+    vm.wait_ssh(GUEST)?;
+    ensure!(
+        guest(&vm, &format!("test -e {BROKEN_RUNTIME} && echo broken"))? == "broken",
+        "the bad upgrade is not what booted"
+    );
+    vm.ssh("echo kept > /var/lib/fleet/written-in-probation && echo gone > /root/written-in-probation && sync")?;
+    let (rolled, boots) = follow(
+        &fleet,
+        &mut vm,
+        "summer",
+        OsPhase::RolledBack,
+        Duration::from_secs(20 * 60),
+    )
+    .await?;
+    eprintln!(
+        "bad upgrade: rolled back after {boots} boot(s), {:?} from apply ({})",
+        t.elapsed(),
+        rolled.message
+    );
+    ensure!(
+        rolled.message.contains("no check-in within 150s") && rolled.message.contains("Ready"),
+        "the reason does not say which check failed: {}",
+        rolled.message
+    );
+    vm.wait_ssh(GUEST)?;
+    ensure!(guest(&vm, "cat /etc/fleet/release")? == "fleet-test-2");
+    ensure!(guest(&vm, "cat /usr/share/fleet-test/marker")? == "2");
+    ensure!(
+        guest(&vm, &format!("test -e {BROKEN_RUNTIME} || echo absent"))? == "absent",
+        "the bad upgrade's file survived the rollback"
+    );
+    ensure!(guest(&vm, "cat /var/lib/fleet/written-in-probation")? == "kept");
+    ensure!(
+        guest(&vm, "test -e /root/written-in-probation || echo absent")? == "absent",
+        "root kept what the bad upgrade wrote"
+    );
+    serves(&vm, "hello from a pi").await?;
+    let campaign = client.os_upgrade("summer")?.status.unwrap_or_default();
+    ensure!(
+        campaign.phase == OsUpgradePhase::Halted && campaign.failed_devices == 1,
+        "{campaign:?}"
+    );
+    let described = fleet_qemu_tests::scenario::fleetctl_describe_device(&fleet, DEVICE)?;
+    ensure!(
+        described.contains("Release:     fleet-test-2") && described.contains("RolledBack"),
+        "{described}"
+    );
+    eprintln!(
+        "apt repository: {} files served",
+        repo.served.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    vm.power_cut();
+    dir.passed();
+    Ok(())
+}

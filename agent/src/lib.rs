@@ -12,6 +12,10 @@
 //! workloads back. [`probe`] decides readiness; [`serve`] answers the operator's logs and exec
 //! requests. Before its first connection the agent enrolls ([`identity`]): it generates
 //! its own key and trades a one-time token for NATS credentials confined to its own subjects.
+//! An OS upgrade the operator asks for (`_os` in the desired state) is driven on its own task
+//! by [`osupgrade`]; the upgraded system's check-in ([`checkin`]) is a separate process, run
+//! by its own systemd unit on every boot. Under systemd the agent says when it is ready and
+//! pings the service watchdog from its main loop.
 //!
 //! The agent never writes desired state and never reads another device's keys, and uses no
 //! JetStream at all: its NATS permissions (from the fleet account, see

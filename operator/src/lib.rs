@@ -10,7 +10,9 @@
 //! to the fleet's state ([`gateway`]): devices use no JetStream, they ask the operator for
 //! their desired state and hand it their reports, over core NATS requests answered only on
 //! the asker's own inbox ([`respond`]). It backs the store up and restores it, and adopts
-//! devices that hold workloads from another store ([`store`]; docs/store-loss.md).
+//! devices that hold workloads from another store ([`store`]; docs/store-loss.md). OS upgrade
+//! campaigns ([`campaign`]) say which device makes which upgrade next, a wave at a time; the
+//! devices do the rest themselves (ADR-0012).
 //!
 //! The operator writes resources and desired state; it writes a device's reported keys only
 //! with what that device sent, under that device's keys.

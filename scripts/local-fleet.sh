@@ -197,6 +197,9 @@ nats_url = "$NATS_URLS"
 state_dir = "$STATE/agent"
 nats_ca_file = "$STATE/identity/tls/ca.pem"
 heartbeat_interval_secs = 2
+# This agent runs on your machine: it refuses OS upgrades, and has no boot partition.
+os_upgrades = false
+boot_dir = "$STATE/agent/boot"
 $token_line
 
 [podman]

@@ -142,6 +142,7 @@ pub async fn run<R: CommandRunner>(config: &Config, runner: &R) -> Result<Outcom
         boot_dir: config.boot_dir.clone(),
         vg: config.volume_group.clone(),
         release_file: config.release_file.clone(),
+        enabled: config.os_upgrades,
     };
     let deadline = driver
         .load()

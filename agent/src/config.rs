@@ -70,6 +70,11 @@ pub struct Config {
     /// upgrade; `unknown` is reported without it).
     #[serde(default = "default_release_file")]
     pub release_file: PathBuf,
+    /// Whether this agent may upgrade the OS it runs on when an OsUpgrade selects it. Off for
+    /// an agent on a development machine (the local fleet, the tests): it then refuses every
+    /// OS upgrade before touching anything.
+    #[serde(default = "default_true")]
+    pub os_upgrades: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -101,6 +106,9 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_boot_dir() -> PathBuf {
     "/boot/firmware".into()
+}
+fn default_true() -> bool {
+    true
 }
 fn default_volume_group() -> String {
     "vg0".into()

@@ -159,6 +159,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             boot_dir: config.boot_dir.clone(),
             vg: config.volume_group.clone(),
             release_file: config.release_file.clone(),
+            enabled: config.os_upgrades,
         },
         os_rx,
         move |report| {

@@ -250,6 +250,8 @@ pub struct Driver<R> {
     pub vg: String,
     /// Where the running system names its release ([`RELEASE_FILE`] on a device).
     pub release_file: PathBuf,
+    /// `os_upgrades` of the config: off, every upgrade is refused before anything is touched.
+    pub enabled: bool,
 }
 
 /// Why a step could not be taken.
@@ -356,6 +358,9 @@ impl<R: CommandRunner> Driver<R> {
     /// room, the boot partition has room for the known-good copy, the clock is set, no other
     /// upgrade is pending.
     pub async fn precheck(&self, seen: &Observed, now_ms: u64) -> Result<(), String> {
+        if !self.enabled {
+            return Err("OS upgrades are off in this agent's config (os_upgrades = false)".into());
+        }
         if let Boot::Busy {
             phase, upgrade_id, ..
         } = &seen.boot

@@ -52,9 +52,12 @@ impl Agent {
                 "device_id = {device:?}\nnats_url = {nats_url:?}\nstate_dir = {:?}\n\
                  heartbeat_interval_secs = {heartbeat_secs}\nresync_interval_secs = {resync_secs}\n\
                  enrollment_token = {token:?}\nnats_ca_file = {:?}\n\
+                 os_upgrades = false\nboot_dir = {:?}\nrelease_file = {:?}\n\
                  [podman]\nroot = {:?}\nrunroot = {:?}\nruntime = \"runc\"\n",
                 state_dir.display().to_string(),
                 ca.display().to_string(),
+                state_dir.join("boot").display().to_string(),
+                state_dir.join("release").display().to_string(),
                 podman.root.display().to_string(),
                 podman.runroot.display().to_string(),
             ),

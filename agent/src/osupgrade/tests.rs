@@ -307,6 +307,7 @@ fn driver(runner: RecordingRunner, boot_dir: &Path) -> Driver<RecordingRunner> {
         boot_dir: boot_dir.to_owned(),
         vg: "vg0".into(),
         release_file: boot_dir.join("release"),
+        enabled: true,
     }
 }
 
@@ -364,6 +365,12 @@ async fn preconditions_are_refused_with_their_numbers() {
         .await
         .unwrap_err();
     assert!(err.contains("not set"), "{err}");
+
+    let mut off = driver(RecordingRunner::default(), dir.path());
+    off.enabled = false;
+    let err = off.precheck(&quiet, now).await.unwrap_err();
+    assert!(err.contains("os_upgrades = false"), "{err}");
+    assert!(off.runner.calls().is_empty(), "nothing was run");
 
     let r = RecordingRunner::default();
     r.answer(0, "  thin,pool\n", "");

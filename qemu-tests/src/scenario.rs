@@ -190,3 +190,39 @@ pub fn fleetctl_describe_device(fleet: &TestFleet, name: &str) -> Result<String>
     );
     Ok(String::from_utf8(out.stdout)?)
 }
+
+/// Whether the guest can open a TCP connection to the host's NATS (10.0.2.2:`port`).
+pub fn reaches_nats(vm: &Vm, port: &str) -> Result<bool> {
+    let (code, _) = vm.ssh_status(&format!(
+        "timeout 5 bash -c 'exec 3<>/dev/tcp/10.0.2.2/{port}'"
+    ))?;
+    Ok(code == 0)
+}
+
+/// The initramfs the device boots (the one `config.txt` names) carries LVM settings that let
+/// a thin pool with leaked blocks activate, and the tools of the pool's self-repair and the
+/// boot partition's check. Read by the image's own `lvmconfig` from the unpacked initramfs.
+pub fn initramfs_tolerates_what_a_crash_leaves(vm: &Vm) -> Result<()> {
+    let said = vm.ssh(
+        r#"set -e
+i=/boot/firmware/$(awk '$1 == "initramfs" {print $2; exit}' /boot/firmware/config.txt)
+d=$(mktemp -d); unmkinitramfs "$i" $d
+root=$d/main; [ -d $root/etc ] || root=$d
+for f in usr/sbin/fleet-bootguard usr/sbin/thin_check usr/sbin/thin_repair usr/sbin/fsck.fat; do
+  [ -e $root/$f ] || echo "missing $f"
+done
+LVM_SYSTEM_DIR=$root/etc/lvm lvmconfig global/thin_check_options
+rm -rf $d"#,
+    )?;
+    ensure!(
+        !said.contains("missing"),
+        "the initramfs lacks tools: {said}"
+    );
+    ensure!(
+        said.contains(
+            r#"thin_check_options=["-q","--clear-needs-check-flag","--ignore-non-fatal-errors"]"#
+        ),
+        "the initramfs's LVM treats a leaked block as fatal: {said}"
+    );
+    Ok(())
+}

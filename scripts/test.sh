@@ -28,7 +28,9 @@ shellcheck scripts/*.sh .ci/run initramfs-hook/initramfs/hooks/fleet-bootguard \
 
 step "dependency invariants and licenses"
 bash scripts/check-deps.sh
-# deny.toml: permissive licenses only, no OpenSSL; offline (no advisory database).
+# deny.toml: permissive licenses only, no OpenSSL; offline (no advisory database). Its
+# metadata needs every platform's crates on disk, which a build alone does not download.
+cargo fetch --locked --quiet
 cargo deny --offline check --hide-inclusion-graph licenses bans
 
 step "build the binaries the end-to-end tests start"

@@ -10,7 +10,11 @@
 //! probation fails its check-in at the deadline, it never waits forever.
 //!
 //! The agent's side is [`Evidence`], `<state_dir>/checkin.json`, rewritten when it changes;
-//! the verdict is the pure [`judge`].
+//! the verdict is the pure [`judge`]. Only the upgraded system's own boot commits: while the
+//! agent's record says the install is still under way ([`not_booted`]), the check-in waits
+//! (and fails at the deadline like any other). A commit cut short (`committing` on the boot
+//! partition) is finished by the next boot's check-in. Every command it runs has a time
+//! limit.
 
 use std::path::Path;
 
@@ -85,15 +89,19 @@ pub enum Verdict {
     Fail(String),
 }
 
-/// Judges the upgraded system `uptime_secs` after its boot.
+/// Judges the upgraded system `uptime_secs` after its boot. `not_booted` says why this boot
+/// is not the upgraded system's yet, by the agent's record (the install is still under way);
+/// such a boot never commits.
 pub fn judge(
     evidence: Option<&Evidence>,
     boot_id: &str,
+    not_booted: Option<&str>,
     failed_units: &[String],
     uptime_secs: u64,
     deadline_secs: u64,
 ) -> Verdict {
     let waiting = match evidence.filter(|e| e.boot_id == boot_id) {
+        _ if not_booted.is_some() => not_booted.unwrap_or_default().to_owned(),
         None => "the agent has shown nothing in this boot".to_owned(),
         Some(e) if !e.synced => "the agent has not reached the operator".to_owned(),
         Some(Evidence {
@@ -126,16 +134,57 @@ pub enum Outcome {
     RollingBack(String),
 }
 
+/// Whether this boot may commit the upgrade `upgrade_id`, by the agent's record: `None` when it
+/// may (the upgraded system booted: the record is in Probation, or Rebooting from an earlier
+/// boot; or there is no record of it, an upgrade armed by hand), else why not.
+pub fn not_booted(
+    record: Option<&osupgrade::Record>,
+    upgrade_id: &str,
+    boot_id: &str,
+) -> Option<String> {
+    use fleet_contracts::state::OsPhase;
+    let r = record.filter(|r| r.upgrade_id() == upgrade_id)?;
+    match r.phase {
+        OsPhase::Probation => None,
+        OsPhase::Rebooting if r.boot_id != boot_id => None,
+        phase => Some(format!(
+            "the upgrade has not booted yet (the agent's record says {phase})"
+        )),
+    }
+}
+
+/// How long one command of the check-in may take.
+const COMMAND_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
 /// Runs the check-in to its end.
 pub async fn run<R: CommandRunner>(config: &Config, runner: &R) -> Result<Outcome, String> {
     let part = fleet_bootguard::boot::BootPartition::new(&config.boot_dir);
-    let state = part
-        .read_state()
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    let Some(state) = state.filter(|s| s.phase == fleet_contracts::boot::Phase::Pending) else {
+    let read_state = || {
+        part.read_state()
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    };
+    let boot_dir = config.boot_dir.display().to_string();
+    let commit = async || {
+        run_ok(
+            runner,
+            "fleet-bootguard",
+            &["commit", "--boot-dir", &boot_dir],
+        )
+        .await
+    };
+    use fleet_contracts::boot::Phase;
+    let Some(state) =
+        read_state()?.filter(|s| matches!(s.phase, Phase::Pending | Phase::Committing))
+    else {
         return Ok(Outcome::NothingPending);
     };
+    if state.phase == Phase::Committing {
+        // A commit cut short (power, a failed lvremove): finish it.
+        commit().await?;
+        info!(upgrade = %state.upgrade_id, "finished the commit an earlier boot began");
+        return Ok(Outcome::Committed);
+    }
     let driver = osupgrade::Driver {
         runner: crate::runner::TokioRunner,
         state_dir: config.state_dir.clone(),
@@ -143,6 +192,7 @@ pub async fn run<R: CommandRunner>(config: &Config, runner: &R) -> Result<Outcom
         vg: config.volume_group.clone(),
         release_file: config.release_file.clone(),
         enabled: config.os_upgrades,
+        sources_file: osupgrade::SOURCES_FILE.into(),
     };
     let deadline = driver
         .load()
@@ -152,20 +202,29 @@ pub async fn run<R: CommandRunner>(config: &Config, runner: &R) -> Result<Outcom
         });
     info!(upgrade = %state.upgrade_id, boot = state.boot_count, deadline_secs = deadline, "checking in");
     let boot = boot_id();
-    let boot_dir = config.boot_dir.display().to_string();
     let mut said = String::new();
     loop {
+        // The agent may have asked for a rollback meanwhile (an install cut short): then there
+        // is nothing left to judge.
+        match read_state()? {
+            Some(s) if s.phase == Phase::Pending && s.upgrade_id == state.upgrade_id => {}
+            _ => return Ok(Outcome::NothingPending),
+        }
         let uptime = uptime_secs().map_err(|e| format!("cannot read /proc/uptime: {e}"))?;
         let failed = failed_units(runner).await;
         let evidence = Evidence::load(&config.state_dir);
-        match judge(evidence.as_ref(), &boot, &failed, uptime, deadline) {
+        let waiting_for_install = not_booted(driver.load().as_ref(), &state.upgrade_id, &boot);
+        let verdict = judge(
+            evidence.as_ref(),
+            &boot,
+            waiting_for_install.as_deref(),
+            &failed,
+            uptime,
+            deadline,
+        );
+        match verdict {
             Verdict::Pass => {
-                run_ok(
-                    runner,
-                    "fleet-bootguard",
-                    &["commit", "--boot-dir", &boot_dir],
-                )
-                .await?;
+                commit().await?;
                 info!(upgrade = %state.upgrade_id, "checked in: the upgrade is committed");
                 return Ok(Outcome::Committed);
             }
@@ -203,9 +262,9 @@ pub async fn run<R: CommandRunner>(config: &Config, runner: &R) -> Result<Outcom
 
 async fn run_ok<R: CommandRunner>(runner: &R, program: &str, args: &[&str]) -> Result<(), String> {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let out = runner
-        .run(program, &args)
+    let out = tokio::time::timeout(COMMAND_TIME_LIMIT, runner.run(program, &args))
         .await
+        .map_err(|_| format!("{program}: still running after {COMMAND_TIME_LIMIT:?}"))?
         .map_err(|e| format!("{program}: {e}"))?;
     if out.success() {
         Ok(())
@@ -224,8 +283,13 @@ async fn failed_units<R: CommandRunner>(runner: &R) -> Vec<String> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    match runner.run("systemctl", &args).await {
-        Ok(out) if out.success() => String::from_utf8_lossy(&out.stdout)
+    let listed = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        runner.run("systemctl", &args),
+    )
+    .await;
+    match listed {
+        Ok(Ok(out)) if out.success() => String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
             .collect(),
@@ -258,20 +322,20 @@ mod tests {
     #[test]
     fn the_verdict_needs_the_operator_ready_workloads_and_no_failed_unit_before_the_deadline() {
         let good = evidence("b2", true, Some(vec![]));
-        assert_eq!(judge(Some(&good), "b2", &[], 30, 600), Verdict::Pass);
+        assert_eq!(judge(Some(&good), "b2", None, &[], 30, 600), Verdict::Pass);
         // Evidence of the boot before does not count.
         assert_eq!(
-            judge(Some(&good), "b3", &[], 30, 600),
+            judge(Some(&good), "b3", None, &[], 30, 600),
             Verdict::Wait("the agent has shown nothing in this boot".into())
         );
         let offline = evidence("b2", false, Some(vec![]));
         assert_eq!(
-            judge(Some(&offline), "b2", &[], 30, 600),
+            judge(Some(&offline), "b2", None, &[], 30, 600),
             Verdict::Wait("the agent has not reached the operator".into())
         );
         // Without NATS the device decides alone, at its deadline.
         assert_eq!(
-            judge(Some(&offline), "b2", &[], 600, 600),
+            judge(Some(&offline), "b2", None, &[], 600, 600),
             Verdict::Fail(
                 "no check-in within 600s of the boot: the agent has not reached the operator"
                     .into()
@@ -279,19 +343,78 @@ mod tests {
         );
         let starting = evidence("b2", true, Some(vec!["web: Starting"]));
         assert_eq!(
-            judge(Some(&starting), "b2", &[], 700, 600),
+            judge(Some(&starting), "b2", None, &[], 700, 600),
             Verdict::Fail(
                 "no check-in within 600s of the boot: workloads not Ready: web: Starting".into()
             )
         );
         let failed = ["broken.service".to_owned()];
         assert_eq!(
-            judge(Some(&good), "b2", &failed, 10, 600),
+            judge(Some(&good), "b2", None, &failed, 10, 600),
             Verdict::Wait("failed units: broken.service".into())
         );
         assert_eq!(
-            judge(None, "b2", &[], 10, 600),
+            judge(None, "b2", None, &[], 10, 600),
             Verdict::Wait("the agent has shown nothing in this boot".into())
+        );
+    }
+
+    /// A boot before the upgrade's own (the agent restarted mid-install, or is still at it)
+    /// never commits, however good it looks; at the deadline it fails like any other.
+    #[test]
+    fn only_the_upgraded_systems_boot_commits() {
+        use fleet_contracts::state::{DesiredOs, OsPhase};
+        let desired = DesiredOs {
+            schema: 1,
+            upgrade: "up".into(),
+            generation: 1,
+            release: fleet_contracts::spec::OsRelease {
+                name: "r2".into(),
+                sources: vec![],
+                packages: Default::default(),
+                full_upgrade: true,
+            },
+            check_in_deadline_seconds: 600,
+            boot_attempts: 3,
+        };
+        let record = |phase, boot: &str| {
+            let mut r = osupgrade::start(None, desired.clone(), "r1", boot, 0);
+            r.phase = phase;
+            r
+        };
+        assert_eq!(not_booted(None, "up.1", "b2"), None, "armed by hand");
+        assert_eq!(
+            not_booted(Some(&record(OsPhase::Probation, "b2")), "up.1", "b2"),
+            None
+        );
+        assert_eq!(
+            not_booted(Some(&record(OsPhase::Rebooting, "b1")), "up.1", "b2"),
+            None
+        );
+        for (phase, boot) in [
+            (OsPhase::Rebooting, "b2"),
+            (OsPhase::Upgrading, "b1"),
+            (OsPhase::Upgrading, "b2"),
+            (OsPhase::Snapshotting, "b2"),
+            (OsPhase::RollingBack, "b2"),
+        ] {
+            let why = not_booted(Some(&record(phase, boot)), "up.1", "b2");
+            assert!(why.is_some(), "{phase} from {boot}");
+        }
+        // Another upgrade's record says nothing about this one.
+        assert_eq!(
+            not_booted(Some(&record(OsPhase::Upgrading, "b2")), "other.1", "b2"),
+            None
+        );
+        let good = evidence("b2", true, Some(vec![]));
+        let why = "the upgrade has not booted yet (the agent's record says Upgrading)";
+        assert_eq!(
+            judge(Some(&good), "b2", Some(why), &[], 30, 600),
+            Verdict::Wait(why.into())
+        );
+        assert_eq!(
+            judge(Some(&good), "b2", Some(why), &[], 600, 600),
+            Verdict::Fail(format!("no check-in within 600s of the boot: {why}"))
         );
     }
 

@@ -160,6 +160,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             vg: config.volume_group.clone(),
             release_file: config.release_file.clone(),
             enabled: config.os_upgrades,
+            sources_file: osupgrade::SOURCES_FILE.into(),
         },
         os_rx,
         move |report| {

@@ -30,10 +30,16 @@ use crate::runner::CommandRunner;
 /// Where the running system names its release, one line (the image and each upgrade write it).
 pub const RELEASE_FILE: &str = "/etc/fleet/release";
 /// The apt sources file an upgrade writes, and the only one its apt runs read.
-const SOURCES_FILE: &str = "/etc/apt/sources.list.d/fleet-release.list";
+pub const SOURCES_FILE: &str = "/etc/apt/sources.list.d/fleet-release.list";
 /// Preconditions: the thin pool's data and metadata fill before an upgrade, in percent.
 pub const MAX_POOL_DATA_PERCENT: f64 = 80.0;
 pub const MAX_POOL_METADATA_PERCENT: f64 = 70.0;
+/// How long one apt or dpkg run, and any other tool, may take before it is stopped (and the
+/// upgrade rolled back): nothing the driver waits for may hang it for good.
+const APT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+const TOOL_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+/// The longest message a report carries (the operator refuses more than 2 KiB).
+const MAX_MESSAGE_BYTES: usize = 1024;
 /// A clock before this (2026-01-01) is not set: snapshots and deadlines would be misdated.
 const CLOCK_FLOOR_MS: u64 = 1_767_225_600_000;
 
@@ -130,6 +136,8 @@ pub enum Step {
     RequestRollback(String),
     /// Only record a new phase, with a message.
     Enter(OsPhase, String),
+    /// Only say something new in the phase the upgrade is in (its boot stays the same).
+    Note(String),
 }
 
 /// The decision: what to do given the record, the desired upgrade and what the device shows.
@@ -212,9 +220,21 @@ pub fn decide(record: Option<&Record>, desired: Option<&DesiredOs>, seen: &Obser
                         "the check-in asked for a rollback".into(),
                     )
                 }
-                // Requested: the next boot rolls back (the bootguard consumes the request,
-                // so this cannot loop).
-                B::RollbackRequested | B::RollingBack => Step::Reboot,
+                // Requested in this boot: the next boot rolls back.
+                B::RollbackRequested | B::RollingBack if !rebooted => Step::Reboot,
+                // Still requested after a reboot: the bootguard could not finish it. Rebooting
+                // again and again would not help; say so and wait for a person.
+                B::RollbackRequested | B::RollingBack => {
+                    let note = format!(
+                        "the bootguard did not finish the rollback (the boot partition says \
+                         {phase} at boot {boots}); see rollback/events on the boot partition"
+                    );
+                    if r.message == note {
+                        Step::Wait
+                    } else {
+                        Step::Note(note)
+                    }
+                }
                 B::Idle => Step::Wait,
             }
         }
@@ -252,6 +272,8 @@ pub struct Driver<R> {
     pub release_file: PathBuf,
     /// `os_upgrades` of the config: off, every upgrade is refused before anything is touched.
     pub enabled: bool,
+    /// Where an install writes the release's apt sources ([`SOURCES_FILE`] on a device).
+    pub sources_file: PathBuf,
 }
 
 /// Why a step could not be taken.
@@ -302,8 +324,9 @@ impl<R: CommandRunner> Driver<R> {
         read_release(&self.release_file)
     }
 
-    /// What the device shows now.
-    pub async fn observe(&self) -> Observed {
+    /// What the device shows now; an error when `lvs` cannot say whether the snapshot exists
+    /// (the driver then asks again rather than take it for absent).
+    pub async fn observe(&self) -> Result<Observed, DriverError> {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_owned())
             .unwrap_or_default();
@@ -331,25 +354,31 @@ impl<R: CommandRunner> Driver<R> {
         let snapshot_present = busy
             && self
                 .run("lvs", &["--noheadings", "-o", "lv_name", &self.vg])
-                .await
-                .is_ok_and(|out| out.lines().any(|l| l.trim() == "root_preupgrade"));
-        Observed {
+                .await?
+                .lines()
+                .any(|l| l.trim() == "root_preupgrade");
+        Ok(Observed {
             boot_id,
             boot,
             snapshot_present,
-        }
+        })
     }
 
     async fn run(&self, program: &str, args: &[&str]) -> Result<String, DriverError> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let line = format!("{program} {}", args.join(" "));
-        let out = self
-            .runner
-            .run(program, &args)
+        // An install names every pinned package: the message names the command, not all of it.
+        let line = shorten(&format!("{program} {}", args.join(" ")), 160);
+        let limit = if program == "apt-get" || program == "dpkg" {
+            APT_TIME_LIMIT
+        } else {
+            TOOL_TIME_LIMIT
+        };
+        let out = tokio::time::timeout(limit, self.runner.run(program, &args))
             .await
+            .map_err(|_| failed(&line, format!("still running after {limit:?}; stopped")))?
             .map_err(|e| failed(&line, e))?;
         if !out.success() {
-            return Err(failed(&line, out.error_line()));
+            return Err(failed(&line, shorten(&out.error_line(), 400)));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -466,6 +495,21 @@ impl<R: CommandRunner> Driver<R> {
         release: &OsRelease,
         progress: &mut (dyn FnMut(String) + Send),
     ) -> Result<(), DriverError> {
+        let result = self.install_from(release, progress).await;
+        // The release's sources serve this install only: later apt runs use the device's own.
+        if let Err(e) = std::fs::remove_file(&self.sources_file)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(error = %e, file = %self.sources_file.display(), "cannot remove the release's apt sources");
+        }
+        result
+    }
+
+    async fn install_from(
+        &self,
+        release: &OsRelease,
+        progress: &mut (dyn FnMut(String) + Send),
+    ) -> Result<(), DriverError> {
         // Checked again here: the device writes these into a file apt reads and into apt's
         // command line, whatever the operator let through.
         for s in &release.sources {
@@ -479,11 +523,12 @@ impl<R: CommandRunner> Driver<R> {
         checks::check_release_name(&release.name)
             .map_err(|e| failed(format!("release {:?}", release.name), e))?;
         let sources = release.sources.join("\n") + "\n";
-        fleet_bootguard::boot::write_atomic(Path::new(SOURCES_FILE), sources.as_bytes())
+        fleet_bootguard::boot::write_atomic(&self.sources_file, sources.as_bytes())
             .map_err(|e| failed("writing the apt sources", e))?;
+        let sourcelist = format!("Dir::Etc::sourcelist={}", self.sources_file.display());
         let only_ours = [
             "-o",
-            "Dir::Etc::sourcelist=/etc/apt/sources.list.d/fleet-release.list",
+            sourcelist.as_str(),
             "-o",
             "Dir::Etc::sourceparts=-",
             "-o",
@@ -617,7 +662,14 @@ pub async fn drive<R: CommandRunner>(
             report(&sent);
             last_sent = Some(sent);
         }
-        let seen = driver.observe().await;
+        let seen = match driver.observe().await {
+            Ok(seen) => seen,
+            Err(e) => {
+                warn!(error = %e, "cannot see where the OS upgrade stands; asking again shortly");
+                tokio::time::sleep(LOOK_AGAIN).await;
+                continue;
+            }
+        };
         let wanted = desired.borrow_and_update().clone();
         let step = decide(record.as_ref(), wanted.as_ref(), &seen);
         let now = crate::clock::unix_ms();
@@ -688,6 +740,11 @@ pub async fn drive<R: CommandRunner>(
                 enter(&mut r, phase, message, &seen.boot_id, now);
                 driver.save(&r)
             }
+            (Step::Note(message), Some(mut r)) => {
+                warn!(upgrade = %r.desired.upgrade, %message, "OS upgrade");
+                r.message = shorten(&message, MAX_MESSAGE_BYTES);
+                driver.save(&r)
+            }
         };
         if let Err(e) = result {
             warn!(error = %e, "OS upgrade step failed; trying again shortly");
@@ -752,8 +809,21 @@ pub fn start(
     }
 }
 
+/// `text` cut to at most `max` bytes, at a character boundary, marked when cut.
+pub fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
 /// `record` in `phase`, entered now in this boot.
 pub fn enter(record: &mut Record, phase: OsPhase, message: String, boot_id: &str, now_ms: u64) {
+    let message = shorten(&message, MAX_MESSAGE_BYTES);
     if record.phase != phase || record.message != message {
         info!(upgrade = %record.desired.upgrade, %phase, %message, "OS upgrade");
     }

@@ -183,9 +183,10 @@ fn every_way_an_upgrade_fails_ends_rolled_back_with_the_bootguards_reason() {
                 "the check-in asked for a rollback".into(),
             ),
         ),
+        // Requested in this boot: reboot into the bootguard's rollback.
         (
             OsPhase::RollingBack,
-            "b2",
+            "b1",
             busy(B::RollbackRequested, id, 1),
             true,
             Step::Reboot,
@@ -308,6 +309,7 @@ fn driver(runner: RecordingRunner, boot_dir: &Path) -> Driver<RecordingRunner> {
         vg: "vg0".into(),
         release_file: boot_dir.join("release"),
         enabled: true,
+        sources_file: boot_dir.join("fleet-release.list"),
     }
 }
 
@@ -419,4 +421,34 @@ fn config_txt_names_the_boot_files() {
     );
     assert_eq!(parse_fill(" 1.5,2\n"), Ok((1.5, 2.0)));
     assert!(parse_fill("x").is_err());
+}
+
+/// A rollback the bootguard could not finish is said once and waited on, never rebooted
+/// into again and again.
+#[test]
+fn an_unfinished_rollback_does_not_reboot_the_device_in_a_loop() {
+    let r = record(OsPhase::RollingBack, "b1");
+    let stuck = seen("b2", busy(B::RollbackRequested, "up.1", 2), true);
+    let Step::Note(note) = decide(Some(&r), None, &stuck) else {
+        panic!("not a note")
+    };
+    assert!(note.contains("did not finish the rollback"), "{note}");
+    let mut noted = r.clone();
+    noted.message = note;
+    assert_eq!(decide(Some(&noted), None, &stuck), Step::Wait);
+    let later = seen("b3", busy(B::RollingBack, "up.1", 2), true);
+    assert!(matches!(
+        decide(Some(&noted), None, &later),
+        Step::Note(_) | Step::Wait
+    ));
+    assert_ne!(decide(Some(&noted), None, &later), Step::Reboot);
+}
+
+#[test]
+fn messages_are_cut_to_what_a_report_may_carry() {
+    let mut r = record(OsPhase::Upgrading, "b1");
+    enter(&mut r, OsPhase::RollingBack, "é".repeat(5000), "b1", 1);
+    assert!(r.message.len() <= MAX_MESSAGE_BYTES, "{}", r.message.len());
+    assert!(r.message.ends_with("..."));
+    assert_eq!(shorten("short", 10), "short");
 }

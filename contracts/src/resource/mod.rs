@@ -100,7 +100,8 @@ impl RolloutPolicy {
 }
 
 /// An OS upgrade campaign: every device the selector matches installs `release`, a wave at a
-/// time. The canaries go first; each next wave starts once every device before it committed.
+/// time. The canaries go first; each next wave starts once every device before it has ended
+/// (committed, rolled back or refused).
 /// A device that rolls back or refuses counts as a failure; `haltAfterFailures` of them halt
 /// the campaign (devices not reached keep their release until a new spec). Each device undoes
 /// a bad upgrade on its own: a check-in that fails or misses `checkInDeadlineSeconds` rolls

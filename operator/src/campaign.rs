@@ -70,14 +70,22 @@ impl Fleet {
         })
     }
 
-    /// The campaign `device` belongs to: the first by name that selects it and that it has
-    /// not ended.
+    /// The campaign `device` belongs to: the one whose upgrade it was given and has not ended
+    /// (a campaign created later never takes a device from the one it is making), else the
+    /// first by name that selects it and that it has not ended.
     pub fn os_owner(&self, device: &str) -> Option<&OsUpgrade> {
         let labels = &self.devices.get(device)?.metadata.labels;
-        self.os_upgrades.values().find(|u| {
+        let open = |u: &&OsUpgrade| {
             u.spec.selector.matches(labels)
                 && !self.os_phase_of(device, u).is_some_and(OsPhase::is_final)
-        })
+        };
+        let holding = self.desired.get(&names::os_key(device)).and_then(|held| {
+            self.os_upgrades
+                .values()
+                .filter(open)
+                .find(|u| desired_bytes(u) == held.bytes)
+        });
+        holding.or_else(|| self.os_upgrades.values().find(open))
     }
 
     /// Where campaign `u` stands.
@@ -459,5 +467,26 @@ mod tests {
             f.os_upgrade_status(&next, 4).phase,
             OsUpgradePhase::Complete
         );
+    }
+
+    /// A campaign created while a device makes another one's upgrade waits for it.
+    #[test]
+    fn a_new_campaign_does_not_take_a_device_from_the_one_it_is_making() {
+        let running = upgrade("b-running", 0, None, 1);
+        let mut f = fleet(&["x"], std::slice::from_ref(&running));
+        assert_eq!(step(&mut f, 1), ["x"]);
+        report(&mut f, "x", "b-running", OsPhase::Upgrading);
+        let newer = upgrade("a-newer", 0, None, 1);
+        f.os_upgrades.insert("a-newer".into(), newer.clone());
+        assert_eq!(step(&mut f, 2), Vec::<String>::new(), "x keeps its upgrade");
+        assert_eq!(f.desired["x._os"].bytes, desired_bytes(&running));
+        assert_eq!(f.os_upgrade_status(&running, 2).started_devices, 1);
+        assert_eq!(
+            f.os_upgrade_status(&newer, 2).phase,
+            OsUpgradePhase::NoDevices
+        );
+        report(&mut f, "x", "b-running", OsPhase::Committed);
+        assert_eq!(step(&mut f, 3), ["x"]);
+        assert_eq!(f.desired["x._os"].bytes, desired_bytes(&newer));
     }
 }

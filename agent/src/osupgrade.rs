@@ -348,20 +348,26 @@ impl<R: CommandRunner> Driver<R> {
             Ok(Err(corrupt)) => Boot::Unreadable(corrupt.to_string()),
             Err(e) => Boot::Unreadable(e.to_string()),
         };
-        // Only a device in the middle of an upgrade asks lvm (every few seconds otherwise).
-        let busy =
-            !matches!(boot, Boot::Idle { .. }) || self.load().is_some_and(|r| !r.phase.is_final());
-        let snapshot_present = busy
-            && self
-                .run("lvs", &["--noheadings", "-o", "lv_name", &self.vg])
-                .await?
-                .lines()
-                .any(|l| l.trim() == "root_preupgrade");
+        // Only arming needs to know about the snapshot (the preconditions look for themselves):
+        // lvm is asked then, and not every few seconds, nor on a machine without it.
+        let arming = self
+            .load()
+            .is_some_and(|r| r.phase == OsPhase::Snapshotting);
+        let snapshot_present = arming && self.snapshot_exists().await?;
         Ok(Observed {
             boot_id,
             boot,
             snapshot_present,
         })
+    }
+
+    /// Whether `<vg>/root_preupgrade` exists; an error when lvm cannot say.
+    async fn snapshot_exists(&self) -> Result<bool, DriverError> {
+        Ok(self
+            .run("lvs", &["--noheadings", "-o", "lv_name", &self.vg])
+            .await?
+            .lines()
+            .any(|l| l.trim() == "root_preupgrade"))
     }
 
     async fn run(&self, program: &str, args: &[&str]) -> Result<String, DriverError> {
@@ -396,7 +402,11 @@ impl<R: CommandRunner> Driver<R> {
         {
             return Err(format!("an upgrade ({upgrade_id}) is already {phase}"));
         }
-        if seen.snapshot_present {
+        if self
+            .snapshot_exists()
+            .await
+            .map_err(|e| format!("cannot list the LVs of {}: {e}", self.vg))?
+        {
             return Err(format!(
                 "the snapshot {}/root_preupgrade exists already (an earlier upgrade left it)",
                 self.vg

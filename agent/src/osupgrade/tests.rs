@@ -320,7 +320,9 @@ async fn preconditions_are_refused_with_their_numbers() {
     let now = CLOCK_FLOOR_MS + 1;
     let quiet = seen("b1", idle("", ""), false);
 
+    const LVS: &str = "  data\n  pool\n  root\n";
     let r = RecordingRunner::default();
+    r.answer(0, LVS, "");
     r.answer(0, "  thin,pool\n", "");
     r.answer(0, "  85.20,10.00\n", "");
     let err = driver(r, dir.path())
@@ -333,6 +335,7 @@ async fn preconditions_are_refused_with_their_numbers() {
     );
 
     let r = RecordingRunner::default();
+    r.answer(0, LVS, "");
     r.answer(0, "  thin,pool\n", "");
     r.answer(0, "  12.00,71.50\n", "");
     let err = driver(r, dir.path())
@@ -342,6 +345,7 @@ async fn preconditions_are_refused_with_their_numbers() {
     assert!(err.contains("metadata is 71.5% full"), "{err}");
 
     let r = RecordingRunner::default();
+    r.answer(0, LVS, "");
     r.answer(0, "  linear,\n", "");
     let err = driver(r, dir.path())
         .precheck(&quiet, now)
@@ -356,13 +360,26 @@ async fn preconditions_are_refused_with_their_numbers() {
         .unwrap_err();
     assert_eq!(err, "an upgrade (other) is already pending");
 
-    let err = driver(RecordingRunner::default(), dir.path())
-        .precheck(&seen("b1", idle("", ""), true), now)
+    let r = RecordingRunner::default();
+    r.answer(0, "  pool\n  root\n  root_preupgrade\n", "");
+    let err = driver(r, dir.path())
+        .precheck(&quiet, now)
         .await
         .unwrap_err();
     assert!(err.contains("root_preupgrade exists already"), "{err}");
 
-    let err = driver(RecordingRunner::default(), dir.path())
+    // No lvm on this machine: refused, saying so.
+    let r = RecordingRunner::default();
+    r.answer(127, "", "lvs: not found");
+    let err = driver(r, dir.path())
+        .precheck(&quiet, now)
+        .await
+        .unwrap_err();
+    assert!(err.starts_with("cannot list the LVs of vg0"), "{err}");
+
+    let r = RecordingRunner::default();
+    r.answer(0, LVS, "");
+    let err = driver(r, dir.path())
         .precheck(&quiet, 1_000)
         .await
         .unwrap_err();
@@ -375,6 +392,7 @@ async fn preconditions_are_refused_with_their_numbers() {
     assert!(off.runner.calls().is_empty(), "nothing was run");
 
     let r = RecordingRunner::default();
+    r.answer(0, LVS, "");
     r.answer(0, "  thin,pool\n", "");
     r.answer(0, "  12.00,10.00\n", "");
     let d = driver(r, dir.path());
@@ -382,6 +400,7 @@ async fn preconditions_are_refused_with_their_numbers() {
     assert_eq!(
         d.runner.calls(),
         [
+            "lvs --noheadings -o lv_name vg0",
             "lvs --noheadings --nosuffix --separator , -o segtype,pool_lv vg0/root",
             "lvs --noheadings --nosuffix --separator , -o data_percent,metadata_percent vg0/pool"
         ]

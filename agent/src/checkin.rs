@@ -185,17 +185,7 @@ pub async fn run<R: CommandRunner>(config: &Config, runner: &R) -> Result<Outcom
         info!(upgrade = %state.upgrade_id, "finished the commit an earlier boot began");
         return Ok(Outcome::Committed);
     }
-    let driver = osupgrade::Driver {
-        runner: crate::runner::TokioRunner,
-        state_dir: config.state_dir.clone(),
-        boot_dir: config.boot_dir.clone(),
-        vg: config.volume_group.clone(),
-        release_file: config.release_file.clone(),
-        enabled: config.os_upgrades,
-        sources_file: osupgrade::SOURCES_FILE.into(),
-    };
-    let deadline = driver
-        .load()
+    let deadline = osupgrade::load_record(&config.state_dir)
         .filter(|r| r.upgrade_id() == state.upgrade_id)
         .map_or(DEFAULT_DEADLINE_SECS, |r| {
             u64::from(r.desired.check_in_deadline_seconds)
@@ -213,7 +203,8 @@ pub async fn run<R: CommandRunner>(config: &Config, runner: &R) -> Result<Outcom
         let uptime = uptime_secs().map_err(|e| format!("cannot read /proc/uptime: {e}"))?;
         let failed = failed_units(runner).await;
         let evidence = Evidence::load(&config.state_dir);
-        let waiting_for_install = not_booted(driver.load().as_ref(), &state.upgrade_id, &boot);
+        let record = osupgrade::load_record(&config.state_dir);
+        let waiting_for_install = not_booted(record.as_ref(), &state.upgrade_id, &boot);
         let verdict = judge(
             evidence.as_ref(),
             &boot,

@@ -153,15 +153,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let os_outbox = outbox.clone();
     let os_key = names::os_key(&config.device_id);
     tokio::spawn(osupgrade::drive(
-        osupgrade::Driver {
-            runner: TokioRunner,
-            state_dir: config.state_dir.clone(),
-            boot_dir: config.boot_dir.clone(),
-            vg: config.volume_group.clone(),
-            release_file: config.release_file.clone(),
-            enabled: config.os_upgrades,
-            sources_file: osupgrade::SOURCES_FILE.into(),
-        },
+        osupgrade::Driver::new(&config, TokioRunner),
         os_rx,
         move |report| {
             let bytes = serde_json::to_vec(report).expect("an OS report serializes");

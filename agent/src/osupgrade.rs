@@ -27,6 +27,8 @@ use tracing::{info, warn};
 
 use crate::runner::CommandRunner;
 
+/// The driver's record, in the agent's state folder (on the data LV).
+const RECORD_FILE: &str = "os-upgrade.json";
 /// Where the running system names its release, one line (the image and each upgrade write it).
 pub const RELEASE_FILE: &str = "/etc/fleet/release";
 /// The apt sources file an upgrade writes, and the only one its apt runs read.
@@ -291,23 +293,26 @@ fn failed(what: impl Into<String>, why: impl std::fmt::Display) -> DriverError {
 }
 
 impl<R: CommandRunner> Driver<R> {
-    fn record_path(&self) -> PathBuf {
-        self.state_dir.join("os-upgrade.json")
+    /// The driver of this agent's config.
+    pub fn new(config: &crate::config::Config, runner: R) -> Driver<R> {
+        Driver {
+            runner,
+            state_dir: config.state_dir.clone(),
+            boot_dir: config.boot_dir.clone(),
+            vg: config.volume_group.clone(),
+            release_file: config.release_file.clone(),
+            enabled: config.os_upgrades,
+            sources_file: SOURCES_FILE.into(),
+        }
     }
 
-    /// The record, if an upgrade was ever started here. An unreadable one is set aside
-    /// (renamed `.corrupt`) and reported: the bootguard still protects the device.
+    fn record_path(&self) -> PathBuf {
+        self.state_dir.join(RECORD_FILE)
+    }
+
+    /// The record, if an upgrade was ever started here ([`load_record`]).
     pub fn load(&self) -> Option<Record> {
-        let path = self.record_path();
-        let bytes = std::fs::read(&path).ok()?;
-        match serde_json::from_slice(&bytes) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "the OS upgrade record is unreadable; set aside");
-                let _ = std::fs::rename(&path, path.with_extension("json.corrupt"));
-                None
-            }
-        }
+        load_record(&self.state_dir)
     }
 
     /// Writes the record whole (temp file, fsync, rename, fsync the folder).
@@ -359,6 +364,23 @@ impl<R: CommandRunner> Driver<R> {
             boot,
             snapshot_present,
         })
+    }
+
+    /// `fields` of one LV (or VG), comma-separated, as `lvs` prints them.
+    async fn lvs(&self, lv: &str, fields: &str) -> Result<String, DriverError> {
+        self.run(
+            "lvs",
+            &[
+                "--noheadings",
+                "--nosuffix",
+                "--separator",
+                ",",
+                "-o",
+                fields,
+                lv,
+            ],
+        )
+        .await
     }
 
     /// Whether `<vg>/root_preupgrade` exists; an error when lvm cannot say.
@@ -419,18 +441,7 @@ impl<R: CommandRunner> Driver<R> {
         }
         let root = format!("{}/root", self.vg);
         let lv = self
-            .run(
-                "lvs",
-                &[
-                    "--noheadings",
-                    "--nosuffix",
-                    "--separator",
-                    ",",
-                    "-o",
-                    "segtype,pool_lv",
-                    &root,
-                ],
-            )
+            .lvs(&root, "segtype,pool_lv")
             .await
             .map_err(|e| format!("root is not an LV ({e})"))?;
         let (segtype, pool) = lv.trim().split_once(',').unwrap_or(("", ""));
@@ -441,18 +452,7 @@ impl<R: CommandRunner> Driver<R> {
         }
         let pool = format!("{}/{pool}", self.vg);
         let fill = self
-            .run(
-                "lvs",
-                &[
-                    "--noheadings",
-                    "--nosuffix",
-                    "--separator",
-                    ",",
-                    "-o",
-                    "data_percent,metadata_percent",
-                    &pool,
-                ],
-            )
+            .lvs(&pool, "data_percent,metadata_percent")
             .await
             .map_err(|e| e.to_string())?;
         let (data, meta) = parse_fill(&fill)?;
@@ -785,6 +785,21 @@ async fn reboot<R: CommandRunner>(driver: &Driver<R>) -> Result<(), DriverError>
     // systemd stops the agent; should it not, the next round asks again.
     tokio::time::sleep(std::time::Duration::from_secs(60)).await;
     Ok(())
+}
+
+/// The driver's record in `state_dir`, if an upgrade was ever started there. An unreadable one
+/// is set aside (renamed `.corrupt`) and logged: the bootguard still protects the device.
+pub fn load_record(state_dir: &Path) -> Option<Record> {
+    let path = state_dir.join(RECORD_FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "the OS upgrade record is unreadable; set aside");
+            let _ = std::fs::rename(&path, path.with_extension("json.corrupt"));
+            None
+        }
+    }
 }
 
 /// A new record for `desired`, Preparing.

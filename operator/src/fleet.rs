@@ -311,31 +311,26 @@ impl Fleet {
             .filter(|(k, v)| self.desired.get(*k).is_none_or(|x| &x.bytes != *v))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let unreadable = |key: String| {
+            self.unreadable
+                .contains_key(&format!("{}/{key}", names::RESOURCES_BUCKET))
+        };
         let delete = self
             .desired
             .keys()
             .filter(|k| !wanted.contains_key(*k))
             .filter(|k| match names::parse_device_key(k) {
                 Some(DeviceKey::Deployment { device, deployment }) => {
-                    let resource = |key: String| format!("{}/{key}", names::RESOURCES_BUCKET);
-                    !self
-                        .unreadable
-                        .contains_key(&resource(format!("device.{device}")))
-                        && !self
-                            .unreadable
-                            .contains_key(&resource(format!("deployment.{deployment}")))
+                    !unreadable(format!("device.{device}"))
+                        && !unreadable(format!("deployment.{deployment}"))
                 }
                 // An OS upgrade no campaign names any more: the device keeps its own record
-                // of what it made, and needs no key for it.
+                // of what it made, and needs no key for it. While any campaign is unreadable
+                // the keys stay: it may be the one naming them.
                 Some(DeviceKey::Os { device }) => {
-                    let resource = |key: String| format!("{}/{key}", names::RESOURCES_BUCKET);
-                    !self
-                        .unreadable
-                        .contains_key(&resource(format!("device.{device}")))
-                        && !self
-                            .unreadable
-                            .keys()
-                            .any(|k| k.starts_with(&resource("osupgrade.".into())))
+                    let any_campaign = format!("{}/osupgrade.", names::RESOURCES_BUCKET);
+                    !unreadable(format!("device.{device}"))
+                        && !self.unreadable.keys().any(|k| k.starts_with(&any_campaign))
                 }
                 _ => false,
             })

@@ -92,21 +92,20 @@ impl AptRepo {
         );
         fs::write(dir.join("Release"), release)?;
         let listener = TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicUsize::new(0));
         let (root, stop2, served2) = (dir.to_owned(), stop.clone(), served.clone());
+        // Blocking accepts; dropping the repository sets `stop` and wakes the last one.
         std::thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let _ = stream.set_nonblocking(false);
-                        if serve(&root, stream).unwrap_or(false) {
-                            served2.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            for stream in listener.incoming() {
+                if stop2.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(stream) = stream
+                    && serve(&root, stream).unwrap_or(false)
+                {
+                    served2.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
@@ -127,6 +126,7 @@ impl AptRepo {
 impl Drop for AptRepo {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 

@@ -24,7 +24,15 @@ fn deployment() -> serde_json::Value {
 
 /// Applies `edit` to a valid Deployment and checks the errors it produces.
 fn check(edit: impl FnOnce(&mut serde_json::Value), expected: &[&str]) {
-    let mut doc = deployment();
+    check_doc(deployment(), edit, expected)
+}
+
+/// Applies `edit` to `doc` and checks the errors it produces.
+fn check_doc(
+    mut doc: serde_json::Value,
+    edit: impl FnOnce(&mut serde_json::Value),
+    expected: &[&str],
+) {
     edit(&mut doc);
     let got: Vec<String> = match Resource::from_user(doc) {
         Ok(_) => vec![],
@@ -406,13 +414,7 @@ fn os_upgrade() -> serde_json::Value {
 }
 
 fn check_os(edit: impl FnOnce(&mut serde_json::Value), expected: &[&str]) {
-    let mut doc = os_upgrade();
-    edit(&mut doc);
-    let got: Vec<String> = match Resource::from_user(doc) {
-        Ok(_) => vec![],
-        Err(errors) => errors.iter().map(ToString::to_string).collect(),
-    };
-    assert_eq!(got, expected);
+    check_doc(os_upgrade(), edit, expected)
 }
 
 #[test]

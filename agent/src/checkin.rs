@@ -21,6 +21,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use fleet_contracts::spec::CheckInCommand;
+
 use crate::{config::Config, osupgrade, runner::CommandRunner};
 
 const FILE: &str = "checkin.json";
@@ -97,6 +99,7 @@ pub fn judge(
     boot_id: &str,
     not_booted: Option<&str>,
     failed_units: &[String],
+    failed_checks: &[String],
     uptime_secs: u64,
     deadline_secs: u64,
 ) -> Verdict {
@@ -112,6 +115,9 @@ pub fn judge(
         }) if !n.is_empty() => format!("workloads not Ready: {}", n.join(", ")),
         Some(_) if !failed_units.is_empty() => {
             format!("failed units: {}", failed_units.join(", "))
+        }
+        Some(_) if !failed_checks.is_empty() => {
+            format!("checks failing: {}", failed_checks.join("; "))
         }
         Some(_) => return Verdict::Pass,
     };
@@ -205,14 +211,27 @@ pub async fn run<R: CommandRunner>(config: &Config, runner: &R) -> Result<Outcom
         let evidence = Evidence::load(&config.state_dir);
         let record = osupgrade::load_record(&config.state_dir);
         let waiting_for_install = not_booted(record.as_ref(), &state.upgrade_id, &boot);
-        let verdict = judge(
-            evidence.as_ref(),
-            &boot,
-            waiting_for_install.as_deref(),
-            &failed,
-            uptime,
-            deadline,
-        );
+        let judge_with = |failed_checks: &[String]| {
+            judge(
+                evidence.as_ref(),
+                &boot,
+                waiting_for_install.as_deref(),
+                &failed,
+                failed_checks,
+                uptime,
+                deadline,
+            )
+        };
+        let mut verdict = judge_with(&[]);
+        // The campaign's own checks run once the agent's pass (they may be slow).
+        let commands = record
+            .as_ref()
+            .filter(|r| r.upgrade_id() == state.upgrade_id)
+            .map(|r| r.desired.checks.as_slice())
+            .unwrap_or_default();
+        if verdict == Verdict::Pass && !commands.is_empty() {
+            verdict = judge_with(&run_checks(runner, commands).await);
+        }
         match verdict {
             Verdict::Pass => {
                 commit().await?;
@@ -268,6 +287,47 @@ async fn run_ok<R: CommandRunner>(runner: &R, program: &str, args: &[&str]) -> R
     }
 }
 
+/// How long one run of a campaign's check may take.
+const CHECK_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs the campaign's checks (no shell), each at most [`CHECK_TIME_LIMIT`]: why each that did
+/// not exit 0 failed, naming it. Commands the device refuses (checked again here) fail.
+async fn run_checks<R: CommandRunner>(runner: &R, commands: &[CheckInCommand]) -> Vec<String> {
+    if let Err(e) = osupgrade::check_in_commands(commands) {
+        return vec![e];
+    }
+    let mut failing = Vec::new();
+    for c in commands {
+        let (program, args) = c.command.split_first().expect("checked: at least one word");
+        let ran = tokio::time::timeout(CHECK_TIME_LIMIT, runner.run(program, args)).await;
+        let why = match ran {
+            Err(_) => format!("still running after {CHECK_TIME_LIMIT:?}"),
+            Ok(Err(e)) => format!("cannot run {program}: {e}"),
+            Ok(Ok(out)) if out.success() => continue,
+            Ok(Ok(out)) => {
+                let status = match out.code {
+                    Some(code) => format!("exit {code}"),
+                    None => "killed by a signal".to_owned(),
+                };
+                // What it said last, on stderr or else stdout, cut to a line of a reason.
+                match last_line(&out.stderr).or_else(|| last_line(&out.stdout)) {
+                    Some(line) => format!("{status}: {line}"),
+                    None => status,
+                }
+            }
+        };
+        failing.push(format!("{} ({why})", c.name));
+    }
+    failing
+}
+
+/// The last non-empty line of `output`, at most 160 bytes.
+fn last_line(output: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(output);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    Some(osupgrade::shorten(line, 160))
+}
+
 /// Units systemd lists as failed (none when it cannot be asked: the other checks still hold).
 async fn failed_units<R: CommandRunner>(runner: &R) -> Vec<String> {
     let args: Vec<String> = ["list-units", "--state=failed", "--no-legend", "--plain"]
@@ -313,20 +373,23 @@ mod tests {
     #[test]
     fn the_verdict_needs_the_operator_ready_workloads_and_no_failed_unit_before_the_deadline() {
         let good = evidence("b2", true, Some(vec![]));
-        assert_eq!(judge(Some(&good), "b2", None, &[], 30, 600), Verdict::Pass);
+        assert_eq!(
+            judge(Some(&good), "b2", None, &[], &[], 30, 600),
+            Verdict::Pass
+        );
         // Evidence of the boot before does not count.
         assert_eq!(
-            judge(Some(&good), "b3", None, &[], 30, 600),
+            judge(Some(&good), "b3", None, &[], &[], 30, 600),
             Verdict::Wait("the agent has shown nothing in this boot".into())
         );
         let offline = evidence("b2", false, Some(vec![]));
         assert_eq!(
-            judge(Some(&offline), "b2", None, &[], 30, 600),
+            judge(Some(&offline), "b2", None, &[], &[], 30, 600),
             Verdict::Wait("the agent has not reached the operator".into())
         );
         // Without NATS the device decides alone, at its deadline.
         assert_eq!(
-            judge(Some(&offline), "b2", None, &[], 600, 600),
+            judge(Some(&offline), "b2", None, &[], &[], 600, 600),
             Verdict::Fail(
                 "no check-in within 600s of the boot: the agent has not reached the operator"
                     .into()
@@ -334,18 +397,18 @@ mod tests {
         );
         let starting = evidence("b2", true, Some(vec!["web: Starting"]));
         assert_eq!(
-            judge(Some(&starting), "b2", None, &[], 700, 600),
+            judge(Some(&starting), "b2", None, &[], &[], 700, 600),
             Verdict::Fail(
                 "no check-in within 600s of the boot: workloads not Ready: web: Starting".into()
             )
         );
         let failed = ["broken.service".to_owned()];
         assert_eq!(
-            judge(Some(&good), "b2", None, &failed, 10, 600),
+            judge(Some(&good), "b2", None, &failed, &[], 10, 600),
             Verdict::Wait("failed units: broken.service".into())
         );
         assert_eq!(
-            judge(None, "b2", None, &[], 10, 600),
+            judge(None, "b2", None, &[], &[], 10, 600),
             Verdict::Wait("the agent has shown nothing in this boot".into())
         );
     }
@@ -367,6 +430,7 @@ mod tests {
             },
             check_in_deadline_seconds: 600,
             boot_attempts: 3,
+            checks: vec![],
         };
         let record = |phase, boot: &str| {
             let mut r = osupgrade::start(None, desired.clone(), "r1", boot, 0);
@@ -400,13 +464,81 @@ mod tests {
         let good = evidence("b2", true, Some(vec![]));
         let why = "the upgrade has not booted yet (the agent's record says Upgrading)";
         assert_eq!(
-            judge(Some(&good), "b2", Some(why), &[], 30, 600),
+            judge(Some(&good), "b2", Some(why), &[], &[], 30, 600),
             Verdict::Wait(why.into())
         );
         assert_eq!(
-            judge(Some(&good), "b2", Some(why), &[], 600, 600),
+            judge(Some(&good), "b2", Some(why), &[], &[], 600, 600),
             Verdict::Fail(format!("no check-in within 600s of the boot: {why}"))
         );
+    }
+
+    #[test]
+    fn the_campaigns_checks_hold_the_commit_and_name_themselves_at_the_deadline() {
+        let good = evidence("b2", true, Some(vec![]));
+        let failing = ["db (exit 2: no answer)".to_owned()];
+        assert_eq!(
+            judge(Some(&good), "b2", None, &[], &failing, 30, 600),
+            Verdict::Wait("checks failing: db (exit 2: no answer)".into())
+        );
+        assert_eq!(
+            judge(Some(&good), "b2", None, &[], &failing, 600, 600),
+            Verdict::Fail(
+                "no check-in within 600s of the boot: checks failing: db (exit 2: no answer)"
+                    .into()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn checks_run_without_a_shell_and_say_why_they_failed() {
+        let runner = crate::runner::RecordingRunner::default();
+        let command = |name: &str, words: &[&str]| CheckInCommand {
+            name: name.into(),
+            command: words.iter().map(|w| w.to_string()).collect(),
+        };
+        runner.answer(0, "", "");
+        runner.answer(3, "", "warming up\nnot ready yet\n");
+        runner.answer(1, "", "");
+        runner.answer(7, "HTTP 503\n\n", "");
+        let failing = run_checks(
+            &runner,
+            &[
+                command("up", &["/usr/bin/true"]),
+                command("db", &["/usr/bin/pg_isready", "-h", "127.0.0.1; reboot"]),
+                command("file", &["/usr/bin/test", "-e", "/x"]),
+                command("web", &["/usr/bin/curl", "-f", "http://127.0.0.1/"]),
+            ],
+        )
+        .await;
+        assert_eq!(
+            failing,
+            [
+                "db (exit 3: not ready yet)",
+                "file (exit 1)",
+                "web (exit 7: HTTP 503)"
+            ]
+        );
+        assert_eq!(
+            runner.calls(),
+            [
+                "/usr/bin/true",
+                "/usr/bin/pg_isready -h 127.0.0.1; reboot",
+                "/usr/bin/test -e /x",
+                "/usr/bin/curl -f http://127.0.0.1/"
+            ],
+            "each word one argument, as given"
+        );
+        // A command the device refuses is never run: it fails, naming why.
+        let runner = crate::runner::RecordingRunner::default();
+        let failing = run_checks(&runner, &[command("sh", &["sh", "-c", "x"])]).await;
+        assert_eq!(
+            failing,
+            [
+                "check-in command sh word 0: the program must be an absolute path (no shell looks it up)"
+            ]
+        );
+        assert!(runner.calls().is_empty());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use fleet_contracts::{
     SCHEMA_VERSION,
     boot::COMMITTED,
     checks,
-    spec::OsRelease,
+    spec::{CheckInCommand, OsRelease},
     state::{DesiredOs, MAX_OS_HISTORY, OsOutcome, OsPhase, OsReport, OsUpgradeReport},
 };
 use serde::{Deserialize, Serialize};
@@ -700,7 +700,11 @@ pub async fn drive<R: CommandRunner>(
                 format!("{step:?} without one"),
             )),
             (Step::Precheck, Some(mut r)) => {
-                match driver.precheck(&seen, now).await {
+                let checked = match check_in_commands(&r.desired.checks) {
+                    Ok(()) => driver.precheck(&seen, now).await,
+                    Err(e) => Err(e),
+                };
+                match checked {
                     Ok(()) => enter(
                         &mut r,
                         OsPhase::Snapshotting,
@@ -917,6 +921,27 @@ fn boot_room(boot_dir: &Path) -> std::io::Result<(u64, u64)> {
     let need = size(boot_dir, &boot_dir.join("rollback"))?;
     let stat = rustix::fs::statvfs(boot_dir)?;
     Ok((need, stat.f_bavail * stat.f_frsize))
+}
+
+/// Checks the campaign's check-in commands again on the device, which runs them as root:
+/// the operator's checks, whatever it let through. Why not, naming the check.
+pub fn check_in_commands(commands: &[CheckInCommand]) -> Result<(), String> {
+    if commands.len() > checks::MAX_CHECK_IN_COMMANDS {
+        return Err(format!(
+            "{} check-in commands, at most {} run",
+            commands.len(),
+            checks::MAX_CHECK_IN_COMMANDS
+        ));
+    }
+    for c in commands {
+        fleet_contracts::names::check_name(&c.name)
+            .map_err(|e| format!("check-in command name {:?}: {e}", c.name))?;
+        checks::check_check_in_command(&c.command).map_err(|(word, e)| match word {
+            Some(w) => format!("check-in command {} word {w}: {e}", c.name),
+            None => format!("check-in command {}: {e}", c.name),
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

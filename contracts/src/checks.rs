@@ -323,6 +323,47 @@ pub fn check_package_version(version: &str) -> Result<(), String> {
     }
 }
 
+/// The most check-in commands one OS upgrade may name.
+pub const MAX_CHECK_IN_COMMANDS: usize = 8;
+/// The most words (program and arguments) of one check-in command.
+pub const MAX_CHECK_IN_WORDS: usize = 32;
+/// The longest word of a check-in command, in bytes.
+pub const MAX_CHECK_IN_WORD_LEN: usize = 1024;
+
+/// Checks one check-in command's words: the program a clean absolute path, 1 to
+/// [`MAX_CHECK_IN_WORDS`] words of at most [`MAX_CHECK_IN_WORD_LEN`] bytes, none holding a
+/// control character (an argv word cannot hold a NUL; a newline or an escape would garble
+/// the rollback's reason and the logs). It runs without a shell: nothing in it is expanded.
+/// On error, the index of the bad word and why.
+pub fn check_check_in_command(words: &[String]) -> Result<(), (Option<usize>, String)> {
+    if words.is_empty() || words.len() > MAX_CHECK_IN_WORDS {
+        return Err((
+            None,
+            format!(
+                "must hold 1-{MAX_CHECK_IN_WORDS} words (the program, then its arguments), got {}",
+                words.len()
+            ),
+        ));
+    }
+    for (i, w) in words.iter().enumerate() {
+        if w.len() > MAX_CHECK_IN_WORD_LEN {
+            return Err((
+                Some(i),
+                format!(
+                    "must be at most {MAX_CHECK_IN_WORD_LEN} bytes, got {}",
+                    w.len()
+                ),
+            ));
+        }
+        if let Some(c) = w.chars().find(|c| c.is_control()) {
+            return Err((Some(i), format!("must not contain {c:?}")));
+        }
+    }
+    check_abs_path(&words[0])
+        .map_err(|e| (Some(0), format!("the program {e} (no shell looks it up)")))?;
+    Ok(())
+}
+
 /// Checks an apt one-line source, which the device writes as one line of a sources file:
 /// `deb [key=value ...] http(s)://host[:port]/path suite [component ...]`. Every word is
 /// printable ASCII without quotes, `#` or `\`; no second line, no comment, no option apt

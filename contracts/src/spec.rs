@@ -359,3 +359,16 @@ pub struct OsRelease {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub full_upgrade: bool,
 }
+
+/// One check the upgraded system must pass before it commits, beside the agent's own (it
+/// reached the operator, its workloads are Ready): `command` runs on the device as root, with
+/// no shell, and must exit 0 within a minute. The check-in runs it again until it passes or
+/// the deadline comes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckInCommand {
+    /// Names the check in the reason of a rollback: a DNS label.
+    pub name: String,
+    /// The program (an absolute path) and its arguments.
+    pub command: Vec<String>,
+}

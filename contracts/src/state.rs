@@ -106,6 +106,9 @@ pub struct DesiredOs {
     pub check_in_deadline_seconds: u32,
     /// Boots the upgraded system gets before the bootguard rolls it back.
     pub boot_attempts: u32,
+    /// The campaign's own checks, run by the check-in after the agent's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<crate::spec::CheckInCommand>,
 }
 
 /// `fleet-reported` `<device>._os`: the OS release the device runs and where its last (or

@@ -446,8 +446,29 @@ fn os_upgrade_values_are_pinned() {
             release,
             check_in_deadline_seconds: 600,
             boot_attempts: 3,
+            checks: vec![],
         },
         r#"{"schema":1,"upgrade":"up","generation":2,"release":{"name":"r2","sources":["deb http://x/ ./"],"packages":{"fleet-os-marker":"2"}},"checkInDeadlineSeconds":600,"bootAttempts":3}"#,
+    );
+    pinned(
+        DesiredOs {
+            schema: 1,
+            upgrade: "up".into(),
+            generation: 2,
+            release: OsRelease {
+                name: "r2".into(),
+                sources: vec!["deb http://x/ ./".into()],
+                packages: Default::default(),
+                full_upgrade: true,
+            },
+            check_in_deadline_seconds: 600,
+            boot_attempts: 3,
+            checks: vec![fleet_contracts::spec::CheckInCommand {
+                name: "db".into(),
+                command: vec!["/usr/bin/pg_isready".into()],
+            }],
+        },
+        r#"{"schema":1,"upgrade":"up","generation":2,"release":{"name":"r2","sources":["deb http://x/ ./"],"fullUpgrade":true},"checkInDeadlineSeconds":600,"bootAttempts":3,"checks":[{"name":"db","command":["/usr/bin/pg_isready"]}]}"#,
     );
     pinned(
         OsReport {

@@ -246,6 +246,13 @@ pub fn describe_os_upgrade(u: &OsUpgrade) -> String {
         u.spec.check_in_deadline_seconds,
         u.spec.boot_attempts,
     );
+    for c in &u.spec.checks {
+        out.push_str(&format!(
+            "  and check {}: {}\n",
+            c.name,
+            shown(&c.command.join(" "))
+        ));
+    }
     if let Some(h) = &s.halted {
         out.push_str(&format!("Halted:      {}\n", shown(h)));
     }
@@ -651,7 +658,8 @@ mod tests {
                 "release": {"name": "fleet-pi-2", "sources": ["deb http://x/ ./"],
                     "packages": {"a": "1", "b": "2"}},
                 "canaries": 1, "waveSize": 2, "haltAfterFailures": 1,
-                "checkInDeadlineSeconds": 600, "bootAttempts": 3
+                "checkInDeadlineSeconds": 600, "bootAttempts": 3,
+                "checks": [{"name": "db", "command": ["/usr/bin/pg_isready", "-h", "127.0.0.1"]}]
             },
             "status": {
                 "phase": "Halted", "desiredDevices": 3, "startedDevices": 1,
@@ -679,6 +687,7 @@ mod tests {
              Release:     fleet-pi-2 (2 pinned package(s))\nSelector:    role=pi\n\
              Waves:       1 canary(ies), then 2 at a time; halt after 1 failure(s)\n\
              Check-in:    within 600s of boot, 3 boot(s) at most\n\
+             \x20 and check db: /usr/bin/pg_isready -h 127.0.0.1\n\
              Halted:      1 of haltAfterFailures 1 devices failed: pi-01 RolledBack: x\n\n\
              Devices:\n\
              DEVICE  WAVE    PHASE       RELEASE     MESSAGE\n\

@@ -42,6 +42,7 @@ pub fn desired_bytes(u: &OsUpgrade) -> Vec<u8> {
         release: u.spec.release.clone(),
         check_in_deadline_seconds: u.spec.check_in_deadline_seconds,
         boot_attempts: u.spec.boot_attempts,
+        checks: u.spec.checks.clone(),
     };
     serde_json::to_vec(&value).expect("desired values serialize")
 }
@@ -291,6 +292,7 @@ mod tests {
                 halt_after_failures: halt,
                 check_in_deadline_seconds: 600,
                 boot_attempts: 3,
+                checks: vec![],
             },
             status: None,
         }

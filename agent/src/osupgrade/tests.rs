@@ -17,6 +17,7 @@ fn desired(generation: u64) -> DesiredOs {
         },
         check_in_deadline_seconds: 600,
         boot_attempts: 3,
+        checks: vec![],
     }
 }
 
@@ -416,6 +417,38 @@ async fn an_install_refuses_a_hostile_release_before_touching_apt() {
     let err = d.install(&release, &mut |_| {}).await.unwrap_err();
     assert!(err.to_string().contains("package curl version"), "{err}");
     assert!(d.runner.calls().is_empty());
+}
+
+#[test]
+fn hostile_check_in_commands_are_refused_on_the_device() {
+    let check = |name: &str, words: &[&str]| CheckInCommand {
+        name: name.into(),
+        command: words.iter().map(|w| w.to_string()).collect(),
+    };
+    assert_eq!(
+        check_in_commands(&[check("up", &["/usr/bin/true"])]),
+        Ok(())
+    );
+    assert_eq!(
+        check_in_commands(&[check("up", &["true"])]),
+        Err("check-in command up word 0: the program must be an absolute path (no shell looks it up)".into())
+    );
+    assert_eq!(
+        check_in_commands(&[check("up", &["/bin/echo", "a\u{1b}]2;x\u{7}"])]),
+        Err("check-in command up word 1: must not contain '\\u{1b}'".into())
+    );
+    assert!(
+        check_in_commands(&[check("a b", &["/bin/true"])])
+            .unwrap_err()
+            .starts_with("check-in command name \"a b\":")
+    );
+    let many: Vec<_> = (0..9)
+        .map(|i| check(&format!("c{i}"), &["/bin/true"]))
+        .collect();
+    assert_eq!(
+        check_in_commands(&many),
+        Err("9 check-in commands, at most 8 run".into())
+    );
 }
 
 #[test]

@@ -135,6 +135,9 @@ pub struct OsUpgradeSpec {
     pub check_in_deadline_seconds: u32,
     #[serde(default = "default_boot_attempts")]
     pub boot_attempts: u32,
+    /// Checks the upgraded system must pass too before it commits (at most 8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<crate::spec::CheckInCommand>,
 }
 
 /// The range of `checkInDeadlineSeconds`: long enough for a slow boot and a few probes, short

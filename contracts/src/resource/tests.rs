@@ -489,6 +489,47 @@ fn os_upgrade_validation_names_the_field() {
         &["spec.release.fullupgrade: unknown field"],
     );
     check_os(
+        |d| {
+            d["spec"]["checks"] = json!([
+                {"name": "db", "command": ["/usr/bin/pg_isready", "-h", "127.0.0.1"]},
+                {"name": "disk", "command": ["/usr/bin/test", "-w", "/var/lib/fleet"]}
+            ])
+        },
+        &[],
+    );
+    check_os(
+        |d| {
+            d["spec"]["checks"] = json!([
+                {"name": "db", "command": ["pg_isready"]},
+                {"name": "db", "command": ["/bin/sh", "-c", "ok\nrm -rf /"]},
+                {"name": "Bad_Name", "command": []},
+                {"name": "up", "command": ["/usr/bin/../bin/true"]}
+            ])
+        },
+        &[
+            "spec.checks[0].command[0]: the program must be an absolute path (no shell looks it up)",
+            "spec.checks[1].name: \"db\" is named twice",
+            "spec.checks[1].command[2]: must not contain '\\n'",
+            "spec.checks[2].name: must contain only lower-case letters, digits and '-', found 'B'",
+            "spec.checks[2].command: must hold 1-32 words (the program, then its arguments), got 0",
+            "spec.checks[3].command[0]: the program must be a clean path: no '//', '.' or '..' component and no trailing '/' (did you mean \"/usr/bin/true\"?) (no shell looks it up)",
+        ],
+    );
+    check_os(
+        |d| {
+            d["spec"]["checks"] = json!(
+                (0..9)
+                    .map(|i| json!({"name": format!("c{i}"), "command": ["/bin/true"]}))
+                    .collect::<Vec<_>>()
+            )
+        },
+        &["spec.checks: at most 8 checks, got 9"],
+    );
+    check_os(
+        |d| d["spec"]["checks"] = json!([{"name": "x", "command": ["/bin/true"], "shell": true}]),
+        &["spec.checks[0].shell: unknown field"],
+    );
+    check_os(
         |d| d["spec"]["selector"]["matchLabels"] = json!({}),
         &[
             "spec.selector.matchLabels: must name at least one label (to target every device, give them all a label)",

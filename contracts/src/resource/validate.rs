@@ -246,6 +246,32 @@ impl Validator {
                 format!("must be 1-{MAX_BOOT_ATTEMPTS}"),
             );
         }
+        if spec.checks.len() > checks::MAX_CHECK_IN_COMMANDS {
+            self.err(
+                "spec.checks",
+                format!(
+                    "at most {} checks, got {}",
+                    checks::MAX_CHECK_IN_COMMANDS,
+                    spec.checks.len()
+                ),
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, c) in spec.checks.iter().enumerate() {
+            if let Err(e) = check_name(&c.name) {
+                self.err(format!("spec.checks[{i}].name"), e);
+            } else if !seen.insert(c.name.as_str()) {
+                self.err(
+                    format!("spec.checks[{i}].name"),
+                    format!("{:?} is named twice", c.name),
+                );
+            }
+            match checks::check_check_in_command(&c.command) {
+                Ok(()) => {}
+                Err((Some(w), e)) => self.err(format!("spec.checks[{i}].command[{w}]"), e),
+                Err((None, e)) => self.err(format!("spec.checks[{i}].command"), e),
+            }
+        }
     }
 
     fn deployment_spec(&mut self, spec: &DeploymentSpec) {

@@ -724,9 +724,21 @@ pub async fn drive<R: CommandRunner>(
                 }
             },
             (Step::Install, Some(mut r)) => {
-                let mut progress = |stage: String| info!(%stage, "OS upgrade");
+                // Each stage reaches the operator as the Upgrading phase's message (not saved:
+                // a restart mid-install rolls back whatever stage it was at).
+                let mut shown = r.clone();
+                let mut progress = |stage: String| {
+                    info!(%stage, "OS upgrade");
+                    shown.message = shorten(&format!("installing: {stage}"), MAX_MESSAGE_BYTES);
+                    let sent = shown.report(&release);
+                    report(&sent);
+                    last_sent = Some(sent);
+                };
                 let outcome = match driver.install(&r.desired.release, &mut progress).await {
-                    Ok(()) => driver.verify_boot_set().await,
+                    Ok(()) => {
+                        progress("verifying the new boot set".into());
+                        driver.verify_boot_set().await
+                    }
                     Err(e) => Err(format!("the install failed: {e}")),
                 };
                 match outcome {

@@ -441,6 +441,12 @@ fn upgrade_steps(
     for step in steps {
         match step {
             Step::WriteState(state) => {
+                boot.write_state(&state)?;
+                boot.log_event(&format!(
+                    "{} boot={} upgrade={} {}",
+                    state.phase, state.boot_count, state.upgrade_id, state.last_result
+                ))?;
+                // Said once written (and synced): a line on the console is a state on disk.
                 say(&format!(
                     "state {} (boot {} of {}){}",
                     state.phase,
@@ -452,11 +458,6 @@ fn upgrade_steps(
                         format!(": {}", state.last_result)
                     }
                 ));
-                boot.write_state(&state)?;
-                boot.log_event(&format!(
-                    "{} boot={} upgrade={} {}",
-                    state.phase, state.boot_count, state.upgrade_id, state.last_result
-                ))?;
             }
             Step::MergeSnapshot(name) => {
                 say(&format!("merging snapshot {name} into root"));

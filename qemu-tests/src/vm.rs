@@ -73,6 +73,8 @@ pub struct Vm {
     boot_part: (u64, u64),
     key: PathBuf,
     pub ssh_port: u16,
+    /// The host's port forwarded to the guest's 8080 (where the scenarios' workload listens).
+    pub http_port: u16,
     qemu: Option<Child>,
     events: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Boots so far, and how each ended (the running one is not in it yet).
@@ -111,6 +113,7 @@ impl Vm {
             boot_part: boot_partition(image)?,
             key: key.clone(),
             ssh_port: fleet_e2e::free_port(),
+            http_port: fleet_e2e::free_port(),
             qemu: None,
             events: Arc::default(),
             exits: Vec::new(),
@@ -306,7 +309,10 @@ impl Vm {
         );
         let qmp = self.dir.join("qmp.sock");
         let _ = fs::remove_file(&qmp);
-        let mut net = format!("user,id=net,hostfwd=tcp:127.0.0.1:{}-:22", self.ssh_port);
+        let mut net = format!(
+            "user,id=net,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:8080",
+            self.ssh_port, self.http_port
+        );
         if network == Network::Cut {
             net.push_str(",restrict=on");
         }
@@ -545,7 +551,7 @@ impl Vm {
                     "the console did not show {text:?} within {timeout:?}"
                 ));
             }
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }

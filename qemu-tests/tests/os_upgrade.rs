@@ -11,11 +11,22 @@
 //! workloads never become Ready) rolls back on its own at the check-in deadline, keeps what
 //! the workloads wrote to the data LV meanwhile, and halts its campaign; a power cut in
 //! probation still commits (the cut boot is counted, not failed); a power cut while apt
-//! installs rolls back; a nearly full thin pool is refused before anything is touched. Each
-//! step prints its figures (boots, wall time) for the notes; none is asserted.
+//! installs rolls back; an unbootable upgrade (its init exits) rolls back after
+//! `bootAttempts` failed boots, finishing its merge after a power cut in it; a hung one is
+//! reset by the watchdog and rolled back; a campaign's own check holds the commit through a
+//! reboot by hand and a power cut in the commit; a nearly full thin pool is refused before
+//! anything is touched. Each step prints its figures (boots, wall time per phase and stage,
+//! the workload's downtime across the clean upgrade, watched from the host) for the notes;
+//! none is asserted.
 #![allow(clippy::disallowed_methods)] // A test times what it watches: it reads the clock.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use fleet_contracts::{
@@ -71,7 +82,7 @@ async fn follow(
     let client = fleet.operator.client();
     let start = Instant::now();
     let mut boots = 0;
-    let mut said: Option<OsPhase> = None;
+    let mut said: Option<(OsPhase, String)> = None;
     loop {
         if !vm.running() {
             let exit = vm.wait_exit(Duration::from_secs(5))?;
@@ -88,14 +99,16 @@ async fn follow(
             .and_then(|d| d.status?.os?.upgrade)
             .filter(|u| u.upgrade == upgrade);
         if let Some(u) = report {
-            if said != Some(u.phase) {
+            // Every phase and stage, timed: the figures of snapshot, apt and reboot.
+            let now = (u.phase, u.message.clone());
+            if said.as_ref() != Some(&now) {
                 eprintln!(
                     "{:>6.1?}: {upgrade} {} ({})",
                     start.elapsed(),
                     u.phase,
                     u.message
                 );
-                said = Some(u.phase);
+                said = Some(now);
             }
             if u.phase == want {
                 return Ok((u, boots));
@@ -133,6 +146,62 @@ async fn serves(vm: &Vm, greeting: &str) -> Result<()> {
     .await
 }
 
+/// The bootguard's state file, read from the stopped device's boot partition.
+fn boot_state(vm: &Vm) -> Result<String> {
+    Ok(String::from_utf8_lossy(&vm.read_boot_file("rollback/state")?).into_owned())
+}
+
+/// The workload watched from the host through the forwarded port, every 100 ms, until
+/// [`Downtime::end`]: the longest stretch it did not answer with its greeting.
+struct Downtime {
+    stop: Arc<AtomicBool>,
+    watcher: std::thread::JoinHandle<Duration>,
+}
+
+impl Downtime {
+    fn watch(port: u16, greeting: &'static str) -> Downtime {
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let (mut longest, mut down_since) = (Duration::ZERO, None::<Instant>);
+                while !stop.load(Ordering::Relaxed) {
+                    if answers(port, greeting) {
+                        if let Some(since) = down_since.take() {
+                            longest = longest.max(since.elapsed());
+                        }
+                    } else if down_since.is_none() {
+                        down_since = Some(Instant::now());
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                longest.max(down_since.map_or(Duration::ZERO, |s| s.elapsed()))
+            }
+        });
+        Downtime { stop, watcher }
+    }
+
+    fn end(self) -> Duration {
+        self.stop.store(true, Ordering::Relaxed);
+        self.watcher.join().expect("the downtime watcher")
+    }
+}
+
+/// One plain HTTP GET of `/` on the host's `port`: whether the body holds `greeting`.
+fn answers(port: u16, greeting: &str) -> bool {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut conn) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut body = String::new();
+    conn.write_all(b"GET / HTTP/1.0\r\nHost: pi\r\n\r\n")
+        .is_ok()
+        && conn.read_to_string(&mut body).is_ok()
+        && body.contains(greeting)
+}
+
 fn guest(vm: &Vm, command: &str) -> Result<String> {
     Ok(vm.ssh(command)?.trim().to_owned())
 }
@@ -153,6 +222,28 @@ async fn a_device_upgrades_its_os_through_the_fleet_and_undoes_every_bad_upgrade
             ),
             marker("4"),
             marker("5"),
+            // Its init exits: the kernel panics (and reboots) in every boot of it.
+            Package {
+                postinst: Some(
+                    "#!/bin/sh\nset -e\n[ \"$1\" = configure ] || exit 0\n\
+                     ln -sf /bin/false /usr/sbin/init\n\
+                     echo '# fleet-test-6 was here' >> /boot/firmware/config.txt\n"
+                        .into(),
+                ),
+                ..marker("6")
+            },
+            // Its init never starts systemd: the boot hangs.
+            Package {
+                postinst: Some(
+                    "#!/bin/sh\nset -e\n[ \"$1\" = configure ] || exit 0\n\
+                     printf '#!/bin/sh\\nexec sleep infinity\\n' > /usr/sbin/fleet-test-hang\n\
+                     chmod 755 /usr/sbin/fleet-test-hang\n\
+                     ln -sf fleet-test-hang /usr/sbin/init\n"
+                        .into(),
+                ),
+                ..marker("7")
+            },
+            marker("8"),
         ],
     )?;
     let powered_on = Instant::now();
@@ -229,6 +320,11 @@ async fn a_device_upgrades_its_os_through_the_fleet_and_undoes_every_bad_upgrade
         packages: [(MARKER.to_owned(), "2".to_owned())].into(),
         full_upgrade: false,
     };
+    ensure!(
+        answers(vm.http_port, "hello from a pi"),
+        "the workload does not answer through the forwarded port"
+    );
+    let downtime = Downtime::watch(vm.http_port, "hello from a pi");
     let t = Instant::now();
     fleet.operator.apply(&upgrade("spring", &good, 300))?;
     let (done, boots) = follow(
@@ -239,12 +335,15 @@ async fn a_device_upgrades_its_os_through_the_fleet_and_undoes_every_bad_upgrade
         Duration::from_secs(20 * 60),
     )
     .await?;
-    eprintln!(
-        "clean upgrade: committed after {boots} boot(s), {:?} from apply ({})",
-        t.elapsed(),
-        done.message
-    );
     vm.wait_ssh(GUEST)?;
+    serves(&vm, "hello from a pi").await?;
+    eprintln!(
+        "clean upgrade: committed after {boots} boot(s), {:?} from apply ({}); the workload \
+         did not answer for {:?} at most",
+        t.elapsed(),
+        done.message,
+        downtime.end()
+    );
     ensure!(guest(&vm, "cat /etc/fleet/release")? == "fleet-test-2");
     ensure!(guest(&vm, "cat /usr/share/fleet-test/marker")? == "2");
     let lvs = guest(&vm, "lvs --noheadings -o lv_name vg0")?;
@@ -412,6 +511,186 @@ async fn a_device_upgrades_its_os_through_the_fleet_and_undoes_every_bad_upgrade
     ensure!(guest(&vm, "cat /usr/share/fleet-test/marker")? == "4");
     serves(&vm, "hello from a pi").await?;
 
+    // A hard fail: the upgraded root is unbootable (its init exits, the kernel panics and
+    // reboots), so no boot ever reaches the check-in; after `bootAttempts` (2) boots the
+    // bootguard rolls back. The rollback's merge is cut by a power cut; the next boot finishes
+    // it. The package also changes config.txt, which the rollback restores.
+    let config_before = guest(&vm, "cat /boot/firmware/config.txt")?;
+    let unbootable = OsRelease {
+        name: "fleet-test-6".into(),
+        packages: [(MARKER.to_owned(), "6".to_owned())].into(),
+        ..good.clone()
+    };
+    let t = Instant::now();
+    let mut campaign = upgrade("t5-unbootable", &unbootable, 300);
+    campaign["spec"]["bootAttempts"] = serde_json::json!(2);
+    fleet.operator.apply(&campaign)?;
+    let exit = vm.wait_exit(LONG)?;
+    ensure!(
+        exit == Exit::Reboot,
+        "the upgrade's reboot ended with {exit:?}"
+    );
+    for attempt in 1..=2 {
+        vm.boot(Network::Connected)?;
+        vm.wait_console(&format!("state pending (boot {attempt} of 2)"), BOOT)?;
+        let exit = vm.wait_exit(BOOT)?;
+        ensure!(
+            matches!(exit, Exit::Reboot | Exit::WatchdogReset),
+            "unbootable boot {attempt} ended with {exit:?}"
+        );
+    }
+    vm.boot(Network::Connected)?;
+    vm.wait_console("merging snapshot root_preupgrade into root", BOOT)?;
+    vm.power_cut();
+    let left = boot_state(&vm)?;
+    eprintln!("power cut in the rollback's merge left: {left}");
+    ensure!(
+        left.contains("phase=rolling-back"),
+        "the cut did not land in the rollback: {left}"
+    );
+    vm.boot(Network::Connected)?;
+    let (rolled, boots) =
+        follow(&fleet, &mut vm, "t5-unbootable", OsPhase::RolledBack, LONG).await?;
+    eprintln!(
+        "unbootable upgrade (hard fail) with a cut in its merge: rolled back after {} boot(s), \
+         {:?} from apply ({})",
+        boots + 4,
+        t.elapsed(),
+        rolled.message
+    );
+    ensure!(
+        rolled
+            .message
+            .contains("2 boots without a successful check-in (limit 2)"),
+        "{}",
+        rolled.message
+    );
+    vm.wait_ssh(GUEST)?;
+    ensure!(guest(&vm, "cat /usr/share/fleet-test/marker")? == "4");
+    ensure!(guest(&vm, "readlink /usr/sbin/init")? != "/bin/false");
+    ensure!(
+        guest(&vm, "cat /boot/firmware/config.txt")? == config_before,
+        "config.txt was not restored"
+    );
+    ensure!(guest(&vm, "fleet-bootguard status")?.contains("phase=idle"));
+    serves(&vm, "hello from a pi").await?;
+
+    // A hang in the upgraded boot: its init never starts systemd, so nothing takes the
+    // watchdog over from the bootguard and the board is reset. With `bootAttempts: 1` the
+    // reset boot is the one that rolls back.
+    let hangs = OsRelease {
+        name: "fleet-test-7".into(),
+        packages: [(MARKER.to_owned(), "7".to_owned())].into(),
+        ..good.clone()
+    };
+    let t = Instant::now();
+    let mut campaign = upgrade("t6-hangs", &hangs, 300);
+    campaign["spec"]["bootAttempts"] = serde_json::json!(1);
+    fleet.operator.apply(&campaign)?;
+    let exit = vm.wait_exit(LONG)?;
+    ensure!(
+        exit == Exit::Reboot,
+        "the upgrade's reboot ended with {exit:?}"
+    );
+    vm.boot(Network::Connected)?;
+    vm.wait_console("state pending (boot 1 of 1)", BOOT)?;
+    let exit = vm.wait_exit(BOOT)?;
+    ensure!(
+        exit == Exit::WatchdogReset,
+        "the hung boot ended with {exit:?}, not a watchdog reset"
+    );
+    vm.boot(Network::Connected)?;
+    let (rolled, boots) = follow(&fleet, &mut vm, "t6-hangs", OsPhase::RolledBack, LONG).await?;
+    eprintln!(
+        "hung upgrade: reset by the watchdog, rolled back after {} boot(s), {:?} from apply ({})",
+        boots + 3,
+        t.elapsed(),
+        rolled.message
+    );
+    ensure!(
+        rolled
+            .message
+            .contains("1 boots without a successful check-in (limit 1)"),
+        "{}",
+        rolled.message
+    );
+    vm.wait_ssh(GUEST)?;
+    ensure!(guest(&vm, "cat /usr/share/fleet-test/marker")? == "4");
+    serves(&vm, "hello from a pi").await?;
+
+    // The campaign's own check holds the commit; meanwhile the device is rebooted by hand
+    // (counted, not failed); then the check passes and the commit is cut by a power cut once
+    // it began. The next boot finishes it.
+    let held = OsRelease {
+        name: "fleet-test-8".into(),
+        packages: [(MARKER.to_owned(), "8".to_owned())].into(),
+        ..good.clone()
+    };
+    let t = Instant::now();
+    let mut campaign = upgrade("t7-held", &held, 900);
+    campaign["spec"]["checks"] = serde_json::json!([
+        {"name": "go-ahead", "command": ["/usr/bin/test", "-e", "/var/lib/fleet/go-ahead"]}
+    ]);
+    fleet.operator.apply(&campaign)?;
+    follow(&fleet, &mut vm, "t7-held", OsPhase::Probation, LONG).await?;
+    vm.wait_ssh(GUEST)?;
+    eventually(
+        "the check-in to wait for the campaign's check",
+        GUEST,
+        || async {
+            let log = vm.ssh("journalctl -b -u fleet-checkin --no-pager -o cat")?;
+            if log.contains("checks failing: go-ahead (exit 1)") {
+                Ok(Some(()))
+            } else {
+                bail!("{log}")
+            }
+        },
+    )
+    .await?;
+    let _ = vm.ssh_status("systemctl reboot");
+    let exit = vm.wait_exit(GUEST)?;
+    ensure!(
+        exit == Exit::Reboot,
+        "the reboot by hand ended with {exit:?}"
+    );
+    vm.boot(Network::Connected)?;
+    vm.wait_console("state pending (boot 2 of 3)", BOOT)?;
+    vm.wait_ssh(GUEST)?;
+    let seen = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            vm.ssh(
+                "until grep -q '^phase=committing' /boot/firmware/rollback/state; do sleep 0.05; done",
+            )
+        });
+        vm.ssh("touch /var/lib/fleet/go-ahead")?;
+        watcher.join().expect("the watcher")
+    });
+    seen?;
+    vm.power_cut();
+    let left = boot_state(&vm)?;
+    eprintln!("power cut in the commit left: {left}");
+    vm.boot(Network::Connected)?;
+    let (done, _) = follow(&fleet, &mut vm, "t7-held", OsPhase::Committed, LONG).await?;
+    eprintln!(
+        "held by its check, rebooted by hand, commit cut: committed {:?} from apply ({})",
+        t.elapsed(),
+        done.message
+    );
+    ensure!(
+        done.message.ends_with("after 2 boots"),
+        "the reboot by hand was not counted as one boot: {}",
+        done.message
+    );
+    vm.wait_ssh(GUEST)?;
+    ensure!(guest(&vm, "cat /usr/share/fleet-test/marker")? == "8");
+    ensure!(guest(&vm, "fleet-bootguard status")?.contains("phase=idle"));
+    let lvs = guest(&vm, "lvs --noheadings -o lv_name vg0")?;
+    ensure!(
+        !lvs.contains("root_preupgrade"),
+        "the snapshot is left: {lvs}"
+    );
+    serves(&vm, "hello from a pi").await?;
+
     // A thin pool nearly full: refused with its numbers, before anything is touched.
     vm.ssh(
         "set -e; p=$(lvs --noheadings -o data_percent vg0/pool | tr -d ' '); \
@@ -421,15 +700,15 @@ async fn a_device_upgrades_its_os_through_the_fleet_and_undoes_every_bad_upgrade
     )?;
     let fill = guest(&vm, "lvs --noheadings -o data_percent vg0/pool")?;
     let full_pool = OsRelease {
-        name: "fleet-test-6".into(),
+        name: "fleet-test-9".into(),
         packages: [(MARKER.to_owned(), "2".to_owned())].into(),
         ..good.clone()
     };
     let state_before = guest(&vm, "fleet-bootguard status")?;
     fleet
         .operator
-        .apply(&upgrade("t5-full-pool", &full_pool, 300))?;
-    let (refused, _) = follow(&fleet, &mut vm, "t5-full-pool", OsPhase::Refused, LONG).await?;
+        .apply(&upgrade("t8-full-pool", &full_pool, 300))?;
+    let (refused, _) = follow(&fleet, &mut vm, "t8-full-pool", OsPhase::Refused, LONG).await?;
     ensure!(
         refused
             .message
@@ -446,7 +725,7 @@ async fn a_device_upgrades_its_os_through_the_fleet_and_undoes_every_bad_upgrade
         !lvs.contains("root_preupgrade"),
         "a snapshot was taken: {lvs}"
     );
-    ensure!(guest(&vm, "cat /etc/fleet/release")? == "fleet-test-4");
+    ensure!(guest(&vm, "cat /etc/fleet/release")? == "fleet-test-8");
 
     eprintln!(
         "apt repository: {} files served",

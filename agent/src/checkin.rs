@@ -3,7 +3,8 @@
 //!
 //! With no upgrade pending on the boot partition it ends at once. With one, it waits until the
 //! agent (a separate process, the service) shows, for this boot, that it reached the operator
-//! and that every workload is Ready, and that no unit failed; then it commits the upgrade
+//! and that every workload is Ready, that no unit failed, and that the campaign's own checks
+//! (argv, no shell, each bounded by a minute and by the deadline) exit 0; then it commits the upgrade
 //! (`fleet-bootguard commit`). When that has not happened within the upgrade's deadline,
 //! counted from the boot (`/proc/uptime`, CLOCK_BOOTTIME), it asks the bootguard for a rollback
 //! and reboots. It decides on its own clock and checks: a device that cannot reach NATS during
@@ -211,7 +212,7 @@ pub async fn run<R: CommandRunner>(config: &Config, runner: &R) -> Result<Outcom
         let evidence = Evidence::load(&config.state_dir);
         let record = osupgrade::load_record(&config.state_dir);
         let waiting_for_install = not_booted(record.as_ref(), &state.upgrade_id, &boot);
-        let judge_with = |failed_checks: &[String]| {
+        let judge_with = |failed_checks: &[String], uptime: u64| {
             judge(
                 evidence.as_ref(),
                 &boot,
@@ -222,15 +223,23 @@ pub async fn run<R: CommandRunner>(config: &Config, runner: &R) -> Result<Outcom
                 deadline,
             )
         };
-        let mut verdict = judge_with(&[]);
-        // The campaign's own checks run once the agent's pass (they may be slow).
+        let mut verdict = judge_with(&[], uptime);
+        // The campaign's own checks run once the agent's pass (they may be slow): each within
+        // what is left of the deadline, and judged at the time they ended, so they can neither
+        // push the deadline back nor commit after it.
         let commands = record
             .as_ref()
             .filter(|r| r.upgrade_id() == state.upgrade_id)
             .map(|r| r.desired.checks.as_slice())
             .unwrap_or_default();
         if verdict == Verdict::Pass && !commands.is_empty() {
-            verdict = judge_with(&run_checks(runner, commands).await);
+            let left = || {
+                let now = uptime_secs().unwrap_or(u64::MAX);
+                std::time::Duration::from_secs(deadline.saturating_sub(now))
+            };
+            let failing = run_checks(runner, commands, left).await;
+            let uptime = uptime_secs().map_err(|e| format!("cannot read /proc/uptime: {e}"))?;
+            verdict = judge_with(&failing, uptime);
         }
         match verdict {
             Verdict::Pass => {
@@ -290,18 +299,28 @@ async fn run_ok<R: CommandRunner>(runner: &R, program: &str, args: &[&str]) -> R
 /// How long one run of a campaign's check may take.
 const CHECK_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Runs the campaign's checks (no shell), each at most [`CHECK_TIME_LIMIT`]: why each that did
-/// not exit 0 failed, naming it. Commands the device refuses (checked again here) fail.
-async fn run_checks<R: CommandRunner>(runner: &R, commands: &[CheckInCommand]) -> Vec<String> {
+/// Runs the campaign's checks (no shell), each at most [`CHECK_TIME_LIMIT`] and never past
+/// what `left()` says remains of the deadline: why each that did not exit 0 failed, naming it.
+/// Commands the device refuses (checked again here) fail; so do those no time is left for.
+async fn run_checks<R: CommandRunner>(
+    runner: &R,
+    commands: &[CheckInCommand],
+    left: impl Fn() -> std::time::Duration,
+) -> Vec<String> {
     if let Err(e) = osupgrade::check_in_commands(commands) {
         return vec![e];
     }
     let mut failing = Vec::new();
     for c in commands {
+        let limit = CHECK_TIME_LIMIT.min(left());
+        if limit.is_zero() {
+            failing.push(format!("{} (not run: the deadline has come)", c.name));
+            continue;
+        }
         let (program, args) = c.command.split_first().expect("checked: at least one word");
-        let ran = tokio::time::timeout(CHECK_TIME_LIMIT, runner.run(program, args)).await;
+        let ran = tokio::time::timeout(limit, runner.run(program, args)).await;
         let why = match ran {
-            Err(_) => format!("still running after {CHECK_TIME_LIMIT:?}"),
+            Err(_) => format!("still running after {limit:?}"),
             Ok(Err(e)) => format!("cannot run {program}: {e}"),
             Ok(Ok(out)) if out.success() => continue,
             Ok(Ok(out)) => {
@@ -321,11 +340,15 @@ async fn run_checks<R: CommandRunner>(runner: &R, commands: &[CheckInCommand]) -
     failing
 }
 
-/// The last non-empty line of `output`, at most 160 bytes.
+/// The last non-empty line of `output`, at most 160 bytes, with what would garble a reason
+/// line, a console or a terminal (escapes, bidi overrides) replaced by `?`.
 fn last_line(output: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(output);
     let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
-    Some(osupgrade::shorten(line, 160))
+    Some(osupgrade::shorten(
+        &fleet_contracts::checks::showable(line),
+        160,
+    ))
 }
 
 /// Units systemd lists as failed (none when it cannot be asked: the other checks still hold).
@@ -359,7 +382,10 @@ fn uptime_secs() -> std::io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::runner::{CmdOutput, Lines};
 
     fn evidence(boot: &str, synced: bool, not_ready: Option<Vec<&str>>) -> Evidence {
         Evidence {
@@ -500,7 +526,8 @@ mod tests {
         runner.answer(0, "", "");
         runner.answer(3, "", "warming up\nnot ready yet\n");
         runner.answer(1, "", "");
-        runner.answer(7, "HTTP 503\n\n", "");
+        runner.answer(7, "HTTP 503 \u{1b}[2J\u{202e}x\n\n", "");
+        let minute = || Duration::from_secs(60);
         let failing = run_checks(
             &runner,
             &[
@@ -509,6 +536,7 @@ mod tests {
                 command("file", &["/usr/bin/test", "-e", "/x"]),
                 command("web", &["/usr/bin/curl", "-f", "http://127.0.0.1/"]),
             ],
+            minute,
         )
         .await;
         assert_eq!(
@@ -516,7 +544,7 @@ mod tests {
             [
                 "db (exit 3: not ready yet)",
                 "file (exit 1)",
-                "web (exit 7: HTTP 503)"
+                "web (exit 7: HTTP 503 ?[2J?x)"
             ]
         );
         assert_eq!(
@@ -531,7 +559,7 @@ mod tests {
         );
         // A command the device refuses is never run: it fails, naming why.
         let runner = crate::runner::RecordingRunner::default();
-        let failing = run_checks(&runner, &[command("sh", &["sh", "-c", "x"])]).await;
+        let failing = run_checks(&runner, &[command("sh", &["sh", "-c", "x"])], minute).await;
         assert_eq!(
             failing,
             [
@@ -539,6 +567,33 @@ mod tests {
             ]
         );
         assert!(runner.calls().is_empty());
+    }
+
+    /// A check that never ends is stopped at its limit, and never outlives the deadline:
+    /// the limit is what is left of it; with nothing left, no check runs.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_check_is_stopped_and_none_runs_past_the_deadline() {
+        struct Hangs;
+        impl CommandRunner for Hangs {
+            async fn run(&self, _: &str, _: &[String]) -> std::io::Result<CmdOutput> {
+                std::future::pending().await
+            }
+            fn spawn_lines(&self, _: &str, _: &[String]) -> std::io::Result<Lines> {
+                Ok(Lines::scripted(vec![]))
+            }
+        }
+        let hung = [CheckInCommand {
+            name: "db".into(),
+            command: vec!["/usr/bin/sleep".into(), "infinity".into()],
+        }];
+        let started = crate::clock::now();
+        let failing = run_checks(&Hangs, &hung, || Duration::from_secs(3600)).await;
+        assert_eq!(failing, ["db (still running after 60s)"]);
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+        let failing = run_checks(&Hangs, &hung, || Duration::from_secs(7)).await;
+        assert_eq!(failing, ["db (still running after 7s)"]);
+        let failing = run_checks(&Hangs, &hung, || Duration::ZERO).await;
+        assert_eq!(failing, ["db (not run: the deadline has come)"]);
     }
 
     #[test]

@@ -323,6 +323,22 @@ pub fn check_package_version(version: &str) -> Result<(), String> {
     }
 }
 
+/// A character that changes how text around it shows rather than showing itself: a control
+/// character (newline, escape) or an invisible Unicode format character (zero-width, bidi
+/// embedding, override and isolate marks). Refused in text a terminal, a log or a reason line
+/// will show, or replaced there.
+pub fn is_unshowable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}')
+}
+
+/// `text` with every [`is_unshowable`] character replaced by `?`.
+pub fn showable(text: &str) -> String {
+    text.chars()
+        .map(|c| if is_unshowable(c) { '?' } else { c })
+        .collect()
+}
+
 /// The most check-in commands one OS upgrade may name.
 pub const MAX_CHECK_IN_COMMANDS: usize = 8;
 /// The most words (program and arguments) of one check-in command.
@@ -331,9 +347,9 @@ pub const MAX_CHECK_IN_WORDS: usize = 32;
 pub const MAX_CHECK_IN_WORD_LEN: usize = 1024;
 
 /// Checks one check-in command's words: the program a clean absolute path, 1 to
-/// [`MAX_CHECK_IN_WORDS`] words of at most [`MAX_CHECK_IN_WORD_LEN`] bytes, none holding a
-/// control character (an argv word cannot hold a NUL; a newline or an escape would garble
-/// the rollback's reason and the logs). It runs without a shell: nothing in it is expanded.
+/// [`MAX_CHECK_IN_WORDS`] words of at most [`MAX_CHECK_IN_WORD_LEN`] bytes, none holding an
+/// [`is_unshowable`] character (an argv word cannot hold a NUL; a newline, an escape or a bidi
+/// override would garble the rollback's reason, the logs and `fleetctl`). It runs without a shell: nothing in it is expanded.
 /// On error, the index of the bad word and why.
 pub fn check_check_in_command(words: &[String]) -> Result<(), (Option<usize>, String)> {
     if words.is_empty() || words.len() > MAX_CHECK_IN_WORDS {
@@ -355,7 +371,7 @@ pub fn check_check_in_command(words: &[String]) -> Result<(), (Option<usize>, St
                 ),
             ));
         }
-        if let Some(c) = w.chars().find(|c| c.is_control()) {
+        if let Some(c) = w.chars().find(|c| is_unshowable(*c)) {
             return Err((Some(i), format!("must not contain {c:?}")));
         }
     }

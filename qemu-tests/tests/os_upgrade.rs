@@ -155,7 +155,7 @@ fn boot_state(vm: &Vm) -> Result<String> {
 /// [`Downtime::end`]: the longest stretch it did not answer with its greeting.
 struct Downtime {
     stop: Arc<AtomicBool>,
-    watcher: std::thread::JoinHandle<Duration>,
+    watcher: Option<std::thread::JoinHandle<Duration>>,
 }
 
 impl Downtime {
@@ -178,12 +178,23 @@ impl Downtime {
                 longest.max(down_since.map_or(Duration::ZERO, |s| s.elapsed()))
             }
         });
-        Downtime { stop, watcher }
+        Downtime {
+            stop,
+            watcher: Some(watcher),
+        }
     }
 
-    fn end(self) -> Duration {
+    fn end(mut self) -> Duration {
         self.stop.store(true, Ordering::Relaxed);
-        self.watcher.join().expect("the downtime watcher")
+        let watcher = self.watcher.take().expect("ended once");
+        watcher.join().expect("the downtime watcher")
+    }
+}
+
+impl Drop for Downtime {
+    /// A test that fails before [`Downtime::end`] stops the watcher too.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -572,6 +583,11 @@ async fn a_device_upgrades_its_os_through_the_fleet_and_undoes_every_bad_upgrade
         guest(&vm, "cat /boot/firmware/config.txt")? == config_before,
         "config.txt was not restored"
     );
+    let lvs = guest(&vm, "lvs --noheadings -o lv_name vg0")?;
+    ensure!(
+        !lvs.contains("root_preupgrade"),
+        "the snapshot is left after the rollback: {lvs}"
+    );
     ensure!(guest(&vm, "fleet-bootguard status")?.contains("phase=idle"));
     serves(&vm, "hello from a pi").await?;
 
@@ -656,19 +672,19 @@ async fn a_device_upgrades_its_os_through_the_fleet_and_undoes_every_bad_upgrade
     vm.boot(Network::Connected)?;
     vm.wait_console("state pending (boot 2 of 3)", BOOT)?;
     vm.wait_ssh(GUEST)?;
-    let seen = std::thread::scope(|s| {
-        let watcher = s.spawn(|| {
-            vm.ssh(
-                "until grep -q '^phase=committing' /boot/firmware/rollback/state; do sleep 0.05; done",
-            )
-        });
-        vm.ssh("touch /var/lib/fleet/go-ahead")?;
-        watcher.join().expect("the watcher")
-    });
-    seen?;
+    // The go-ahead and the watch in one command: it returns once the bootguard has written
+    // `committing` (and fails after 5 min if it never does).
+    vm.ssh(
+        "touch /var/lib/fleet/go-ahead && timeout 300 sh -c \
+         'until grep -q ^phase=committing /boot/firmware/rollback/state; do sleep 0.05; done'",
+    )?;
     vm.power_cut();
     let left = boot_state(&vm)?;
     eprintln!("power cut in the commit left: {left}");
+    ensure!(
+        left.contains("phase=committing"),
+        "the cut did not land in the commit: {left}"
+    );
     vm.boot(Network::Connected)?;
     let (done, _) = follow(&fleet, &mut vm, "t7-held", OsPhase::Committed, LONG).await?;
     eprintln!(

@@ -517,6 +517,12 @@ fn os_upgrade_validation_names_the_field() {
     );
     check_os(
         |d| {
+            d["spec"]["checks"] = json!([{"name": "x", "command": ["/bin/echo", "ok\u{202E}kcab"]}])
+        },
+        &["spec.checks[0].command[1]: must not contain '\\u{202e}'"],
+    );
+    check_os(
+        |d| {
             d["spec"]["checks"] = json!(
                 (0..9)
                     .map(|i| json!({"name": format!("c{i}"), "command": ["/bin/true"]}))
